@@ -1,0 +1,1 @@
+"""Export of pangu_fn models to ONNX and torch.export bundles (import name pangu_export)."""

@@ -1,0 +1,22 @@
+"""pangu-fn: Pangu language models as stateless functions over parameter trees and an
+explicit KV-cache state."""
+
+from .cache import KVCache, init_cache
+from .config import PRESETS, ModelConfig
+from .device import device_info, empty_cache, memory_stats, select_device, synchronize
+from .errors import ConfigError, FormatError, InputError, PanguError, ShapeError
+from .generate import Completion, TokenEvent, generate, stream
+from .io import load, save
+from .model import forward
+from .params import astype, init_params, to_device, validate
+from .sampling import SamplingParams
+from .tree import count_params, nbytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "Completion", "ConfigError", "FormatError", "InputError", "KVCache", "ModelConfig",
+    "PanguError", "SamplingParams", "ShapeError", "TokenEvent", "astype", "count_params",
+    "device_info", "empty_cache", "forward", "generate", "init_cache", "init_params", "load",
+    "memory_stats", "nbytes", "save", "select_device", "stream", "synchronize", "to_device", "validate",
+]

@@ -1,0 +1,204 @@
+"""Hugging Face layouts: GPT-2 (`GPT2LMHeadModel`, Conv1D weights stored [in, out]) for the
+GPT-style family and LLaMA (`LlamaForCausalLM`, also openPangu-Embedded's
+`PanguEmbeddedForCausalLM`) for the openPangu family. Both directions: an HF state dict and
+config -> our flat names and ModelConfig, and back (so transformers loads what we write)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError, FormatError
+from ..params import Params, layer_sizes
+from ..tree import flatten
+
+LLAMA_TYPES = ("llama", "PanguEmbedded", "pangu_embedded", "openpangu_dense")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def is_hf_config(d: Mapping[str, Any]) -> bool:
+    return d.get("model_type") == "gpt2" or d.get("model_type") in LLAMA_TYPES
+
+
+def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from a GPT-2 or LLaMA/openPangu `config.json` dict."""
+    mt = d.get("model_type")
+    eos = d.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if mt == "gpt2":
+        if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
+            raise ConfigError("GPT-2 config: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+        act = d.get("activation_function", "gelu_new")
+        if act not in GELU_NAMES:
+            raise ConfigError(f"GPT-2 config: activation_function {act!r} not in {sorted(GELU_NAMES)}")
+        h, heads = d["n_embd"], d["n_head"]
+        return ModelConfig(family="gpt", vocab_size=d["vocab_size"], hidden_size=h, num_layers=d["n_layer"],
+                           num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+                           intermediate_size=d.get("n_inner") or 4 * h, max_seq_len=d["n_positions"],
+                           norm_eps=d.get("layer_norm_epsilon", 1e-5), activation=GELU_NAMES[act],
+                           tie_embeddings=d.get("tie_word_embeddings", True),
+                           bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
+                           pad_token_id=d.get("pad_token_id"))
+    if mt in LLAMA_TYPES:
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConfigError(f"LLaMA config: rope scaling {rope} is not supported (default RoPE only)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"LLaMA config: expected hidden_act 'silu', found {d.get('hidden_act')!r}")
+        heads = d["num_attention_heads"]
+        bias = d.get("attention_bias", d.get("bias", False))
+        return ModelConfig(family="openpangu", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                           num_layers=d["num_hidden_layers"], num_heads=heads,
+                           num_kv_heads=d.get("num_key_value_heads") or heads,
+                           head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                           intermediate_size=d["intermediate_size"],
+                           max_seq_len=d.get("max_position_embeddings", 2048), norm="rmsnorm",
+                           norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", activation="silu",
+                           positions="rope", rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                           tie_embeddings=d.get("tie_word_embeddings", False), attn_bias=bool(bias),
+                           mlp_bias=bool(d.get("mlp_bias", False)), bos_token_id=d.get("bos_token_id"),
+                           eos_token_id=eos, pad_token_id=d.get("pad_token_id"))
+    raise ConfigError(f"unsupported Hugging Face model_type {mt!r}; expected 'gpt2' or one of {LLAMA_TYPES}")
+
+
+def hf_to_flat(get: Callable[[str], torch.Tensor], keys: list[str], cfg: ModelConfig,
+               source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Our flat `{dotted_name: tensor}` from an HF GPT-2 or LLaMA state dict (accessed by
+    `get(name)`). Raises FormatError naming unexpected or missing tensors."""
+    names = _gpt2_names if cfg.family == "gpt" else _llama_names
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in key_set:
+            raise FormatError(f"{source}: missing tensor {name!r}")
+        used.add(name)
+        return get(name)
+
+    key_set = set(keys)
+    flat = names(cfg, take)
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")
+    unexpected = [k for k in keys if k not in used and not k.endswith(IGNORED_SUFFIXES)]
+    if unexpected:
+        raise FormatError(f"{source}: unexpected tensors {unexpected[:5]} for a {cfg.family} model")
+    return flat
+
+
+def _gpt2_names(cfg: ModelConfig, take: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    h = cfg.hidden_size
+    flat = {"tok_embed.weight": take("transformer.wte.weight"), "pos_embed.weight": take("transformer.wpe.weight")}
+    for i in range(cfg.num_layers):
+        src, dst = f"transformer.h.{i}", f"blocks.{i}"
+        for a, b in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            flat[f"{dst}.{b}.weight"] = take(f"{src}.{a}.weight")
+            flat[f"{dst}.{b}.bias"] = take(f"{src}.{a}.bias")
+        qkv_w, qkv_b = take(f"{src}.attn.c_attn.weight"), take(f"{src}.attn.c_attn.bias")  # [H, 3H], [3H]
+        for j, part in enumerate("qkv"):
+            flat[f"{dst}.attn.{part}.weight"] = qkv_w[:, j * h:(j + 1) * h].t().contiguous()
+            flat[f"{dst}.attn.{part}.bias"] = qkv_b[j * h:(j + 1) * h].clone()
+        for a, b in (("attn.c_proj", "attn.o"), ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down")):
+            flat[f"{dst}.{b}.weight"] = take(f"{src}.{a}.weight").t().contiguous()
+            flat[f"{dst}.{b}.bias"] = take(f"{src}.{a}.bias")
+    flat["final_norm.weight"] = take("transformer.ln_f.weight")
+    flat["final_norm.bias"] = take("transformer.ln_f.bias")
+    if not cfg.tie_embeddings:
+        flat["lm_head.weight"] = take("lm_head.weight")
+    return flat
+
+
+def _llama_names(cfg: ModelConfig, take: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    flat = {"tok_embed.weight": take("model.embed_tokens.weight")}
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}", f"blocks.{i}"
+        flat[f"{dst}.attn_norm.weight"] = take(f"{src}.input_layernorm.weight")
+        flat[f"{dst}.mlp_norm.weight"] = take(f"{src}.post_attention_layernorm.weight")
+        for p in "qkvo":
+            flat[f"{dst}.attn.{p}.weight"] = take(f"{src}.self_attn.{p}_proj.weight")
+            if cfg.attn_bias:
+                flat[f"{dst}.attn.{p}.bias"] = take(f"{src}.self_attn.{p}_proj.bias")
+        for p in ("gate", "up", "down"):
+            flat[f"{dst}.mlp.{p}.weight"] = take(f"{src}.mlp.{p}_proj.weight")
+            if cfg.mlp_bias:
+                flat[f"{dst}.mlp.{p}.bias"] = take(f"{src}.mlp.{p}_proj.bias")
+    flat["final_norm.weight"] = take("model.norm.weight")
+    if not cfg.tie_embeddings:
+        flat["lm_head.weight"] = take("lm_head.weight")
+    return flat
+
+
+def to_hf(params: Params, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config.json dict) that `GPT2LMHeadModel` or `LlamaForCausalLM` load.
+    Raises ConfigError for models HF cannot express (PanGu-α's query layer, layers of
+    different widths, quantized leaves)."""
+    if cfg.family == "alpha":
+        raise ConfigError("to_hf: PanGu-α (query layer) has no GPT-2/LLaMA layout; use the gpt_pangu writer")
+    for i, blk in enumerate(params["blocks"]):
+        if layer_sizes(blk, cfg) != layer_sizes(params["blocks"][0], cfg) or \
+                layer_sizes(blk, cfg).num_heads != cfg.num_heads:
+            raise ConfigError(f"to_hf: block {i} has widths {layer_sizes(blk, cfg)}, unlike the config; "
+                              "Hugging Face layouts need uniform layers")
+    flat = flatten(params)
+    for name, leaf in flat.items():
+        if not isinstance(leaf, torch.Tensor):
+            raise ConfigError(f"to_hf: {name} is a {type(leaf).__name__}; dequantize before writing HF layouts")
+    if cfg.family == "gpt":
+        return _gpt2_state(flat, cfg), _gpt2_config(cfg)
+    return _llama_state(flat, cfg), _llama_config(cfg)
+
+
+def _gpt2_state(flat: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {"transformer.wte.weight": flat["tok_embed.weight"], "transformer.wpe.weight": flat["pos_embed.weight"]}
+    for i in range(cfg.num_layers):
+        src, dst = f"blocks.{i}", f"transformer.h.{i}"
+        for a, b in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            sd[f"{dst}.{a}.weight"], sd[f"{dst}.{a}.bias"] = flat[f"{src}.{b}.weight"], flat[f"{src}.{b}.bias"]
+        sd[f"{dst}.attn.c_attn.weight"] = torch.cat([flat[f"{src}.attn.{p}.weight"] for p in "qkv"], 0).t().contiguous()
+        sd[f"{dst}.attn.c_attn.bias"] = torch.cat([flat[f"{src}.attn.{p}.bias"] for p in "qkv"])
+        for a, b in (("attn.c_proj", "attn.o"), ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down")):
+            sd[f"{dst}.{a}.weight"] = flat[f"{src}.{b}.weight"].t().contiguous()
+            sd[f"{dst}.{a}.bias"] = flat[f"{src}.{b}.bias"]
+    sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = flat["final_norm.weight"], flat["final_norm.bias"]
+    sd["lm_head.weight"] = flat["tok_embed.weight"] if cfg.tie_embeddings else flat["lm_head.weight"]
+    return sd
+
+
+def _llama_state(flat: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {"model.embed_tokens.weight": flat["tok_embed.weight"]}
+    for i in range(cfg.num_layers):
+        src, dst = f"blocks.{i}", f"model.layers.{i}"
+        sd[f"{dst}.input_layernorm.weight"] = flat[f"{src}.attn_norm.weight"]
+        sd[f"{dst}.post_attention_layernorm.weight"] = flat[f"{src}.mlp_norm.weight"]
+        for name, leaf in flat.items():
+            if name.startswith(f"{src}.attn.") or name.startswith(f"{src}.mlp."):
+                _, _, group, p, kind = name.split(".")
+                sd[f"{dst}.{'self_attn' if group == 'attn' else 'mlp'}.{p}_proj.{kind}"] = leaf
+    sd["model.norm.weight"] = flat["final_norm.weight"]
+    sd["lm_head.weight"] = flat["tok_embed.weight"] if cfg.tie_embeddings else flat["lm_head.weight"]
+    return sd
+
+
+def _gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.norm != "layernorm" or cfg.num_kv_heads != cfg.num_heads or not (cfg.attn_bias and cfg.mlp_bias):
+        raise ConfigError(f"to_hf: {cfg} does not fit GPT-2 (LayerNorm, MHA, biases)")
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.max_seq_len, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads, "n_inner": cfg.intermediate_size, "activation_function": act,
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def _llama_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
+            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}

@@ -1,0 +1,107 @@
+"""The building blocks of all three families, as functions of (params, config, activations).
+
+Shapes: B batch, T new tokens, S attended positions, H hidden, D head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .params import Params
+
+
+def linear(x: torch.Tensor, p: Params) -> torch.Tensor:
+    """`x @ W.T + b` for `p = {"weight": W [out, in], "bias"?: [out]}`. A weight that is not a
+    tensor is a quantized leaf and brings its own kernel: `W.linear(x, bias)`."""
+    w, b = p["weight"], p.get("bias")
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    return w.linear(x, b)
+
+
+def norm(x: torch.Tensor, p: Params, cfg: ModelConfig) -> torch.Tensor:
+    """Pre-norm of `[..., H]`: LayerNorm (weight, bias) or RMSNorm (weight; statistics in fp32)."""
+    if cfg.norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), p["weight"], p.get("bias"), cfg.norm_eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    return p["weight"] * x32.to(x.dtype)
+
+
+def activation(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if cfg.activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if cfg.activation == "gelu":
+        return F.gelu(x)
+    return F.silu(x)
+
+
+def rope_tables(positions: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[B, 1, T, D]` for integer `positions [B, T]` (non-interleaved halves, as LLaMA)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [B, heads, T, D]` by the tables from `rope_tables`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: "Context",
+              kv: tuple[torch.Tensor, torch.Tensor] | None,
+              query_input: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head / grouped-query attention of `x [B, T, H]` -> `[B, T, H]`.
+
+    With `kv = (key_buf, value_buf)` (`[B, H_kv, S_max, D]`), the new keys and values are
+    written **in place** at `ctx.positions` and attention reads the first `ctx.kv_len`
+    positions. `query_input` (PanGu-α's query layer) replaces `x` as the source of queries."""
+    B, T, _ = x.shape
+    d = cfg.head_dim
+    q = linear(x if query_input is None else query_input, p["q"]).view(B, T, -1, d).transpose(1, 2)
+    k = linear(x, p["k"]).view(B, T, -1, d).transpose(1, 2)
+    v = linear(x, p["v"]).view(B, T, -1, d).transpose(1, 2)
+    if ctx.rope is not None:
+        q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+    if kv is not None:
+        key_buf, value_buf = kv
+        index = ctx.positions[:, None, :, None].expand(B, k.shape[1], T, d)
+        key_buf.scatter_(2, index, k)
+        value_buf.scatter_(2, index, v)
+        k, v = key_buf[:, :, : ctx.kv_len], value_buf[:, :, : ctx.kv_len]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return linear(out.transpose(1, 2).reshape(B, T, -1), p["o"])
+
+
+def mlp(p: Params, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """GELU MLP (up -> act -> down) or SwiGLU (act(gate) * up -> down); `[B, T, H]` in and out."""
+    if cfg.mlp == "swiglu":
+        return linear(activation(linear(x, p["gate"]), cfg) * linear(x, p["up"]), p["down"])
+    return linear(activation(linear(x, p["up"]), cfg), p["down"])
+
+
+def block(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: "Context",
+          kv: tuple[torch.Tensor, torch.Tensor] | None,
+          query_input: torch.Tensor | None = None) -> torch.Tensor:
+    """One pre-norm transformer block: `x + attn(norm(x))`, then `+ mlp(norm(.))`."""
+    x = x + attention(p["attn"], cfg, norm(x, p["attn_norm"], cfg), ctx, kv, query_input)
+    return x + mlp(p["mlp"], cfg, norm(x, p["mlp_norm"], cfg))
+
+
+class Context:
+    """What every block of one forward call shares: positions `[B, T]`, RoPE tables, and the
+    attention mask over `kv_len` key positions (`mask` None and `causal` set when a plain
+    causal or full mask is exact, which lets SDPA pick its fastest kernel)."""
+
+    def __init__(self, positions: torch.Tensor, kv_len: int, mask: torch.Tensor | None,
+                 causal: bool, rope: Any) -> None:
+        self.positions, self.kv_len, self.mask, self.causal, self.rope = positions, kv_len, mask, causal, rope

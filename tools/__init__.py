@@ -1,0 +1,1 @@
+"""The `pangu` command (import name pangu_tools)."""

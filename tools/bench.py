@@ -1,0 +1,143 @@
+"""`pangu bench`: prefill latency and batch-1 decode speed, medians of repeats, with ratios
+against the first row (the baseline) measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from .common import add_model_args, resolve_model, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure prefill ms and decode tokens/s")
+    add_model_args(p)
+    p.add_argument("--compare", choices=["hf"], action="append", default=[],
+                   help="also run the same weights in transformers (hf) in this process")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
+    p.set_defaults(func=run)
+
+
+# An engine: prompt ids, new-token count -> list of token timestamps, the first taken
+# right after prefill (seconds, from time.perf_counter) plus the start time.
+Engine = Callable[[list[int], int], tuple[float, list[float]]]
+
+
+def measure(engine: Engine, prompt: list[int], new_tokens: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """Median prefill ms and decode tokens/s over `repeats` runs after `warmup` runs."""
+    prefill, decode = [], []
+    for i in range(warmup + repeats):
+        start, stamps = engine(prompt, new_tokens)
+        if i < warmup:
+            continue
+        prefill.append((stamps[0] - start) * 1e3)
+        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {"prefill_ms": round(statistics.median(prefill), 2),
+            "decode_tok_s": round(statistics.median(decode), 2),
+            "ms_per_token": round(1e3 / statistics.median(decode), 3),
+            "runs": {"prefill_ms": [round(x, 2) for x in prefill], "decode_tok_s": [round(x, 2) for x in decode]}}
+
+
+def pangu_engine(params: Any, cfg: Any, **stream_kw: Any) -> Engine:
+    import pangu_fn as pf
+
+    def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in pf.stream(params, cfg, [prompt], n, eos_token_ids=(), **stream_kw)]
+        return start, stamps
+
+    return run
+
+
+def hf_engine(params: Any, cfg: Any) -> Engine:
+    """The same weights in transformers (GPT2LMHeadModel or LlamaForCausalLM), timed by a
+    streamer callback on each generated token."""
+    import torch
+    import transformers
+
+    from pangu_fn.io.hf import to_hf
+
+    state, hf_cfg = to_hf(params, cfg)
+    dtype = next(iter(state.values())).dtype
+    config_cls = transformers.GPT2Config if hf_cfg["model_type"] == "gpt2" else transformers.LlamaConfig
+    model_cls = transformers.GPT2LMHeadModel if hf_cfg["model_type"] == "gpt2" else transformers.LlamaForCausalLM
+    config = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.load_state_dict(state, assign=True, strict=False)
+    model = model.to(dtype).eval()
+    if cfg.tie_embeddings:
+        model.tie_weights()
+
+    class Stamps(transformers.generation.streamers.BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.first = True
+
+        def put(self, value: Any) -> None:
+            if self.first:  # the prompt itself is put once before any new token
+                self.first = False
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        ids = torch.tensor([prompt])
+        streamer = Stamps()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer,
+                           pad_token_id=0, attention_mask=torch.ones_like(ids))
+        return start, streamer.times
+
+    return run
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import pangu_fn as pf
+
+    torch.set_num_threads(args.threads)
+    params, cfg, random = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
+    gen = torch.Generator().manual_seed(1234)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    dtype = str(pf.cache.compute_dtype(params)).replace("torch.", "")
+
+    engines: list[tuple[str, Engine]] = [("pangu-fn", pangu_engine(params, cfg))]
+    if "hf" in args.compare:
+        engines.append(("transformers", hf_engine(params, cfg)))
+    rows = []
+    for name, engine in engines:
+        print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
+        rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
+    base = rows[0]
+    for row in rows:
+        row["decode_vs_first"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
+    for row in rows[1:]:
+        row["first_decode_vs_this"] = round(base["decode_tok_s"] / row["decode_tok_s"], 3)
+    result = {"command": "pangu " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("pangu") else None,
+              "model": args.model, "random_weights": random, "parameters": pf.count_params(params),
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "threads": args.threads, "device": pf.device_info(args.device)["name"],
+              "torch": torch.__version__, "python": platform.python_version(),
+              "peak_rss_mb": round(pf.memory_stats("cpu")["peak_rss"] / 2**20, 1), "results": rows}
+    for row in rows:
+        print(f"{row['engine']:>14} {row['dtype']:>8}  prefill {row['prefill_ms']:8.2f} ms   "
+              f"decode {row['decode_tok_s']:8.2f} tok/s   x{row['decode_vs_first']:.3f} vs {base['engine']}",
+              file=sys.stderr)
+    if args.json_out:
+        write_json(result, args.json_out)
+    return 0
