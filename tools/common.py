@@ -65,5 +65,9 @@ def write_json(obj: Any, out: str | None) -> None:
 def tokenizer_for(spec: str) -> Any:
     """The tokenizer stored beside a model folder. Raises ConfigError when there is none."""
     from pangu_fn.errors import ConfigError
+    from pangu_fn.tokenizer import find_tokenizer, load_tokenizer
 
-    raise ConfigError(f"--prompt needs a tokenizer, and {spec!r} has none; pass token ids with --prompt-ids")
+    if not Path(spec).is_dir() or find_tokenizer(spec) is None:
+        raise ConfigError(f"--prompt needs a tokenizer, and {spec!r} has none beside it; "
+                          "pass token ids with --prompt-ids")
+    return load_tokenizer(spec)

@@ -1,6 +1,7 @@
 """save / load: our checkpoint folder, and the other layouts `load` recognises.
 
-Our folder: `config.json` (`{"format": "pangu-fn", "version": 1, "config": {...}}`) and
+Our folder: `config.json` (`{"format": "pangu-fn", "version": 1, "config": {...}}`, plus
+"leaves" describing quantized leaves, see `io/leaves.py`) and
 `model.safetensors` with dotted tree names, or shards `model-0000K-of-0000N.safetensors`
 plus `model.safetensors.index.json` past `shard_size` bytes. A tied LM head is not stored.
 `load` also reads Hugging Face GPT-2 and LLaMA/openPangu folders (see `io/hf.py`).
@@ -19,7 +20,7 @@ from ..config import ModelConfig
 from ..errors import FormatError
 from ..params import Params, astype, parse_dtype, to_device, validate
 from ..tree import flatten, unflatten
-from . import hf
+from . import hf, leaves
 from .atomic import atomic_dir
 from .store import TensorStore
 
@@ -34,7 +35,8 @@ def save(path: str | Path, params: Params, cfg: ModelConfig, shard_size: int = D
     larger tensor gets a shard of its own). `extra_files` (name -> bytes) are copied in,
     e.g. a tokenizer. Returns the path."""
     validate(params, cfg)
-    flat = {name: leaf.detach().contiguous().cpu() for name, leaf in flatten(params).items()}
+    tensors, described = leaves.encode(flatten(params))
+    flat = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in flat.items():
@@ -47,7 +49,8 @@ def save(path: str | Path, params: Params, cfg: ModelConfig, shard_size: int = D
     meta = {"format": FORMAT, "version": str(VERSION)}
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(
-            {"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, indent=2))
+            {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
+             **({"leaves": described} if described else {})}, indent=2))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
         else:
@@ -101,7 +104,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
     cfg = load_config(path)
     store = TensorStore.open(path)
     if d.get("format") == FORMAT:
-        flat = {name: store.get(name) for name in store.keys()}
+        flat = leaves.decode({name: store.get(name) for name in store.keys()}, d.get("leaves", {}))
     else:
         flat = hf.hf_to_flat(store.get, store.keys(), cfg, source=str(path))
     params = unflatten(flat)
