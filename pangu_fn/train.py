@@ -1,0 +1,84 @@
+"""Functional training: a loss over the params tree, AdamW on its leaves, a cosine schedule.
+
+Used to train the demo models and for recovery between pruning rounds. The input tree is
+never modified: training works on a detached copy and returns it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .evaluate import next_token_loss
+from .params import Params
+from .tree import leaves_with_names, unflatten
+
+LossFn = Callable[[Params, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+
+
+def cosine_lr(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to `tc.lr`, then cosine decay to `tc.lr * tc.min_lr_ratio` at `tc.steps`."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(params: Params, cfg: ModelConfig, batches: Iterator[torch.Tensor], tc: TrainConfig,
+          loss_fn: LossFn | None = None, after_step: Callable[[Params], None] | None = None,
+          desc: str = "train", progress: bool = True) -> tuple[Params, list[float]]:
+    """Minimise `loss_fn(params, batch)` (default: next-token loss) over `tc.steps` batches of
+    tokens `[B, T+1]`. Matrices (>= 2-D leaves) get weight decay; vectors do not.
+    `after_step(params)` runs after each update under no_grad (e.g. to re-apply pruning masks,
+    in place on the working copy). Returns (trained params, per-step losses)."""
+    loss_fn = loss_fn or (lambda p, t: next_token_loss(p, cfg, t))
+    named = [(n, leaf.detach().clone().float().requires_grad_(True)) for n, leaf in leaves_with_names(params)]
+    dtypes = {n: leaf.dtype for n, leaf in leaves_with_names(params)}
+    work = unflatten(dict(named))
+    decay = [t for _, t in named if t.dim() >= 2]
+    no_decay = [t for _, t in named if t.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+    losses: list[float] = []
+    bar = tqdm(range(tc.steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, tc)
+        loss = loss_fn(work, next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_([t for _, t in named], tc.grad_clip)
+        opt.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(work)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    trained = unflatten({n: t.detach().to(dtypes[n]) for n, t in named})
+    return trained, losses
+
+
+def random_batches(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Endless batches `[batch_size, seq_len + 1]` of random windows of the 1-D token stream `ids`."""
+    gen = torch.Generator().manual_seed(seed)
+    n = ids.numel() - seq_len - 1
+    while True:
+        starts = torch.randint(0, n, (batch_size,), generator=gen)
+        yield torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
