@@ -90,7 +90,8 @@ def load_config(path: str | Path) -> ModelConfig:
     if hf.is_hf_config(d):
         return hf.config_from_hf(d)
     raise FormatError(f"{path}/config.json: unknown layout; expected format {FORMAT!r} or a "
-                      f"Hugging Face model_type (gpt2, llama, PanguEmbedded), found keys {sorted(d)[:8]}")
+                      f"Hugging Face model_type (gpt2, llama, PanguEmbedded), "
+                      f"found model_type {d.get('model_type')!r} and keys {sorted(d)[:8]}")
 
 
 def load(path: str | Path, device: str | torch.device | None = None,

@@ -1,0 +1,43 @@
+"""Shared test helpers: random models whose biases and norm weights are not the trivial
+0 / 1 that initialisers (ours and transformers') use, so their code paths are exercised."""
+
+from __future__ import annotations
+
+import torch
+
+import pangu_fn as pf
+from pangu_fn.tree import map_with_names
+
+def redraw_vectors(params: dict, seed: int = 0) -> dict:
+    """A copy with every bias ~ N(0, 0.1), every norm weight ~ 1 + N(0, 0.1), and every matrix
+    rescaled to std 1/sqrt(fan_in) (embeddings: std 1), so that each part of the network
+    (attention, MLP, query layer, biases) moves the logits visibly."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def redraw(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2:
+            std = 1.0 if "embed" in name or "lm_head" in name else t.shape[1] ** -0.5
+            return (t.float() * (std / t.float().std())).to(t.dtype)
+        noise = 0.1 * torch.randn(t.shape, generator=gen).to(t.dtype)
+        return 1 + noise if "norm" in name and name.endswith("weight") else noise
+
+    return map_with_names(redraw, params)
+
+
+def random_model(preset: str, seed: int = 0, **changes) -> tuple[dict, pf.ModelConfig]:
+    """(params, cfg) of a preset with redrawn vectors and rescaled matrices (see redraw_vectors)."""
+    cfg = pf.ModelConfig.preset(preset).replace(**changes) if changes else pf.ModelConfig.preset(preset)
+    return redraw_vectors(pf.init_params(cfg, seed=seed), seed=seed + 100), cfg
+
+
+def redraw_hf(model: torch.nn.Module, seed: int = 0) -> None:
+    """In place: transformers zeroes biases and sets norm weights to 1; redraw them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                noise = 0.1 * torch.randn(p.shape, generator=gen)
+                p.copy_(1 + noise if ("norm" in name or "ln" in name) else noise)
+
+
+FAMILIES = ["tiny-gpt", "tiny-alpha", "tiny-openpangu"]
