@@ -5,13 +5,15 @@ config -> our flat names and ModelConfig, and back (so transformers loads what w
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
-from ..params import Params, layer_sizes
+from ..params import Params, layer_sizes, parse_dtype
 from ..tree import flatten
 
 LLAMA_TYPES = ("llama", "PanguEmbedded", "pangu_embedded", "openpangu_dense")
@@ -202,3 +204,35 @@ def _llama_config(cfg: ModelConfig) -> dict[str, Any]:
             "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
             "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+def save_hf(path: str | Path, params: Params, cfg: ModelConfig, dtype: str | torch.dtype | None = None,
+            shard_size: int = 5 * 1024**3, extra_files: dict[str, bytes] | None = None,
+            on_tensor: Callable[[str, int], None] | None = None) -> Path:
+    """Write a Hugging Face folder atomically: `config.json` + `model.safetensors` (or
+    `model-0000K-of-0000N.safetensors` + `model.safetensors.index.json` past `shard_size`).
+    The gpt family becomes GPT-2 (`GPT2LMHeadModel.from_pretrained(path)`); openPangu becomes
+    the LLaMA layout (`LlamaForCausalLM.from_pretrained(path)`: `attention_bias` set from the
+    q/k/v/o biases, plus openPangu's own `bias` key). A tied head is stored once, as
+    transformers expects. Floating tensors are cast to `dtype` if given. Raises ConfigError for
+    PanGu-α (see `io/alpha.py`'s gpt_pangu writer) and trees HF cannot express."""
+    from .atomic import atomic_dir
+    from .safetensors_io import write_sharded
+
+    state, config = to_hf(params, cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    if cfg.family == "openpangu":
+        config["bias"] = cfg.attn_bias
+    cast = parse_dtype(dtype) if dtype is not None else None
+    floats = {t.dtype for t in state.values() if t.is_floating_point()}
+    stored = cast or (floats.pop() if len(floats) == 1 else torch.float32)
+    config["torch_dtype"] = str(stored).replace("torch.", "")
+    plan = [(name, cast if cast is not None and t.is_floating_point() else t.dtype, tuple(t.shape))
+            for name, t in state.items()]
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_sharded(tmp, plan, state.__getitem__, shard_size, {"format": "pt"}, on_tensor)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return Path(path)

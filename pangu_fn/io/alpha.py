@@ -1,0 +1,266 @@
+"""PanGu-α checkpoint layouts: MindSpore `.ckpt` (naming variants A, B, C), the Hugging Face
+`gpt_pangu` port, and the Megatron GPU port; readers into a `Source` and name plans for the
+MindSpore and gpt_pangu writers.
+
+Facts (from `reference/pangu-checkpoints.md`): MindSpore's `nn.Dense` (q/k/v) stores
+`[out, in]` like torch, its `Mapping` weights (attention `projection`, `output.mapping`,
+`output.projection`) store `[in, out]` and are transposed. The query layer is a separate top
+block (`top_query_layer`, HF `h.{L-1}`, Megatron `topQueryLayer`); HF's `num_layers` counts
+it, ours does not. The head is tied to the word embedding (HF ports store a copy as
+`lm_head.weight`). Vocabulary rows are kept as stored: the 13B HF/Megatron ports pad 40000
+to 40064, and `vocab_size` then is 40064 (ids >= 40000 are padding the tokenizer never emits).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError, FormatError
+from .mindspore import CheckpointReader, is_training_entry
+from .source import Source, TensorRef, WeightFiles, config_from_shapes
+
+# hidden size -> heads of the released PanGu-α models (350M, 2.6B, 13B, 200B)
+KNOWN_HEADS = {1024: 16, 2560: 32, 5120: 40, 16384: 128}
+
+# our block suffix -> (MindSpore suffix, stored [in, out] so transposed)
+MS_BLOCK = {
+    "attn_norm.weight": ("layernorm1.gamma", False), "attn_norm.bias": ("layernorm1.beta", False),
+    "attn.q.weight": ("attention.dense1.weight", False), "attn.q.bias": ("attention.dense1.bias", False),
+    "attn.k.weight": ("attention.dense2.weight", False), "attn.k.bias": ("attention.dense2.bias", False),
+    "attn.v.weight": ("attention.dense3.weight", False), "attn.v.bias": ("attention.dense3.bias", False),
+    "attn.o.weight": ("attention.projection.weight", True), "attn.o.bias": ("attention.projection.bias", False),
+    "mlp_norm.weight": ("layernorm2.gamma", False), "mlp_norm.bias": ("layernorm2.beta", False),
+    "mlp.up.weight": ("output.mapping.weight", True), "mlp.up.bias": ("output.mapping.bias", False),
+    "mlp.down.weight": ("output.projection.weight", True), "mlp.down.bias": ("output.projection.bias", False),
+}
+# word, position and query embedding names of the three MindSpore naming variants
+MS_EMBEDDINGS = {
+    "A": ("backbone.word_embedding.embedding_table", "backbone.position_embedding.embedding_table",
+          "backbone.top_query_embedding.embedding_table"),
+    "B": ("embedding_table", "backbone.embedding.embedding.position_embedding.embedding_table",
+          "backbone.top_query_embedding_table"),
+    "C": ("backbone.embedding.word_embedding.embedding_table", "backbone.embedding.position_embedding.embedding_table",
+          "backbone.top_query_embedding.embedding_table"),
+}
+HF_BLOCK = {
+    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
+    "attn.q.weight": "attn.q_proj.weight", "attn.q.bias": "attn.q_proj.bias",
+    "attn.k.weight": "attn.k_proj.weight", "attn.k.bias": "attn.k_proj.bias",
+    "attn.v.weight": "attn.v_proj.weight", "attn.v.bias": "attn.v_proj.bias",
+    "attn.o.weight": "attn.c_proj.weight", "attn.o.bias": "attn.c_proj.bias",
+    "mlp_norm.weight": "ln_2.weight", "mlp_norm.bias": "ln_2.bias",
+    "mlp.up.weight": "mlp.c_fc.weight", "mlp.up.bias": "mlp.c_fc.bias",
+    "mlp.down.weight": "mlp.c_proj.weight", "mlp.down.bias": "mlp.c_proj.bias",
+}
+HF_ALIASES = {".attn.c_proj.": ".attn.out_proj."}  # one converter names the output projection out_proj
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers stored in .bin files
+MEGATRON_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight", "attn_norm.bias": "input_layernorm.bias",
+    "attn.q.weight": "attention.query.weight", "attn.q.bias": "attention.query.bias",
+    "attn.k.weight": "attention.key.weight", "attn.k.bias": "attention.key.bias",
+    "attn.v.weight": "attention.value.weight", "attn.v.bias": "attention.value.bias",
+    "attn.o.weight": "attention.dense.weight", "attn.o.bias": "attention.dense.bias",
+    "mlp_norm.weight": "post_attention_layernorm.weight", "mlp_norm.bias": "post_attention_layernorm.bias",
+    "mlp.up.weight": "mlp.dense_h_to_4h.weight", "mlp.up.bias": "mlp.dense_h_to_4h.bias",
+    "mlp.down.weight": "mlp.dense_4h_to_h.weight", "mlp.down.bias": "mlp.dense_4h_to_h.bias",
+}
+GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _count_blocks(names: list[str], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for n in names if (m := pattern.match(n))}
+    return max(found) + 1 if found else 0
+
+
+def _resolve(table: Mapping[str, tuple[str, bool]], refs: Mapping[str, TensorRef], source: str,
+             ignore: tuple[str, ...] = (), aliases: Mapping[str, str] | None = None
+             ) -> tuple[dict[str, TensorRef], list[str]]:
+    """Our flat name -> TensorRef for `table` (our name -> (stored name, transposed)); raises
+    FormatError listing every missing and every unexpected stored name. Returns the refs and
+    the stored names ignored (`ignore` suffixes)."""
+    out, used, missing = {}, set(), []
+    for ours, (stored, transpose) in table.items():
+        name = stored
+        if name not in refs and aliases:
+            for a, b in aliases.items():
+                if a in name and name.replace(a, b) in refs:
+                    name = name.replace(a, b)
+        if name not in refs:
+            missing.append(stored)
+            continue
+        used.add(name)
+        out[ours] = refs[name].transposed() if transpose else refs[name]
+    ignored = [n for n in refs if n not in used and n.endswith(ignore)] if ignore else []
+    unexpected = [n for n in refs if n not in used and n not in ignored]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        raise FormatError(f"{source}: " + "; ".join(parts))
+    return out, ignored
+
+
+def _table(layers: int, block: Mapping[str, Any], block_prefix: str, query_prefix: str,
+           top: Mapping[str, str], with_transpose: bool) -> dict[str, tuple[str, bool]]:
+    table = {ours: (stored, False) for ours, stored in top.items()}
+    for i in range(layers):
+        for suffix, v in block.items():
+            stored, t = v if with_transpose else (v, False)
+            table[f"blocks.{i}.{suffix}"] = (f"{block_prefix}{i}.{stored}", t)
+    for suffix, v in block.items():
+        stored, t = v if with_transpose else (v, False)
+        table[f"query_layer.{suffix}"] = (f"{query_prefix}{stored}", t)
+    return table
+
+
+# -- MindSpore ---------------------------------------------------------------------------------
+
+def mindspore_table(layers: int, variant: str = "A") -> dict[str, tuple[str, bool]]:
+    """Our flat name -> (MindSpore name, transposed) for `layers` ordinary blocks."""
+    word, pos, query = MS_EMBEDDINGS[variant]
+    top = {"tok_embed.weight": word, "pos_embed.weight": pos, "query_embed.weight": query,
+           "final_norm.weight": "backbone.layernorm.gamma", "final_norm.bias": "backbone.layernorm.beta"}
+    return _table(layers, MS_BLOCK, "backbone.blocks.", "backbone.top_query_layer.", top, True)
+
+
+def open_mindspore(path: Path, hint: ModelConfig | None = None) -> Source:
+    """A PanGu-α MindSpore `.ckpt` (variant A, B or C detected from the embedding names).
+    Optimizer and training entries are skipped and listed in `Source.skipped`."""
+    reader = CheckpointReader(path)
+    skipped = [n for n, e in reader.entries.items() if is_training_entry(n) or not e.is_tensor]
+    refs = {n: TensorRef(e.shape, e.dtype, lambda n=n: reader.read(n))  # type: ignore[arg-type]
+            for n, e in reader.entries.items() if n not in skipped}
+    variant = next((v for v, names in MS_EMBEDDINGS.items() if names[0] in refs), None)
+    if variant is None:
+        raise FormatError(f"{path}: no PanGu-α word embedding; expected one of "
+                          f"{[n[0] for n in MS_EMBEDDINGS.values()]}, found names {list(refs)[:6]}")
+    if not any(n.startswith("backbone.top_query_layer.") for n in refs):
+        raise FormatError(f"{path}: no backbone.top_query_layer.*; the pipeline-training layout (query layer "
+                          "stored as the last block) is not supported")
+    layers = _count_blocks(list(refs), "backbone.blocks.")
+    flat, _ = _resolve(mindspore_table(layers, variant), refs, str(path))
+    cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, hint, KNOWN_HEADS, str(path))
+    return Source(path, f"mindspore (variant {variant})", cfg, flat, skipped=skipped, folder=path.parent)
+
+
+def mindspore_plan(cfg: ModelConfig, names: list[str]) -> list[tuple[str, str, bool]]:
+    """(MindSpore name, our flat name, transpose) for writing a PanGu-α tree in variant A.
+    Raises ConfigError for other families or an untied head."""
+    if cfg.family != "alpha":
+        raise ConfigError(f"the MindSpore writer writes PanGu-α (family 'alpha'); this model is {cfg.family!r}")
+    if "lm_head.weight" in names:
+        raise ConfigError("the PanGu-α MindSpore layout has a tied head; this model stores lm_head.weight")
+    table = mindspore_table(cfg.num_layers)
+    return [(stored, ours, t) for ours, (stored, t) in table.items()]
+
+
+# -- Hugging Face gpt_pangu port ------------------------------------------------------------------
+
+def is_gpt_pangu(d: Mapping[str, Any]) -> bool:
+    return d.get("model_type") == "gpt_pangu"
+
+
+def gpt_pangu_config(d: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from a gpt_pangu `config.json` (its `num_layers` counts the query layer)."""
+    try:
+        h, heads, layers = int(d["hidden_size"]), int(d["num_heads"]), int(d["num_layers"]) - 1
+        act = d.get("activation_function", "gelu")
+        if act not in GELU_NAMES:
+            raise ConfigError(f"gpt_pangu config: activation_function {act!r}; expected one of {sorted(GELU_NAMES)}")
+        return ModelConfig(family="alpha", vocab_size=int(d["vocab_size"]), hidden_size=h, num_layers=layers,
+                           num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+                           intermediate_size=int(d.get("intermediate_size") or 4 * h),
+                           max_seq_len=int(d.get("max_position_embeddings", 1024)),
+                           norm_eps=float(d.get("layer_norm_epsilon", 1e-5)), activation=GELU_NAMES[act],
+                           query_layer=True, tie_embeddings=True, bos_token_id=d.get("bos_token_id"),
+                           eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"gpt_pangu config: expected hidden_size, num_heads, num_layers, vocab_size; {e!r}") from None
+
+
+def gpt_pangu_table(layers: int) -> dict[str, tuple[str, bool]]:
+    top = {"tok_embed.weight": "transformer.wte.weight", "pos_embed.weight": "transformer.wpe.weight",
+           "query_embed.weight": "transformer.wqe.weight", "final_norm.weight": "transformer.ln_f.weight",
+           "final_norm.bias": "transformer.ln_f.bias"}
+    return _table(layers, HF_BLOCK, "transformer.h.", f"transformer.h.{layers}.", top, False)
+
+
+def open_gpt_pangu(folder: Path, d: Mapping[str, Any], hint: ModelConfig | None = None) -> Source:
+    """A gpt_pangu folder (`config.json` + `.bin` or `.safetensors`, sharded or not). The
+    stored `lm_head.weight` is dropped when it equals `transformer.wte.weight` (tied)."""
+    files = WeightFiles(folder)
+    refs = {n: files.ref(n) for n in files.keys()}
+    base = hint or gpt_pangu_config(d)
+    layers = _count_blocks(list(refs), "transformer.h.") - 1
+    if layers < 1:
+        raise FormatError(f"{folder}: expected transformer.h.0 ... and a query layer, found {layers + 1} blocks")
+    skipped = []
+    head = refs.pop("lm_head.weight", None)
+    flat, ignored = _resolve(gpt_pangu_table(layers), refs, str(folder), HF_BUFFERS, HF_ALIASES)
+    if head is not None:
+        if head.shape == flat["tok_embed.weight"].shape and torch.equal(head.read(), flat["tok_embed.weight"].read()):
+            skipped.append("lm_head.weight (a copy of transformer.wte.weight)")
+        else:
+            flat["lm_head.weight"] = head
+    cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, base, KNOWN_HEADS, str(folder))
+    return Source(folder, "gpt_pangu", cfg, flat, skipped=skipped + ignored, folder=folder)
+
+
+def gpt_pangu_plan(cfg: ModelConfig) -> dict[str, str]:
+    """HF gpt_pangu name -> our flat name (the head is written as a copy of the embedding)."""
+    if cfg.family != "alpha":
+        raise ConfigError(f"the gpt_pangu writer writes PanGu-α (family 'alpha'); this model is {cfg.family!r}")
+    plan = {stored: ours for ours, (stored, _) in gpt_pangu_table(cfg.num_layers).items()}
+    plan["lm_head.weight"] = "tok_embed.weight" if cfg.tie_embeddings else "lm_head.weight"
+    return plan
+
+
+def gpt_pangu_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}.get(cfg.activation)
+    if act is None or cfg.norm != "layernorm" or cfg.num_kv_heads != cfg.num_heads:
+        raise ConfigError(f"gpt_pangu layout needs LayerNorm, GELU and MHA; found {cfg.norm}, {cfg.activation}, "
+                          f"{cfg.num_heads}/{cfg.num_kv_heads} heads")
+    return {"model_type": "gpt_pangu", "architectures": ["GPTPanguForCausalLM"], "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_seq_len, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_layers + 1,
+            "num_heads": cfg.num_heads, "activation_function": act, "layer_norm_epsilon": cfg.norm_eps,
+            "scale_attn_weights": True, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0,
+            "initializer_range": 0.02, "use_cache": True, "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+# -- Megatron GPU port -------------------------------------------------------------------------------
+
+def is_megatron(names: list[str]) -> bool:
+    return any("language_model.transformer.topQueryLayer." in n for n in names)
+
+
+def megatron_source(path: Path, tensors: dict[str, torch.Tensor], skipped: list[str],
+                    hint: ModelConfig | None = None) -> Source:
+    """PanGu-Alpha-GPU (Megatron) state dict, flattened: names under `...language_model.`."""
+    refs = {}
+    for name, t in tensors.items():
+        if "language_model." not in name:
+            skipped.append(name)
+            continue
+        refs[name.split("language_model.", 1)[1]] = TensorRef.of(t)
+    layers = _count_blocks(list(refs), "transformer.layers.")
+    top = {"tok_embed.weight": "embedding.word_embeddings.weight",
+           "pos_embed.weight": "embedding.position_embeddings.weight",
+           "query_embed.weight": "topQueryEmbedding.top_query_embeddings.weight",
+           "final_norm.weight": "transformer.final_layernorm.weight",
+           "final_norm.bias": "transformer.final_layernorm.bias"}
+    table = _table(layers, MEGATRON_BLOCK, "transformer.layers.", "transformer.topQueryLayer.", top, False)
+    flat, _ = _resolve(table, refs, str(path))
+    cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, hint, KNOWN_HEADS, str(path))
+    return Source(path, "megatron", cfg, flat, skipped=skipped, folder=path.parent)

@@ -1,0 +1,110 @@
+"""Writers from a `Source`: our folder, Hugging Face GPT-2 / LLaMA (openPangu) folders, the
+PanGu-α gpt_pangu folder and MindSpore `.ckpt`. Each writes atomically (a temporary name
+renamed into place) and, except the Hugging Face one (which needs the whole tree to fuse or
+rename), streams one tensor at a time, so memory stays about one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..params import parse_dtype
+from . import alpha, hf
+from .atomic import atomic_dir
+from .mindspore import write_checkpoint
+from .safetensors_io import write_sharded
+from .source import Source
+
+OnTensor = Callable[[str, int], None]
+WRITERS = ("pangu-fn", "hf", "gpt_pangu", "mindspore")
+
+
+def _target_dtype(t_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t_dtype.is_floating_point else t_dtype
+
+
+def write_ours(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
+               shard_size: int = 2 * 1024**3, extra_files: dict[str, bytes] | None = None,
+               on_tensor: OnTensor | None = None) -> Path:
+    """Our folder (config.json + safetensors, sharded past `shard_size`). Floating tensors are
+    cast to `dtype` if given, except those of quantized leaves (their scales keep their dtype)."""
+    from .checkpoint import FORMAT, VERSION
+
+    cast = parse_dtype(dtype) if dtype is not None else None
+    leaf_prefixes = tuple(f"{name}." for name in source.leaves)
+    plan = [(name, ref.dtype if name.startswith(leaf_prefixes) else _target_dtype(ref.dtype, cast), ref.shape)
+            for name, ref in source.tensors.items()]
+    meta = {"format": FORMAT, "version": str(VERSION)}
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "config": source.cfg.to_dict(),
+             **({"leaves": source.leaves} if source.leaves else {})}, indent=2))
+        write_sharded(tmp, plan, lambda n: source.tensors[n].read(), shard_size, meta, on_tensor)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return Path(path)
+
+
+def write_hf(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
+             shard_size: int = 5 * 1024**3, extra_files: dict[str, bytes] | None = None,
+             on_tensor: OnTensor | None = None) -> Path:
+    """A Hugging Face GPT-2 or LLaMA (openPangu) folder; see `hf.save_hf`. Reads the whole tree."""
+    from ..tree import unflatten
+
+    if source.leaves:
+        raise ConfigError("write_hf: the model has quantized leaves; dequantize before writing HF layouts")
+    return hf.save_hf(path, unflatten(source.flat()), source.cfg, dtype, shard_size, extra_files, on_tensor)
+
+
+def write_gpt_pangu(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
+                    shard_size: int = 5 * 1024**3, extra_files: dict[str, bytes] | None = None,
+                    on_tensor: OnTensor | None = None) -> Path:
+    """A PanGu-α folder in the Hugging Face gpt_pangu port's names (config.json with
+    `num_layers` = ours + 1, safetensors; `lm_head.weight` a copy of the embedding). The port's
+    modeling code (`trust_remote_code`) is not included."""
+    if source.leaves:
+        raise ConfigError("write_gpt_pangu: the model has quantized leaves; dequantize first")
+    config = alpha.gpt_pangu_config_dict(source.cfg)
+    plan_names = alpha.gpt_pangu_plan(source.cfg)
+    cast = parse_dtype(dtype) if dtype is not None else None
+    refs = {hf_name: source.tensors[ours] for hf_name, ours in plan_names.items()}
+    plan = [(n, _target_dtype(r.dtype, cast), r.shape) for n, r in refs.items()]
+    config["torch_dtype"] = str(cast or refs["transformer.wte.weight"].dtype).replace("torch.", "")
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_sharded(tmp, plan, lambda n: refs[n].read(), shard_size, {"format": "pt"}, on_tensor)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return Path(path)
+
+
+def write_mindspore(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
+                    crc: bool = True, on_tensor: OnTensor | None = None) -> Path:
+    """A PanGu-α MindSpore `.ckpt` (variant A names, `Mapping` weights stored `[in, out]`),
+    with the CRC trailer unless `crc` is False. Raises ConfigError for other families."""
+    if source.leaves:
+        raise ConfigError("write_mindspore: the model has quantized leaves; dequantize first")
+    plan = alpha.mindspore_plan(source.cfg, list(source.tensors))
+    cast = parse_dtype(dtype) if dtype is not None else None
+
+    def tensors():
+        for ms_name, ours, transpose in plan:
+            t = source.tensors[ours].read()
+            yield ms_name, (t.t() if transpose else t)
+
+    return write_checkpoint(path, tensors(), crc=crc, dtype=cast, on_tensor=on_tensor)
+
+
+def output_format(dst: Path, to: str | None, cfg: ModelConfig) -> str:
+    """The writer for `dst`: `to` if given, else MindSpore for a `.ckpt` name, else ours."""
+    if to is not None:
+        if to not in WRITERS:
+            raise ConfigError(f"unknown output format {to!r}; expected one of {list(WRITERS)}")
+        return to
+    return "mindspore" if dst.suffix == ".ckpt" else "pangu-fn"
