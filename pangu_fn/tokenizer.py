@@ -1,16 +1,28 @@
 """Tokenizers: SentencePiece model files (openPangu `tokenizer.model`, PanGu-α `vocab.model`
 with its jieba + U+2582/U+2583 rules) and Hugging Face `tokenizer.json` files, behind one
-small protocol. `load_tokenizer(folder)` finds whichever sits beside a model."""
+small protocol. `load_tokenizer(folder)` finds whichever sits beside a model.
+
+Special tokens come from the files: the SentencePiece model's own ids, overridden by
+`tokenizer_config.json` / `special_tokens_map.json` beside it; tokens listed in
+`added_tokens_decoder` (openPangu's `[unused9]`, `[unused10]`, ...) are recognised in text as
+single ids, as Hugging Face tokenizers do. `openpangu_chat_prompt` renders openPangu's chat
+template. A missing optional package gives a ConfigError naming the extra that installs it.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from .errors import ConfigError, FormatError
 
 SP_FILES = ("tokenizer.model", "vocab.model")
+# files that travel with a model's tokenizer (copied by `pangu convert`)
+TOKENIZER_FILES = ("tokenizer.model", "vocab.model", "vocab.vocab", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+EXTRA = "pip install 'pangu-fn[tokenizer]'"
 
 
 class Tokenizer(Protocol):
@@ -25,15 +37,18 @@ class Tokenizer(Protocol):
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model; special ids from the model, overridden by a
-    `tokenizer_config.json` beside it (e.g. openPangu's eos `[unused10]`)."""
+    """A SentencePiece model; special ids from the model, overridden by the
+    `tokenizer_config.json` / `special_tokens_map.json` beside it (e.g. openPangu's eos
+    `[unused10]`). `special_tokens` maps each added/special token string to its id."""
+
+    # pieces that name the special ids when no tokenizer_config.json says otherwise
+    DEFAULT_PIECES: Mapping[str, str] = {}
 
     def __init__(self, path: str | Path) -> None:
         try:
             import sentencepiece as spm
         except ImportError:
-            raise ConfigError("SentencePiece tokenizers need the 'sentencepiece' package "
-                              "(pip install sentencepiece)") from None
+            raise ConfigError(f"SentencePiece tokenizers need the 'sentencepiece' package: {EXTRA}") from None
         self.path = Path(path)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
@@ -41,15 +56,30 @@ class SentencePieceTokenizer:
             raise FormatError(f"{self.path}: not a SentencePiece model: {e}") from None
         self.vocab_size = self.sp.get_piece_size()
         ids = {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": self.sp.pad_id()}
-        for kind, piece in _special_tokens(self.path.parent).items():
-            pid = self.sp.piece_to_id(piece)
-            if pid != self.sp.unk_id() or piece == self.sp.id_to_piece(self.sp.unk_id()):
+        named = {**self.DEFAULT_PIECES, **_special_tokens(self.path.parent)}
+        for kind, piece in named.items():
+            pid = self._piece_id(piece)
+            if pid is not None:
                 ids[kind] = pid
         self.bos_id, self.eos_id, self.pad_id = (i if i is not None and i >= 0 else None for i in ids.values())
+        self.special_tokens = {p: i for p, i in _added_tokens(self.path.parent).items() if i < self.vocab_size}
+        self.special_tokens.update({self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                                    if self.sp.is_control(i) and i != self.sp.unk_id()})
+        self._split = _splitter(self.special_tokens)
+
+    def _piece_id(self, piece: str) -> int | None:
+        pid = self.sp.piece_to_id(piece)
+        return pid if pid != self.sp.unk_id() or piece == self.sp.id_to_piece(self.sp.unk_id()) else None
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+        """Token ids of `text`; special token strings in it become their single ids."""
+        ids = [] if not (add_bos and self.bos_id is not None) else [self.bos_id]
+        for part, special in self._split(text):
+            ids += [self.special_tokens[part]] if special else self._encode_plain(part)
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.sp.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id, self.pad_id)])
@@ -60,21 +90,24 @@ class SentencePieceTokenizer:
 
 class PanguAlphaTokenizer(SentencePieceTokenizer):
     """PanGu-α's `vocab.model`: text is cut into words by jieba, spaces and newlines become
-    U+2582 and U+2583, words are joined by spaces and encoded; decoding reverses it."""
+    U+2582 and U+2583, words are joined by spaces and encoded; decoding reverses it. The
+    end-of-document piece `<eod>` is the eos id and `<pad>` the pad id (looked up in the model:
+    the released piece table is not documented), unless a tokenizer_config.json says otherwise."""
+
+    DEFAULT_PIECES = {"eos": "<eod>", "pad": "<pad>"}
 
     def __init__(self, path: str | Path) -> None:
-        super().__init__(path)
         try:
             import jieba
         except ImportError:
-            raise ConfigError("PanGu-α tokenizers need the 'jieba' package (pip install jieba)") from None
+            raise ConfigError(f"PanGu-α tokenizers (vocab.model) need the 'jieba' package: {EXTRA}") from None
+        super().__init__(path)
         jieba.setLogLevel(60)
         self._cut = jieba.cut
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def _encode_plain(self, text: str) -> list[int]:
         words = [w.translate({ord(" "): "\u2582", ord("\n"): "\u2583"}) for w in self._cut(text, cut_all=False)]
-        ids = self.sp.encode(" ".join(words))
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+        return self.sp.encode(" ".join(words))
 
     def decode(self, ids: Sequence[int]) -> str:
         text = super().decode(ids)
@@ -88,7 +121,7 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError:
-            raise ConfigError("tokenizer.json files need the 'tokenizers' package (pip install tokenizers)") from None
+            raise ConfigError(f"tokenizer.json files need the 'tokenizers' package: {EXTRA}") from None
         self.path = Path(path)
         try:
             self.tok = _Tok.from_file(str(self.path))
@@ -98,6 +131,7 @@ class HFTokenizer:
         special = _special_tokens(self.path.parent)
         self.bos_id, self.eos_id, self.pad_id = (
             self.tok.token_to_id(special[k]) if k in special else None for k in ("bos", "eos", "pad"))
+        self.special_tokens = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -130,19 +164,81 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return HFTokenizer(file)
 
 
-def _special_tokens(folder: Path) -> dict[str, str]:
-    """bos/eos/pad token strings from a `tokenizer_config.json`, if present."""
-    f = folder / "tokenizer_config.json"
-    if not f.is_file():
-        return {}
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """The tokenizer files (`TOKENIZER_FILES`) present in `folder`."""
+    folder = Path(folder)
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def openpangu_chat_prompt(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """openPangu-Embedded's chat template as text: each message becomes
+    `[unused9]<role>：<content>[unused10]` (roles 系统 system, 用户 user, 助手 assistant,
+    工具 tool, 方法 function), an empty system turn leads when the first message is not a
+    system one, and `[unused9]助手：` follows when `add_generation_prompt`. Encode the result
+    with the model's tokenizer (its `[unused*]` markers become single ids). Raises InputError
+    for an unknown role or a message without content."""
+    from .errors import InputError
+
+    roles = {"system": "系统", "user": "用户", "assistant": "助手", "tool": "工具", "function": "方法"}
+    parts = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in roles or not isinstance(content, str):
+            raise InputError(f"chat message {i}: expected a role in {sorted(roles)} and string content, found {dict(m)}")
+        if i == 0 and role != "system":
+            parts.append("[unused9]系统：[unused10]")
+        parts.append(f"[unused9]{roles[role]}：{content}[unused10]")
+    if add_generation_prompt:
+        parts.append("[unused9]助手：")
+    return "".join(parts)
+
+
+def _read_json(f: Path) -> dict:
     try:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"{f}: not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{f}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from `special_tokens_map.json` and `tokenizer_config.json`
+    (the latter wins), if present."""
     out = {}
-    for kind in ("bos", "eos", "pad"):
-        tok = d.get(f"{kind}_token")
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if isinstance(tok, str):
-            out[kind] = tok
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        d = _read_json(f)
+        for kind in ("bos", "eos", "pad"):
+            tok = d.get(f"{kind}_token")
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            if isinstance(tok, str):
+                out[kind] = tok
     return out
+
+
+def _added_tokens(folder: Path) -> dict[str, int]:
+    """Special token string -> id from `tokenizer_config.json`'s `added_tokens_decoder`."""
+    f = folder / "tokenizer_config.json"
+    if not f.is_file():
+        return {}
+    out = {}
+    for key, tok in (_read_json(f).get("added_tokens_decoder") or {}).items():
+        if isinstance(tok, dict) and isinstance(tok.get("content"), str) and str(key).isdigit():
+            out[tok["content"]] = int(key)
+    return out
+
+
+def _splitter(specials: Mapping[str, int]):
+    """text -> [(part, is_special)], splitting on the special strings (longest first)."""
+    if not specials:
+        return lambda text: [(text, False)] if text else []
+    rx = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+
+    def split(text: str) -> list[tuple[str, bool]]:
+        return [(p, i % 2 == 1) for i, p in enumerate(rx.split(text)) if p]
+
+    return split
