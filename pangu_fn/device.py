@@ -78,7 +78,7 @@ def memory_stats(device: str | torch.device | None = None) -> dict[str, int]:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"rss": rss, "peak_rss": peak}
+        return {"rss": rss, "peak_rss": max(peak, rss)}  # ru_maxrss can lag the current RSS
     backend = _backend(dev)
     return {"allocated": backend.memory_allocated(dev), "reserved": backend.memory_reserved(dev),
             "peak_allocated": backend.max_memory_allocated(dev)}
