@@ -63,20 +63,14 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     shard_size = parse_size(args.shard_size)
-    if dst.exists() and (dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents):
-        raise ConfigError(f"DST {dst} is the source or holds it; choose another output path")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ConfigError(f"DST {dst} is the source; choose another output path")
     if dst.exists() and not args.overwrite:
         raise ConfigError(f"DST {dst} exists; pass --overwrite to replace it")
     source = open_source(src, args.fmt, args.config)
     cfg = source.cfg
     fmt = writers.output_format(dst, args.to, cfg)
-    print(f"{src}: {source.layout}, {cfg.family} family, {cfg.num_layers} layers"
-          f"{' + query layer' if cfg.query_layer else ''}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-          f"{len(source.tensors)} tensors ({source.nbytes / 2**20:.1f} MiB)", file=sys.stderr)
-    if source.skipped:
-        shown = ", ".join(source.skipped[:8]) + (f", ... ({len(source.skipped)} in all)" if len(source.skipped) > 8 else "")
-        print(f"  skipped: {shown}", file=sys.stderr)
-
+    writers.check_writable(source, fmt)
     tokenizer = {} if args.no_tokenizer else _tokenizer_files(source.folder)
     total = _output_bytes(source, fmt, dtype)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,
@@ -88,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             write = {"pangu-fn": writers.write_ours, "hf": writers.write_hf, "gpt_pangu": writers.write_gpt_pangu}[fmt]
             write(source, dst, dtype, shard_size, tokenizer, on_tensor)
+    print(f"{src}: {source.layout}, {cfg.family} family, {cfg.num_layers} layers"
+          f"{' + query layer' if cfg.query_layer else ''}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+          f"{len(source.tensors)} tensors ({source.nbytes / 2**20:.1f} MiB)", file=sys.stderr)
+    if source.skipped:
+        shown = ", ".join(source.skipped[:8]) + (f", ... ({len(source.skipped)} in all)" if len(source.skipped) > 8 else "")
+        print(f"  skipped: {shown}", file=sys.stderr)
     print(f"wrote {dst} ({fmt}{', tokenizer: ' + ', '.join(tokenizer) if tokenizer else ''})", file=sys.stderr)
     if args.verify:
         diff = verify(source, dst, fmt)

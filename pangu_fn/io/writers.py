@@ -101,6 +101,23 @@ def write_mindspore(source: Source, path: str | Path, dtype: str | torch.dtype |
     return write_checkpoint(path, tensors(), crc=crc, dtype=cast, on_tensor=on_tensor)
 
 
+def check_writable(source: Source, fmt: str) -> None:
+    """Raise ConfigError now (before anything is written) if `fmt` cannot hold this model."""
+    cfg = source.cfg
+    if fmt != "pangu-fn" and source.leaves:
+        raise ConfigError(f"the {fmt} layout cannot hold quantized leaves; dequantize first or write pangu-fn")
+    if fmt == "mindspore":
+        alpha.mindspore_plan(cfg, list(source.tensors))
+    elif fmt == "gpt_pangu":
+        alpha.gpt_pangu_config_dict(cfg)
+        alpha.gpt_pangu_plan(cfg)
+    elif fmt == "hf":
+        if cfg.family == "alpha":
+            raise ConfigError("PanGu-α (query layer) has no GPT-2/LLaMA layout; use --to gpt_pangu")
+        if cfg.family == "gpt":
+            hf._gpt2_config(cfg)
+
+
 def output_format(dst: Path, to: str | None, cfg: ModelConfig) -> str:
     """The writer for `dst`: `to` if given, else MindSpore for a `.ckpt` name, else ours."""
     if to is not None:
