@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--compare", choices=["hf"], action="append", default=[],
                    help="also run the same weights in transformers (hf) in this process")
+    p.add_argument("--prune-structured", default=None, metavar="heads=F,ffn=F",
+                   help="also run a structurally pruned copy (magnitude importance, every layer alike)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -105,6 +107,18 @@ def hf_engine(params: Any, cfg: Any) -> Engine:
     return run
 
 
+def pruned_engine(params: Any, cfg: Any, spec: str) -> tuple[str, Engine, dict[str, Any]]:
+    """A structurally pruned copy of the weights (`spec` "heads=F,ffn=F": fractions of KV groups
+    and FFN neurons removed from every block by magnitude), its engine and its sizes."""
+    from pangu_fn.prune import PruneRecipe, parse_structured, prune
+
+    pruned, report = prune(params, PruneRecipe("structured", **parse_structured(spec)), cfg=cfg)
+    info = {"spec": spec, "parameters_before": report.parameters["before"], "parameters_after": report.parameters["after"],
+            "bytes_before": report.bytes["before"], "bytes_after": report.bytes["after"],
+            "widths": [{k: r[k] for k in ("heads_after", "kv_heads_after", "ffn_after")} for r in report.removed.values()]}
+    return f"pangu-fn pruned {spec}", pangu_engine(pruned, cfg), info
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -119,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     engines: list[tuple[str, Engine]] = [("pangu-fn", pangu_engine(params, cfg))]
     if "hf" in args.compare:
         engines.append(("transformers", hf_engine(params, cfg)))
+    pruned_info = None
+    if args.prune_structured:
+        name, engine, pruned_info = pruned_engine(params, cfg, args.prune_structured)
+        engines.append((name, engine))
     rows = []
     for name, engine in engines:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
@@ -134,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
               "threads": args.threads, "device": pf.device_info(args.device)["name"],
               "torch": torch.__version__, "python": platform.python_version(),
               "peak_rss_mb": round(pf.memory_stats("cpu")["peak_rss"] / 2**20, 1), "results": rows}
+    if pruned_info:
+        result["pruned"] = pruned_info
     for row in rows:
         print(f"{row['engine']:>14} {row['dtype']:>8}  prefill {row['prefill_ms']:8.2f} ms   "
               f"decode {row['decode_tok_s']:8.2f} tok/s   x{row['decode_vs_first']:.3f} vs {base['engine']}",
