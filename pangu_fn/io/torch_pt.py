@@ -98,8 +98,9 @@ def load_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         raise FormatError(f"{path}: needs arbitrary unpickling, which pangu-fn refuses ({detail}); on a machine "
                           "you trust, re-save only the weights: torch.save(torch.load(f, weights_only=False)"
                           "['model'], 'weights.pt')") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
-        raise FormatError(f"{path}: not a readable torch.save file: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    except Exception as e:  # torch.load raises many types on hostile bytes (struct.error, KeyError, ...)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise FormatError(f"{path}: not a readable torch.save file: {type(e).__name__}: {first}") from None
     if isinstance(obj, dict):
         for key in WRAPPER_KEYS:
             inner = obj.get(key)
