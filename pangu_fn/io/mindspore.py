@@ -186,7 +186,7 @@ class CheckpointReader:
         self._f.seek(0)
         crc, left = 0, end
         while left:
-            chunk = self._f.read(min(left, 16 * 1024**2))
+            chunk = self._f.read(min(left, 4 * 1024**2))
             if not chunk:
                 break
             crc = binascii.crc32(chunk, crc)
@@ -234,7 +234,7 @@ class CheckpointReader:
                     raise FormatError(f"{self.path}: offset {cur.pos}: tensor {entry.name!r} has two tensor fields")
                 have_tensor = True
                 n = cur.varint("tensor length", entry.name, end)
-                self._tensor(cur, entry, cur.pos + n, end)
+                self._tensor(cur, entry, cur.pos + n, end)  # n is read before cur.pos is
             elif number == 3 and wire == 2:
                 entry.kind = "maptensor"
                 cur.skip(cur.varint("maptensor length", entry.name, end), entry.name, end)
@@ -259,7 +259,8 @@ class CheckpointReader:
             if number == 1 and wire == 0:
                 dims.append(cur.varint("dim", entry.name, end))
             elif number == 1 and wire == 2:  # packed dims
-                stop = cur.pos + cur.varint("packed dims length", entry.name, end)
+                n = cur.varint("packed dims length", entry.name, end)
+                stop = cur.pos + n
                 if stop > end:
                     cur.overrun(end, entry.name, "packed dims")
                 while cur.pos < stop:

@@ -19,7 +19,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
 
-CHUNK_BYTES = 16 * 1024**2
+CHUNK_BYTES = 4 * 1024**2
 
 
 @dataclass(frozen=True)
