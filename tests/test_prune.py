@@ -8,17 +8,23 @@ import copy
 import pytest
 import torch
 import transformers
+from helpers import random_model, redraw_hf
 
 import pangu_fn as pf
 from pangu_fn.errors import ConfigError, ShapeError
 from pangu_fn.io.hf import config_from_hf, hf_to_flat
-from pangu_fn.prune import (PruneRecipe, calibration_windows, count_for, input_norms, prune, smallest_k_masks,
-                             wanda_scores)
+from pangu_fn.prune import (
+    PruneRecipe,
+    calibration_windows,
+    count_for,
+    input_norms,
+    prune,
+    smallest_k_masks,
+    wanda_scores,
+)
 from pangu_fn.prune.scope import get, scope_names
 from pangu_fn.prune.select import sort_keys
 from pangu_fn.tree import flatten, unflatten
-
-from helpers import random_model, redraw_hf
 
 SCOPES = [("blocks",), ("blocks", "head"), ("embeddings",)]
 
@@ -36,7 +42,7 @@ def assert_lowest_selected(scores: torch.Tensor, pruned: torch.Tensor) -> None:
 @pytest.mark.parametrize("scope", SCOPES, ids=["blocks", "blocks+head", "embeddings"])
 @pytest.mark.parametrize("granularity", ["layer", "global", "row"])
 def test_magnitude_exact_sparsity(family_model, granularity, scope):
-    params, cfg = family_model
+    params, _cfg = family_model
     recipe = PruneRecipe("magnitude", sparsity=0.37, granularity=granularity, tensors=scope)
     out, report = prune(params, recipe)
     names = scope_names(params, scope)
@@ -125,7 +131,7 @@ def test_n_of_m_exactly_n_zeros_per_m(n, m, score):
 
 
 def test_n_of_m_needs_divisible_inputs():
-    params, cfg = random_model("tiny-openpangu")
+    params, _cfg = random_model("tiny-openpangu")
     with pytest.raises(ShapeError, match="multiple of m=48"):
         prune(params, PruneRecipe("n:m", n=2, m=48))
 
@@ -182,7 +188,8 @@ def test_wanda_scores_equal_direct_computation_from_transformers_activations():
         w, pruned = get(params, name), get(out, name) == 0
         direct = w.abs().double() * sq[name].sqrt()[None, :]
         assert (pruned.sum(1) == w.shape[1] // 2).all()
-        assert (torch.where(pruned, direct, -torch.inf).amax(1) <= torch.where(~pruned, direct, torch.inf).amin(1)).all()
+        highest_pruned = torch.where(pruned, direct, -torch.inf).amax(1)
+        assert (highest_pruned <= torch.where(~pruned, direct, torch.inf).amin(1)).all()
 
 
 def test_wanda_needs_calibration_and_config():
@@ -194,10 +201,10 @@ def test_wanda_needs_calibration_and_config():
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"), (dict(sparsity=float("nan")), "sparsity"),
-    (dict(method="n:m", n=4, m=4), "n < m"), (dict(method="n:m", n=5, m=4), "n < m"),
-    (dict(heads=1.0), "heads"), (dict(method="bogus"), "method"), (dict(tensors=("lm",)), "tensors"),
-    (dict(granularity="block"), "granularity"), (dict(rounds=0), "rounds"),
+    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"sparsity": float("nan")}, "sparsity"),
+    ({"method": "n:m", "n": 4, "m": 4}, "n < m"), ({"method": "n:m", "n": 5, "m": 4}, "n < m"),
+    ({"heads": 1.0}, "heads"), ({"method": "bogus"}, "method"), ({"tensors": ("lm",)}, "tensors"),
+    ({"granularity": "block"}, "granularity"), ({"rounds": 0}, "rounds"),
 ])
 def test_bad_recipes_raise_config_errors(changes, match):
     with pytest.raises(ConfigError, match=match):
@@ -205,7 +212,7 @@ def test_bad_recipes_raise_config_errors(changes, match):
 
 
 def test_quantized_leaves_are_refused():
-    params, cfg = random_model("tiny-gpt")
+    params, _cfg = random_model("tiny-gpt")
 
     class FakeQuant:  # a quantized leaf stand-in: not a tensor
         shape = torch.Size([64, 64])
@@ -220,6 +227,6 @@ def test_quantized_leaves_are_refused():
 def test_pruned_tree_saves_and_loads(tmp_path):
     params, cfg = random_model("tiny-alpha")
     out, _ = prune(params, PruneRecipe("magnitude", 0.6, granularity="global"))
-    loaded, cfg2 = pf.load(pf.save(tmp_path / "m", out, cfg))
+    loaded, _cfg2 = pf.load(pf.save(tmp_path / "m", out, cfg))
     for name, t in flatten(out).items():
         assert torch.equal(get(loaded, name), t), name

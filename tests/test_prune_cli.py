@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from pangu_tools.cli import main
+
 import pangu_fn as pf
 from pangu_fn.params import layer_sizes
 from pangu_fn.prune import count_for
 from pangu_fn.prune.scope import get, scope_names
-from pangu_tools.cli import main
 
 
 def test_cli_magnitude_writes_model_and_report(tmp_path, capsys):
@@ -18,7 +19,7 @@ def test_cli_magnitude_writes_model_and_report(tmp_path, capsys):
     rc = main(["prune", "tiny-openpangu", str(dst), "--method", "magnitude", "--sparsity", "0.4",
                "--tensors", "blocks,head", "--report", str(rep), "--no-progress"])
     assert rc == 0
-    params, cfg = pf.load(dst)
+    params, _cfg = pf.load(dst)
     report = json.loads(rep.read_text())
     names = scope_names(params, ("blocks", "head"))
     assert [t["name"] for t in report["tensors"]] == names

@@ -3,10 +3,12 @@ recovery, and (on the trained demo model) lower perplexity with recovery than wi
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_model
 
 import pangu_fn as pf
 from pangu_fn.errors import ConfigError
@@ -14,8 +16,6 @@ from pangu_fn.params import layer_sizes
 from pangu_fn.prune import PruneRecipe, count_for, cubic_sparsity, prune
 from pangu_fn.prune.schedule import distill_loss
 from pangu_fn.prune.scope import get, scope_names
-
-from helpers import random_model
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 
@@ -28,7 +28,7 @@ def test_cubic_schedule_matches_hand_computed_values():
     assert cubic_sparsity(1, 2, 0.6, 0.2) == pytest.approx(0.55, abs=1e-12)
     assert cubic_sparsity(0, 2, 0.6, 0.2) == 0.2 and cubic_sparsity(7, 7, 0.55) == 0.55
     values = [cubic_sparsity(t, 10, 0.9) for t in range(11)]
-    assert all(b >= a for a, b in zip(values, values[1:]))  # monotone
+    assert all(b >= a for a, b in itertools.pairwise(values))  # monotone
     assert all(b - a <= a - z + 1e-12 for z, a, b in zip(values, values[1:], values[2:]))  # steps shrink
     with pytest.raises(ConfigError):
         cubic_sparsity(5, 4, 0.5)
@@ -72,7 +72,8 @@ def test_iterative_structured_reaches_target_widths():
         s = layer_sizes(blk, cfg)
         assert (s.num_heads, s.num_kv_heads, s.intermediate_size) == (2, 1, 128 - count_for(0.6, 128))
     r1 = report.rounds[0]
-    assert r1["heads_target"] == cubic_sparsity(1, 2, 0.5) and r1["neurons_removed"] == 3 * count_for(cubic_sparsity(1, 2, 0.6), 128)
+    assert r1["heads_target"] == cubic_sparsity(1, 2, 0.5)
+    assert r1["neurons_removed"] == 3 * count_for(cubic_sparsity(1, 2, 0.6), 128)
     assert report.rounds[-1]["neurons_removed"] == 3 * count_for(0.6, 128)
     pf.validate(out, cfg)
 
@@ -90,7 +91,7 @@ def test_iterative_needs_calibration_for_recovery():
     params, cfg = random_model("tiny-gpt")
     with pytest.raises(ConfigError, match="calibration"):
         prune(params, PruneRecipe("iterative", 0.5), cfg=cfg)
-    out, report = prune(params, PruneRecipe("iterative", 0.5, recovery_steps=0, rounds=2), cfg=cfg)
+    _out, report = prune(params, PruneRecipe("iterative", 0.5, recovery_steps=0, rounds=2), cfg=cfg)
     assert report.scope["sparsity"] == 0.5
 
 
@@ -104,8 +105,8 @@ def test_demo_model_recovery_lowers_perplexity():
     held = token_stream(tok, read_documents(DEMO / "heldout.jsonl"))
     eval_ids, calib = held[:6000].tolist(), held[6000:]  # recovery text: held-out documents not evaluated
     base = PruneRecipe("iterative", sparsity=0.7, rounds=2, batch_size=4, seq_len=64, lr=1e-3)
-    no_rec, rep0 = prune(params, base.replace(recovery_steps=0), calib, cfg=cfg, eval_ids=eval_ids)
-    rec, rep1 = prune(params, base.replace(recovery_steps=60), calib, cfg=cfg, eval_ids=eval_ids)
+    _no_rec, rep0 = prune(params, base.replace(recovery_steps=0), calib, cfg=cfg, eval_ids=eval_ids)
+    _rec, rep1 = prune(params, base.replace(recovery_steps=60), calib, cfg=cfg, eval_ids=eval_ids)
     for rep in (rep0, rep1):
         assert rep.scope["zeros"] == sum(count_for(0.7, t["numel"]) for t in rep.tensors)
     assert rep1.perplexity["after"] < rep0.perplexity["after"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_model
 
 import pangu_fn as pf
 from pangu_fn.errors import ConfigError
@@ -14,8 +15,6 @@ from pangu_fn.params import layer_sizes
 from pangu_fn.prune import PruneRecipe, calibration_windows, count_for, input_norms, prune, unit_scores
 from pangu_fn.prune.scope import block_prefixes, get
 from pangu_fn.tree import map_with_names
-
-from helpers import random_model
 
 
 def zeroed_dense(params: dict, cfg: pf.ModelConfig, removed: dict) -> dict:

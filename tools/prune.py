@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from .common import resolve_model, write_json
 
     recipe = recipe_from_args(args)  # a bad recipe fails before any loading
+    if Path(args.dst).resolve() == Path(args.src).resolve():
+        raise pf.ConfigError(f"DST {args.dst!r} is SRC; write the pruned model to a new folder")
     params, cfg, random_weights = resolve_model(args.src, args.device, args.dtype, args.weights_seed)
     tok_file = find_tokenizer(args.src) if Path(args.src).is_dir() else None
     tokenizer = load_tokenizer(tok_file) if tok_file else None

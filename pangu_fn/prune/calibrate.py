@@ -9,7 +9,8 @@ importance takes gradients of the next-token loss over the params tree with `tor
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

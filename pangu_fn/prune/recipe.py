@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -67,7 +68,8 @@ class PruneRecipe:
 
     def __post_init__(self) -> None:
         if isinstance(self.tensors, (list, str)):  # accept ["blocks", "head"] or "blocks"
-            object.__setattr__(self, "tensors", tuple([self.tensors] if isinstance(self.tensors, str) else self.tensors))
+            tensors = [self.tensors] if isinstance(self.tensors, str) else self.tensors
+            object.__setattr__(self, "tensors", tuple(tensors))
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             if getattr(self, name) not in allowed:
@@ -100,7 +102,8 @@ class PruneRecipe:
             raise ConfigError(f"PruneRecipe: n:m pruning zeroes n of every m weights; expected n < m, "
                               f"found {self.n}:{self.m}")
         if not isinstance(self.tensors, tuple) or not self.tensors or any(t not in TENSOR_GROUPS for t in self.tensors):
-            raise ConfigError(f"PruneRecipe.tensors: expected a non-empty tuple from {TENSOR_GROUPS}, found {self.tensors!r}")
+            raise ConfigError(f"PruneRecipe.tensors: expected a non-empty tuple from {TENSOR_GROUPS}, "
+                              f"found {self.tensors!r}")
         if self.method == "iterative" and self.base != "structured" and self.initial_sparsity > self.sparsity:
             raise ConfigError(f"PruneRecipe: initial_sparsity {self.initial_sparsity} exceeds the target "
                               f"sparsity {self.sparsity}")
@@ -117,7 +120,7 @@ class PruneRecipe:
         """True when the recipe names the heads / neurons to remove."""
         return bool(self.remove_heads) or bool(self.remove_neurons)
 
-    def replace(self, **changes: Any) -> "PruneRecipe":
+    def replace(self, **changes: Any) -> PruneRecipe:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +148,7 @@ class PruneRecipe:
 
 def count_for(fraction: float, n: int) -> int:
     """The exact number of items a fraction of `n` means: round half up, `floor(f * n + 0.5)`."""
-    return int(math.floor(fraction * n + 0.5))
+    return math.floor(fraction * n + 0.5)
 
 
 def parse_structured(spec: str) -> dict[str, float]:

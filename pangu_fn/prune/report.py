@@ -66,8 +66,8 @@ class PruneReport:
         """A human-readable summary: per-block sparsity of each linear, totals, perplexity."""
         s = self.scope
         lines = [f"pruned: {self.summary}",
-                 f"scope: {len(self.tensors)} tensors, {s['numel_before']:,} -> {s['numel']:,} weights, "
-                 f"{s['zeros']:,} zeros (sparsity {s['sparsity']:.2%}), reduction vs dense {s['reduction']:.2%}"]
+                 (f"scope: {len(self.tensors)} tensors, {s['numel_before']:,} -> {s['numel']:,} weights, "
+                 f"{s['zeros']:,} zeros (sparsity {s['sparsity']:.2%}), reduction vs dense {s['reduction']:.2%}")]
         by_block: dict[str, list[str]] = {}
         for t in self.tensors:
             prefix, linear = _split(t["name"])
@@ -77,7 +77,8 @@ class PruneReport:
             if self.removed and prefix in self.removed:
                 r = self.removed[prefix]
                 widths = (f"  heads {r['heads_before']}->{r['heads_after']} "
-                          f"(kv {r['kv_heads_before']}->{r['kv_heads_after']}), ffn {r['ffn_before']}->{r['ffn_after']}")
+                          f"(kv {r['kv_heads_before']}->{r['kv_heads_after']}), "
+                          f"ffn {r['ffn_before']}->{r['ffn_after']}")
             lines.append(f"  {prefix:<16} " + "  ".join(cells) + widths)
         lines.append("whole model: " + ", ".join(f"{k} {v['sparsity']:.2%} of {v['numel']:,}"
                                                  for k, v in self.groups.items()))

@@ -4,7 +4,8 @@ optimiser step, so the final round lands exactly on the target."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -12,8 +12,9 @@ model computes exactly what the dense model computes with those units zeroed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -133,24 +134,32 @@ def slice_block(block: Params, cfg: ModelConfig, drop_kv: list[int], drop_neuron
     indices); untouched tensors are shared."""
     sizes = layer_sizes(block, cfg)
     d, group = cfg.head_dim, sizes.num_heads // sizes.num_kv_heads
-    keep_kv = [g for g in range(sizes.num_kv_heads) if g not in set(drop_kv)]
-    keep_f = [j for j in range(sizes.intermediate_size) if j not in set(drop_neurons)]
+    gone_kv, gone_f = set(drop_kv), set(drop_neurons)
+    keep_kv = [g for g in range(sizes.num_kv_heads) if g not in gone_kv]
+    keep_f = [j for j in range(sizes.intermediate_size) if j not in gone_f]
     device = block["attn"]["q"]["weight"].device
-    q_rows = torch.tensor([g * group * d + r for g in keep_kv for r in range(group * d)], dtype=torch.long, device=device)
-    kv_rows = torch.tensor([g * d + r for g in keep_kv for r in range(d)], dtype=torch.long, device=device)
-    f_rows = torch.tensor(keep_f, dtype=torch.long, device=device)
+
+    def index(ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    q_rows = index([g * group * d + r for g in keep_kv for r in range(group * d)])
+    kv_rows = index([g * d + r for g in keep_kv for r in range(d)])
+    f_rows = index(keep_f)
 
     def rows(p: Params, idx: torch.Tensor) -> Params:
         return {k: v.index_select(0, idx) for k, v in p.items()}
 
-    attn = dict(block["attn"])
-    attn["q"], attn["k"], attn["v"] = rows(attn["q"], q_rows), rows(attn["k"], kv_rows), rows(attn["v"], kv_rows)
-    attn["o"] = {**attn["o"], "weight": attn["o"]["weight"].index_select(1, q_rows)}
-    mlp = dict(block["mlp"])
-    for lin in ("gate", "up"):
-        if lin in mlp:
-            mlp[lin] = rows(mlp[lin], f_rows)
-    mlp["down"] = {**mlp["down"], "weight": mlp["down"]["weight"].index_select(1, f_rows)}
+    attn, mlp = block["attn"], block["mlp"]
+    if drop_kv:
+        attn = dict(attn)
+        attn["q"], attn["k"], attn["v"] = rows(attn["q"], q_rows), rows(attn["k"], kv_rows), rows(attn["v"], kv_rows)
+        attn["o"] = {**attn["o"], "weight": attn["o"]["weight"].index_select(1, q_rows)}
+    if drop_neurons:
+        mlp = dict(mlp)
+        for lin in ("gate", "up"):
+            if lin in mlp:
+                mlp[lin] = rows(mlp[lin], f_rows)
+        mlp["down"] = {**mlp["down"], "weight": mlp["down"]["weight"].index_select(1, f_rows)}
     return {**block, "attn": attn, "mlp": mlp}
 
 
@@ -224,7 +233,8 @@ def explicit_plan(params: Params, recipe: PruneRecipe) -> tuple[dict[str, list[i
     return plans[0], plans[1]
 
 
-def check_plan(params: Params, cfg: ModelConfig, drop_kv: dict[str, list[int]], drop_neurons: dict[str, list[int]]) -> None:
+def check_plan(params: Params, cfg: ModelConfig, drop_kv: dict[str, list[int]],
+               drop_neurons: dict[str, list[int]]) -> None:
     """ConfigError when an index is out of range or a block would lose every KV group / neuron."""
     for p in block_prefixes(params):
         s = layer_sizes(get(params, p), cfg)
