@@ -65,6 +65,8 @@ class SentencePieceTokenizer:
         self.special_tokens = {p: i for p, i in _added_tokens(self.path.parent).items() if i < self.vocab_size}
         self.special_tokens.update({self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                                     if self.sp.is_control(i) and i != self.sp.unk_id()})
+        self.special_tokens.update({self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.pad_id)
+                                    if i is not None})
         self._split = _splitter(self.special_tokens)
 
     def _piece_id(self, piece: str) -> int | None:
