@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     total = _output_bytes(source, fmt, dtype)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,
               disable=None) as bar:
-        on_tensor = lambda name, n: bar.update(n)  # noqa: E731
+        on_tensor = lambda name, n: bar.update(n)
         if fmt == "mindspore":
             writers.write_mindspore(source, dst, dtype, crc=not args.no_crc, on_tensor=on_tensor)
             _copy_beside(tokenizer, dst.parent)

@@ -27,7 +27,6 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
