@@ -1,0 +1,111 @@
+"""Kernel choice for the quantized matmuls, per device (rule 5: backends are leaves).
+
+| where | int8 leaf | int4 leaf | dense bf16 leaf |
+|---|---|---|---|
+| exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
+| CPU, bf16 activations | `torch._weight_int8pack_mm` | `torch._weight_int4pack_mm_for_cpu` | oneDNN prepacked matmul |
+| Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
+| anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
+
+The Ascend path follows torch_npu's documented signature and has not been run (no NPU here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias)
+
+
+def npu_available(x: torch.Tensor) -> bool:
+    return x.device.type == "npu" and importlib.util.find_spec("torch_npu") is not None
+
+
+def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [..., K] -> [..., N]` through the int8 leaf `w`."""
+    n, k = w.shape
+    if torch.compiler.is_exporting():
+        return torch.ops.pangu.int8_linear(x, w.qdata, w.scales, bias)
+    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.scales.dtype == torch.bfloat16
+            and k % 16 == 0):  # the kernel reads K in steps of 16 (other K crash it)
+        y = torch._weight_int8pack_mm(_rows(x), w.qdata, w.scales)
+        return _add_bias(y, bias).view(*x.shape[:-1], n)
+    if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
+        return _npu_linear(w, x, bias)
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [..., K] -> [..., N]` through the int4 leaf `w`."""
+    n, k = w.shape
+    if torch.compiler.is_exporting():
+        return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
+    cpu = w.cpu_kernel_data
+    if cpu is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        packed, scales_and_zeros = cpu
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), packed, w.group_size, scales_and_zeros)
+        if y.shape[-1] != n:  # rows padded to a multiple of 16 for the packer
+            y = y[:, :n]
+        return _add_bias(y, bias).view(*x.shape[:-1], n)
+    if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
+        return _npu_linear(w, x, bias)
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [..., K] -> [..., N]` through a dense leaf (prepacked oneDNN weight on CPU)."""
+    packed = w.packed
+    if packed is not None and x.dtype == packed.dtype and x.device.type == "cpu" and not tracing():
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, w.weight, bias)
+
+
+def mkldnn_prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a bf16 CPU weight `[N, K]` (AMX / AVX-512 BF16 kernels), or
+    None where oneDNN is missing or the weight is not a bf16 CPU tensor."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or tracing()
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+
+def _npu_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch_npu's weight-only quantized matmul. NPU dequantization is `(q + offset) * scale`
+    with signed codes, so int4 codes c (0..15, zero z) become q = c - 8 and offset = 8 - z."""
+    import torch_npu  # noqa: F401  (only where an NPU is present)
+
+    n, _ = w.shape
+    weight, scale, offset, group = w.npu_kernel_data(x.dtype)
+    y = torch_npu.npu_weight_quant_batchmatmul(_rows(x), weight, scale, antiquant_offset=offset,
+                                               bias=bias, antiquant_group_size=group)
+    return y.view(*x.shape[:-1], n)
+
+
+def npu_int8_data(w: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, None, int]:
+    """(weight int8 [K, N], scale [N], no offset, group 0) for `npu_weight_quant_batchmatmul`."""
+    return w.qdata.t().contiguous(), w.scales.to(dtype), None, 0
+
+
+def npu_int4_data(w: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(int4 weight packed in int32 [K, N/8], scale [K/G, N], offset [K/G, N], group G)."""
+    import torch_npu
+
+    codes = w.codes().to(torch.int32) - 8  # [N, K], signed int4
+    weight = torch_npu.npu_convert_weight_to_int4pack(codes.t().contiguous())
+    zero = torch.full_like(w.scales, 8.0) if w.zero_points is None else w.zero_points.to(w.scales.dtype)
+    offset = (8.0 - zero).t().contiguous().to(dtype)
+    return weight, w.scales.t().contiguous().to(dtype), offset, w.group_size

@@ -1,0 +1,91 @@
+"""Bit layouts of 4-bit weights.
+
+- Canonical (ONNX `MatMulNBits`): `[N, K/G, G/2]` uint8, two values per byte along K, low
+  nibble first. Saved, exported and handed to other runtimes.
+- CPU kernel (`torch._weight_int4pack_mm_for_cpu`): the layout `_convert_weight_to_int4pack_for_cpu`
+  makes, machine dependent (it blocks rows by the SIMD width). Built once per leaf and cached;
+  `cpu_unpack` inverts it (checked once per process against torch's packer) so the leaf need
+  not keep both copies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import ShapeError
+
+CPU_ROW_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` needs N % 16 == 0
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 `[..., 2m]` -> `[..., m]`, low nibble first."""
+    if values.shape[-1] % 2:
+        raise ShapeError(f"pack_nibbles: expected an even last dimension, found shape {list(values.shape)}")
+    v = values.to(torch.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: `[..., m]` uint8 -> `[..., 2m]` values 0..15."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def to_matmul_nbits(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes `[N, K]` (0..15) -> MatMulNBits data `[N, K/G, G/2]` uint8."""
+    n, k = codes.shape
+    return pack_nibbles(codes.reshape(n, k // group_size, group_size))
+
+
+def from_matmul_nbits(qdata: torch.Tensor) -> torch.Tensor:
+    """MatMulNBits data `[N, K/G, G/2]` -> codes `[N, K]` uint8 (0..15)."""
+    return unpack_nibbles(qdata).reshape(qdata.shape[0], -1)
+
+
+def cpu_pack(codes: torch.Tensor) -> torch.Tensor:
+    """Codes `[N, K]` (0..15, N a multiple of 16) -> the CPU kernel's packed weight."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+def cpu_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """Codes `[n, k]` from `cpu_pack`'s output, or None when this machine's layout is not one
+    `cpu_unpack` knows (the caller then keeps the canonical copy)."""
+    layout = _cpu_layout()
+    return None if layout is None else _unpack_layout(packed, n, k, *layout)
+
+
+def _unpack_layout(packed: torch.Tensor, n: int, k: int, block: int, split: bool) -> torch.Tensor:
+    """Rows come in blocks of `block` (a final shorter block holds adjacent row pairs). In a
+    full block with `split`, byte j of column k holds rows j (low) and j + block/2 (high);
+    otherwise byte j holds rows 2j (low) and 2j + 1 (high)."""
+    flat = packed.reshape(-1)
+    full = n // block
+    parts = []
+    if full:
+        b = flat[: full * k * block // 2].view(full, k, block // 2)
+        lo, hi = b & 0x0F, b >> 4
+        rows = torch.cat((lo, hi), -1) if split else torch.stack((lo, hi), -1).flatten(-2)
+        parts.append(rows.transpose(1, 2).reshape(full * block, k))
+    tail = n - full * block
+    if tail:
+        b = flat[full * k * block // 2:].view(k, tail // 2)
+        parts.append(torch.stack((b & 0x0F, b >> 4), -1).flatten(-2).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_layout() -> tuple[int, bool] | None:
+    """Which known layout torch's packer uses here: found by packing a probe (two full
+    64-row blocks and a 48-row tail) and unpacking it with each candidate."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 176, 64
+    probe = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    try:
+        packed = cpu_pack(probe)
+    except RuntimeError:
+        return None
+    for layout in ((64, True), (32, True), (32, False)):
+        if torch.equal(_unpack_layout(packed, n, k, *layout), probe):
+            return layout
+    return None

@@ -1,0 +1,109 @@
+"""Each kernel path of the quantized leaves computes dequantize-then-matmul (to float
+tolerance), and the export ops' eager implementations equal the leaves' `linear`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pangu_fn.quant  # noqa: F401  (registers torch.ops.pangu.*)
+from pangu_fn.quant import DenseWeight, quantize_int4, quantize_int8
+from pangu_fn.quant.packing import cpu_pack, cpu_unpack
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def reference(leaf, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 dequantize-then-matmul of the same (bf16-rounded where the kernel reads bf16) inputs."""
+    return F.linear(x.float(), leaf.dequantize(torch.float32), None if bias is None else bias.float())
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    err = (y.float() - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err} vs max |ref| {ref.abs().max().item()}"
+
+
+def inputs(k: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 3, k, generator=GEN).to(dtype)
+    bias = (0.1 * torch.randn(n, generator=GEN)).to(dtype)
+    return x, bias
+
+
+@pytest.mark.parametrize("n,k", [(96, 64), (40, 48), (24, 24)])
+def test_int8_kernels_equal_dequantize_then_matmul(n, k):
+    w = torch.randn(n, k, generator=GEN)
+    leaf = quantize_int8(w, torch.bfloat16)
+    x, bias = inputs(k, n, torch.bfloat16)
+    y = leaf.linear(x, bias)
+    assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
+    assert_close(y, reference(leaf, x, bias), 2e-2)  # bf16 output rounding
+    if k % 16 == 0:  # the CPU kernel path: same numbers as calling it directly
+        direct = torch._weight_int8pack_mm(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
+        assert torch.equal(y, direct)
+    fp32 = leaf.astype(torch.float32)  # the dequantize-then-matmul path (any device)
+    assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
+
+
+@pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (40, 256, 64, False), (200, 128, 128, True)])
+def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym):
+    w = torch.randn(n, k, generator=GEN)
+    leaf = quantize_int4(w, g, sym, torch.bfloat16)
+    assert leaf.cpu_kernel_data is not None  # bf16 on the CPU: the packed kernel path
+    x, bias = inputs(k, n, torch.bfloat16)
+    y = leaf.linear(x, bias)
+    assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
+    assert_close(y, reference(leaf, x, bias), 2e-2)
+    fp32 = leaf.astype(torch.float32)
+    assert fp32.cpu_kernel_data is None
+    assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
+
+
+def test_int4_leaf_keeps_one_copy_and_rebuilds_its_canonical_data():
+    w = torch.randn(64, 128, generator=GEN)
+    canonical = quantize_int4(w, 32, False, torch.float32)  # no CPU pack: holds qdata
+    packed = canonical.astype(torch.bfloat16)
+    assert torch.equal(packed.qdata, canonical.qdata)
+    assert torch.equal(packed.to_tensors()["zero_points"], canonical.zero_points)
+    if cpu_unpack(cpu_pack(torch.zeros(16, 32, dtype=torch.uint8)), 16, 32) is not None:
+        codes_bytes = 64 * 128 // 2  # the layout is invertible here: only the packed copy is held
+        assert packed.resident_nbytes < packed.nbytes + codes_bytes // 2
+
+
+def test_dense_bf16_leaf_prepacked_path_equals_f_linear():
+    w = torch.randn(96, 64, generator=GEN).bfloat16()
+    leaf = DenseWeight(w)
+    x, bias = inputs(64, 96, torch.bfloat16)
+    assert torch.equal(leaf.weight, w)  # unpacked from oneDNN's layout on demand
+    assert_close(leaf.linear(x, bias), F.linear(x.float(), w.float(), bias.float()), 2e-2)
+    tokens = torch.tensor([[3, 5], [0, 95]])
+    assert torch.equal(DenseWeight(w, keep_dense=True).embedding(tokens), w[tokens])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_custom_ops_eager_equal_leaf_linear(dtype):
+    w = torch.randn(48, 64, generator=GEN)
+    x, bias = inputs(64, 48, dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    q8 = quantize_int8(w, dtype)
+    assert_close(torch.ops.pangu.int8_linear(x, q8.qdata, q8.scales, bias), q8.linear(x, bias).float(), tol)
+    assert_close(torch.ops.pangu.int8_linear(x, q8.qdata, q8.scales, None), q8.linear(x).float(), tol)
+    for sym in (True, False):
+        q4 = quantize_int4(w, 32, sym, dtype)
+        y = torch.ops.pangu.int4_linear(x, q4.qdata, q4.scales, q4.zero_points, bias, 32, 64)
+        assert_close(y, q4.linear(x, bias).float(), tol)
+
+
+def test_export_traces_leaves_as_custom_ops():
+    q8 = quantize_int8(torch.randn(32, 64, generator=GEN), torch.float32)
+    q4 = quantize_int4(torch.randn(16, 32, generator=GEN), 32, False, torch.float32)
+
+    class Two(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return q4.linear(q8.linear(x)[..., :32])
+
+    ep = torch.export.export(Two(), (torch.randn(2, 64),))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"pangu.int8_linear.default", "pangu.int4_linear.default"} <= targets
+    x = torch.randn(2, 64)
+    assert_close(ep.module()(x), Two()(x), 1e-6)
