@@ -10,6 +10,7 @@ from .io import load, save
 from .model import forward
 from .params import astype, init_params, to_device, validate
 from .prune import PruneRecipe, PruneReport, prune  # the function shadows the subpackage's name
+from .quant import QuantRecipe, quantize
 from .sampling import SamplingParams
 from .tree import count_params, nbytes
 
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "Completion", "ConfigError", "FormatError", "InputError", "KVCache", "ModelConfig",
-    "PanguError", "PruneRecipe", "PruneReport", "SamplingParams", "ShapeError", "TokenEvent", "astype", "count_params",
+    "PanguError", "PruneRecipe", "PruneReport", "QuantRecipe", "SamplingParams", "ShapeError", "TokenEvent",
+    "astype", "count_params",
     "device_info", "empty_cache", "forward", "generate", "init_cache", "init_params", "load",
-    "memory_stats", "nbytes", "prune", "save", "select_device", "stream", "synchronize", "to_device", "validate",
+    "memory_stats", "nbytes", "prune", "quantize", "save", "select_device", "stream", "synchronize", "to_device", "validate",
 ]
