@@ -61,3 +61,25 @@ def test_alpha_has_no_hf_layout(tmp_path):
     with pytest.raises(pf.ConfigError, match="gpt_pangu"):
         save_hf(tmp_path / "x", params, cfg)
     assert not (tmp_path / "x").exists()
+
+
+def test_openpangu_embedded_folder_as_released(tmp_path):
+    """openPangu-Embedded's own config.json (model_type PanguEmbedded, `bias` instead of
+    `attention_bias`), a stray rotary inv_freq buffer, and no lm_head for the tied 1B."""
+    from safetensors.torch import load_file, save_file
+
+    params, cfg = random_model("tiny-openpangu", seed=3)
+    save_hf(tmp_path / "op", params, cfg)
+    conf = json.loads((tmp_path / "op" / "config.json").read_text())
+    conf = {k: v for k, v in conf.items() if k not in ("attention_bias", "mlp_bias", "rope_parameters", "head_dim")}
+    conf.update(model_type="PanguEmbedded", architectures=["PanguEmbeddedForCausalLM"], bias=True,
+                auto_map={"AutoConfig": "configuration_openpangu_dense.PanguEmbeddedConfig"})
+    (tmp_path / "op" / "config.json").write_text(json.dumps(conf))
+    sd = load_file(tmp_path / "op" / "model.safetensors")
+    assert "lm_head.weight" not in sd
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(cfg.head_dim // 2)
+    save_file(sd, tmp_path / "op" / "model.safetensors")
+    loaded, c = pf.load(tmp_path / "op")
+    assert c == cfg
+    a, b = flatten(params), flatten(loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
