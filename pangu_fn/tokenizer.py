@@ -5,7 +5,7 @@ small protocol. `load_tokenizer(folder)` finds whichever sits beside a model.
 Special tokens come from the files: the SentencePiece model's own ids, overridden by
 `tokenizer_config.json` / `special_tokens_map.json` beside it; tokens listed in
 `added_tokens_decoder` (openPangu's `[unused9]`, `[unused10]`, ...) are recognised in text as
-single ids, as Hugging Face tokenizers do. `openpangu_chat_prompt` renders openPangu's chat
+single ids, as Hugging Face tokenizers do (PanGu-α: its bos/eos/pad pieces too). `openpangu_chat_prompt` renders openPangu's chat
 template. A missing optional package gives a ConfigError naming the extra that installs it.
 """
 
@@ -39,7 +39,8 @@ class Tokenizer(Protocol):
 class SentencePieceTokenizer:
     """A SentencePiece model; special ids from the model, overridden by the
     `tokenizer_config.json` / `special_tokens_map.json` beside it (e.g. openPangu's eos
-    `[unused10]`). `special_tokens` maps each added/special token string to its id."""
+    `[unused10]`). `special_tokens` maps the tokens of `added_tokens_decoder` (strings that
+    encode to one id wherever they appear in text) to their ids."""
 
     # pieces that name the special ids when no tokenizer_config.json says otherwise
     DEFAULT_PIECES: Mapping[str, str] = {}
@@ -63,10 +64,6 @@ class SentencePieceTokenizer:
                 ids[kind] = pid
         self.bos_id, self.eos_id, self.pad_id = (i if i is not None and i >= 0 else None for i in ids.values())
         self.special_tokens = {p: i for p, i in _added_tokens(self.path.parent).items() if i < self.vocab_size}
-        self.special_tokens.update({self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-                                    if self.sp.is_control(i) and i != self.sp.unk_id()})
-        self.special_tokens.update({self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.pad_id)
-                                    if i is not None})
         self._split = _splitter(self.special_tokens)
 
     def _piece_id(self, piece: str) -> int | None:
@@ -106,6 +103,10 @@ class PanguAlphaTokenizer(SentencePieceTokenizer):
         super().__init__(path)
         jieba.setLogLevel(60)
         self._cut = jieba.cut
+        # jieba would cut "<eod>" apart, so the named special pieces are matched before it
+        self.special_tokens.update({self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.pad_id)
+                                    if i is not None})
+        self._split = _splitter(self.special_tokens)
 
     def _encode_plain(self, text: str) -> list[int]:
         words = [w.translate({ord(" "): "\u2582", ord("\n"): "\u2583"}) for w in self._cut(text, cut_all=False)]
