@@ -1,0 +1,20 @@
+"""Speculative decoding: drafters, a pure step function, and generate/stream loops.
+
+    state, events = spec_init(target, drafter, prompts, max_new_tokens, sampling, rng)
+    state, events, stats = spec_step(target, drafter, state, sampling, rng)   # until not state.rows
+
+Greedy output equals plain greedy decoding token for token; sampled output has exactly the
+target's distribution (rejection sampling of Leviathan et al. / Chen et al.).
+"""
+
+from .accept import greedy_accept, rejection_sample
+from .adaptive import AdaptiveK
+from .drafters import DraftModel, Drafter, Model, PromptLookup, SelfDraft, make_drafter
+from .loop import SpecStats, speculative_generate, speculative_stream
+from .step import SpecState, StepStats, spec_init, spec_step
+
+__all__ = [
+    "AdaptiveK", "DraftModel", "Drafter", "Model", "PromptLookup", "SelfDraft", "SpecState", "SpecStats",
+    "StepStats", "greedy_accept", "make_drafter", "rejection_sample", "spec_init", "spec_step",
+    "speculative_generate", "speculative_stream",
+]

@@ -1,0 +1,275 @@
+"""Drafters: what proposes the tokens a speculative step verifies.
+
+Three kinds share one small protocol (`Drafter`): a separate draft model (`DraftModel`), the
+target's own first N layers with its final norm and head (`SelfDraft`), and n-gram lookup in
+the context (`PromptLookup`, no model). A drafter object holds only fixed things (parameters,
+settings); its per-batch state (a KV cache, or nothing) is an explicit value that `spec_step`
+threads through `SpecState.draft`, rolled back by lengths like the target's cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import torch
+
+from ..cache import KVCache, init_cache
+from ..config import ModelConfig
+from ..errors import ConfigError, InputError
+from ..model import forward
+from ..params import Params
+from ..sampling import SamplingParams, penalize, probabilities
+from ..tree import nbytes
+
+if TYPE_CHECKING:
+    from .step import SpecState
+
+
+class Model(NamedTuple):
+    """A model as the speculative functions take it: its parameter tree and config."""
+
+    params: Params
+    cfg: ModelConfig
+
+
+# propose() returns (new drafter state, drafts [B, k'] int64 with k' <= k, draft probabilities
+# [B, k', V] or None when the drafts are deterministic, valid drafts per row [B] or None = all k').
+Proposal = tuple[Any, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+class Drafter(Protocol):
+    """What `spec_step` needs from a drafter. `state` is the drafter's own per-batch value."""
+
+    name: str
+
+    def check(self, target: Model) -> None:
+        """Raise ConfigError when this drafter cannot draft for `target` (another vocabulary)."""
+
+    def cost(self, target: Model) -> float:
+        """Estimated cost of drafting one token, in target decode steps (for AdaptiveK)."""
+
+    def start(self, target: Model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_len: int) -> Any:
+        """The initial state for right-padded `prompts [B, T]` of `prompt_lengths [B]`, with room
+        for `max_len` positions per row."""
+
+    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+                rng: torch.Generator | None) -> Proposal:
+        """Up to `k >= 1` tokens per row continuing `spec.tokens[b, :spec.lengths[b]]`."""
+
+    def commit(self, state: Any, lengths: torch.Tensor) -> Any:
+        """The state after the rows kept their first `lengths [B]` tokens (rollback by length)."""
+
+    def select_rows(self, state: Any, rows: torch.Tensor) -> Any:
+        """The state of only the given rows (finished rows leave the batch)."""
+
+
+@dataclass(frozen=True)
+class DraftModel:
+    """A separate, smaller model with the target's vocabulary (e.g. the demo draft). Its state
+    is its own KVCache holding each row's tokens but the last (one fewer after a step that
+    accepted every draft: the next proposal feeds the missing token first, no extra call)."""
+
+    params: Params
+    cfg: ModelConfig
+    name: str = "draft"
+
+    def check(self, target: Model) -> None:
+        _same_vocab(self.cfg, target.cfg, "draft model")
+
+    def cost(self, target: Model) -> float:
+        return _relative_cost(self.params, self.cfg, target)
+
+    def start(self, target: Model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_len: int) -> KVCache:
+        if prompts.shape[1] > self.cfg.max_seq_len:
+            raise InputError(f"speculative: a prompt of {prompts.shape[1]} tokens exceeds the draft model's "
+                             f"context length {self.cfg.max_seq_len}")
+        cache = init_cache(self.params, self.cfg, prompts.shape[0], max_len)
+        _, cache = forward(self.params, self.cfg, prompts, cache)
+        return cache.with_lengths(prompt_lengths)
+
+    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+                rng: torch.Generator | None) -> Proposal:
+        cache: KVCache = spec.draft
+        n = spec.lengths
+        behind = n - 1 - cache.lengths  # tokens the draft has not seen yet, besides the last one
+        most_behind, longest, n_max = torch.stack([behind.max(), cache.lengths.max(), n.max()]).tolist()
+        width = most_behind + 1
+        limit = min(self.cfg.max_seq_len, cache.max_len)
+        k = min(k, limit - n_max + 1)
+        if k < 1 or longest + width > limit:
+            return cache, spec.tokens[:, :0], None, None
+        # row b feeds its unseen tokens left-aligned, padded by repeating its last token
+        cols = torch.minimum(cache.lengths[:, None] + torch.arange(width, device=n.device), (n - 1)[:, None])
+        first = spec.tokens.gather(1, cols)
+        return _autoregress(Model(self.params, self.cfg), cache, first, behind, n, k, sampling, spec.seen, rng)
+
+    def commit(self, state: KVCache, lengths: torch.Tensor) -> KVCache:
+        return state.with_lengths(torch.minimum(state.lengths, lengths - 1))
+
+    def select_rows(self, state: KVCache, rows: torch.Tensor) -> KVCache:
+        return state.select_rows(rows)
+
+
+@dataclass(frozen=True)
+class SelfDraft:
+    """The target's first `layers` blocks (default a quarter, at least one) followed by its final
+    norm and head: a draft model for free. It shares the target's KV cache: those blocks
+    compute the same keys and values for accepted tokens as the full target does, and the
+    verification call overwrites whatever the draft wrote. Its state is the truncated model."""
+
+    layers: int | None = None
+    name: str = "self"
+
+    def num_layers(self, target: Model) -> int:
+        return self.layers if self.layers is not None else max(1, target.cfg.num_layers // 4)
+
+    def check(self, target: Model) -> None:
+        n = self.num_layers(target)
+        if not (isinstance(n, int) and 1 <= n <= target.cfg.num_layers):
+            raise ConfigError(f"SelfDraft: expected 1 <= layers <= {target.cfg.num_layers} (the target's "
+                              f"blocks), found {n!r}")
+
+    def cost(self, target: Model) -> float:
+        return (self.num_layers(target) + _FIXED_BLOCKS) / (target.cfg.num_blocks + _FIXED_BLOCKS)
+
+    def start(self, target: Model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_len: int) -> Model:
+        n = self.num_layers(target)
+        params = {name: tree for name, tree in target.params.items() if name not in ("query_layer", "query_embed")}
+        params["blocks"] = list(target.params["blocks"][:n])
+        return Model(params, target.cfg.replace(num_layers=n, query_layer=False))
+
+    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+                rng: torch.Generator | None) -> Proposal:
+        model: Model = spec.draft
+        n_layers = model.cfg.num_layers
+        shared = spec.target_cache
+        cache = KVCache(shared.keys[:n_layers], shared.values[:n_layers], shared.lengths)
+        last = spec.tokens.gather(1, (spec.lengths - 1)[:, None])
+        _, drafts, probs, counts = _autoregress(model, cache, last, None, None, k, sampling, spec.seen, rng)
+        return model, drafts, probs, counts
+
+    def commit(self, state: Model, lengths: torch.Tensor) -> Model:
+        return state
+
+    def select_rows(self, state: Model, rows: torch.Tensor) -> Model:
+        return state
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """No model: find the latest earlier occurrence of the context's last n-gram (the longest n
+    from `max_ngram` down to `min_ngram` that occurs) and propose the tokens that followed it.
+    When the match is closer than k tokens to the end, the proposal continues the repeat with
+    that period. Rows without a match propose nothing; the drafts are deterministic (q is
+    one-hot), so sampling stays lossless through the same rejection rule."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+    name: str = "lookup"
+
+    def check(self, target: Model) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ConfigError(f"PromptLookup: expected 1 <= min_ngram <= max_ngram, found "
+                              f"{self.min_ngram} and {self.max_ngram}")
+
+    def cost(self, target: Model) -> float:
+        return 0.0
+
+    def start(self, target: Model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_len: int) -> None:
+        return None
+
+    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+                rng: torch.Generator | None) -> Proposal:
+        n = spec.lengths[:, None]
+        width = int(n.max())
+        tokens = spec.tokens[:, :width]
+        end = torch.full_like(n, -1)
+        for g in range(min(self.max_ngram, width - 1), self.min_ngram - 1, -1):
+            suffix = tokens.gather(1, (n - g + torch.arange(g, device=n.device)).clamp_min(0))
+            hit = (tokens.unfold(1, g, 1) == suffix[:, None, :]).all(-1)  # window j ends before j + g
+            ends = torch.arange(g, width + 1, device=n.device)
+            latest = torch.where(hit & (ends <= n - 1), ends, -1).amax(1, keepdim=True)
+            end = torch.where(end < 0, latest, end)
+        found = end >= 0
+        if not bool(found.any()):
+            return None, tokens[:, :0], None, None
+        period = torch.where(found, n - end, 1)
+        cols = end.clamp_min(0) + torch.arange(k, device=n.device) % period
+        counts = torch.where(found[:, 0], k, 0)
+        return None, tokens.gather(1, cols), None, counts
+
+    def commit(self, state: None, lengths: torch.Tensor) -> None:
+        return None
+
+    def select_rows(self, state: None, rows: torch.Tensor) -> None:
+        return None
+
+
+def make_drafter(spec: Any) -> Drafter:
+    """A drafter from `"self"`, `"lookup"`, a `(params, cfg)` pair (a draft model) or a drafter."""
+    if isinstance(spec, str):
+        if spec == "self":
+            return SelfDraft()
+        if spec == "lookup":
+            return PromptLookup()
+        raise ConfigError(f"speculative: unknown drafter {spec!r}; expected 'self', 'lookup', "
+                          "a (params, cfg) draft model or a Drafter")
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], ModelConfig):
+        return DraftModel(spec[0], spec[1])
+    if all(hasattr(spec, m) for m in ("check", "start", "propose", "commit", "select_rows")):
+        return spec
+    raise ConfigError(f"speculative: expected a drafter, found {type(spec).__name__}")
+
+
+# The embedding, positions, final norm, head and per-call setup of a forward cost roughly this
+# many blocks' worth of time at the small sizes where per-op overhead dominates.
+_FIXED_BLOCKS = 1.5
+
+
+def _relative_cost(params: Params, cfg: ModelConfig, target: Model) -> float:
+    """Draft cost per token over the target's: the larger of the op-count ratio (small models,
+    overhead-bound) and the weight-bytes ratio (large models, bandwidth-bound)."""
+    ops = (cfg.num_blocks + _FIXED_BLOCKS) / (target.cfg.num_blocks + _FIXED_BLOCKS)
+    return max(ops, nbytes(params) / max(1, nbytes(target.params)))
+
+
+def _same_vocab(cfg: ModelConfig, target: ModelConfig, what: str) -> None:
+    if cfg.vocab_size != target.vocab_size:
+        raise ConfigError(f"speculative: the {what} has a vocabulary of {cfg.vocab_size} tokens, the target "
+                          f"{target.vocab_size}; a drafter must share the target's vocabulary")
+
+
+def _autoregress(model: Model, cache: KVCache, first: torch.Tensor, at: torch.Tensor | None,
+                 lengths: torch.Tensor | None, k: int, sampling: SamplingParams, seen: torch.Tensor | None,
+                 rng: torch.Generator | None) -> Proposal:
+    """Draft k tokens with `model`: one call on `first [B, T]` (its logits read at column `at[b]`,
+    the last column when None; the cache then set to `lengths` when given), then one call
+    per further token. Sampling applies the same temperature / top-k / top-p / penalty as
+    the target's distribution, so q and p are comparable. The cache is donated."""
+    params, cfg = model
+    logits, cache = forward(params, cfg, first, cache)
+    if at is None:
+        logits = logits[:, -1]
+    else:
+        logits = logits[torch.arange(first.shape[0], device=first.device), at]
+        cache = cache.with_lengths(lengths)
+    penalty = sampling.repetition_penalty
+    seen = seen.clone() if seen is not None and penalty != 1.0 else None
+    drafts, probs = [], []
+    for i in range(k):
+        if i:
+            logits, cache = forward(params, cfg, drafts[-1][:, None], cache)
+            logits = logits[:, 0]
+        if seen is not None:
+            logits = penalize(logits.float(), seen, penalty)
+        if sampling.greedy:
+            tok = logits.argmax(-1)
+        else:
+            q = probabilities(logits, sampling)
+            tok = torch.multinomial(q, 1, generator=rng).squeeze(-1)
+            probs.append(q)
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        drafts.append(tok)
+    return cache, torch.stack(drafts, 1), torch.stack(probs, 1) if probs else None, None

@@ -1,0 +1,187 @@
+"""Speculative decoding on random tiny models: greedy output equals plain greedy `generate`
+token for token (every drafter, every family, single prompts and ragged batches), caches after
+rejections equal a fresh prefill of the kept tokens, and bad drafters / k get typed errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pangu_fn as pf
+from pangu_fn.speculative import (AdaptiveK, DraftModel, Model, PromptLookup, SelfDraft, SpecStats, spec_init,
+                                  spec_step, speculative_generate, speculative_stream)
+from pangu_fn.tree import tree_map
+from helpers import FAMILIES, random_model
+
+# repeats in the prompts give prompt lookup something to find
+SINGLE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
+RAGGED = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10], [3, 4, 5, 3, 4, 11, 12, 13, 3], [40]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small spend their time in per-op overhead; a thread pool only adds to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def flat_model(preset: str, seed: int = 0, **changes):
+    """A random tiny model whose token embedding is scaled down, so that the residual stream is
+    not dominated by it: the tied head then does not just repeat the input token, and the
+    greedy continuations (and the drafts of a different model) vary."""
+    params, cfg = random_model(preset, seed=seed, **changes)
+    for name in ("tok_embed", "pos_embed"):
+        if name in params:
+            params[name] = {"weight": params[name]["weight"] * 0.1}
+    return params, cfg
+
+
+def drafter_for(name: str, preset: str):
+    """A drafter for `flat_model(preset)`; the draft model is that model with every matrix
+    perturbed, so that it accepts some drafts and rejects others."""
+    if name == "draft":
+        params, cfg = flat_model(preset)
+        gen = torch.Generator().manual_seed(7)
+        noisy = tree_map(lambda t: t + 0.05 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t,
+                         params)
+        return DraftModel(noisy, cfg)
+    return {"self": SelfDraft(), "self-all": SelfDraft(layers=2), "lookup": PromptLookup()}[name]
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("drafter", ["draft", "self", "self-all", "lookup"])
+@pytest.mark.parametrize("prompts", [SINGLE, RAGGED], ids=["single", "ragged"])
+def test_greedy_equals_plain_greedy(preset, drafter, prompts):
+    params, cfg = flat_model(preset)
+    plain = pf.generate(params, cfg, prompts, 20, eos_token_ids=())
+    for k, adaptive in [(4, False)] if prompts is SINGLE else [(1, False), (4, False), (3, True)]:
+        stats = SpecStats()
+        spec = speculative_generate(params, cfg, prompts, 20, eos_token_ids=(), drafter=drafter_for(drafter, preset),
+                                    k=k, adaptive=adaptive, stats=stats)
+        assert [c.tokens for c in spec] == [c.tokens for c in plain], (k, adaptive)
+        assert all(c.finish_reason == "length" for c in spec)
+        assert stats.tokens == sum(len(c.tokens) - 1 for c in spec)  # the first token comes from the prefill
+        assert stats.accepted <= stats.drafted and stats.steps <= stats.row_steps
+
+
+@pytest.mark.parametrize("drafter", ["draft", "self", "lookup"])
+def test_eos_and_budget_stop_rows_like_plain_generate(drafter):
+    params, cfg = flat_model("tiny-openpangu")
+    plain = pf.generate(params, cfg, RAGGED, 20, eos_token_ids=())
+    eos = plain[0].tokens[6]  # a token row 0 produces mid-way, so speculation must cut a step short
+    expect = pf.generate(params, cfg, RAGGED, 20, eos_token_ids=[eos])
+    got = speculative_generate(params, cfg, RAGGED, 20, eos_token_ids=[eos],
+                               drafter=drafter_for(drafter, "tiny-openpangu"), k=5)
+    assert [(c.tokens, c.finish_reason) for c in got] == [(c.tokens, c.finish_reason) for c in expect]
+    assert got[0].finish_reason == "eos"
+    events = list(speculative_stream(params, cfg, RAGGED, 20, eos_token_ids=[eos], drafter="lookup", k=5))
+    assert [e.token for e in events if e.row == 0] == expect[0].tokens
+    assert [e.finish_reason for e in events if e.row == 0][-1] == "eos"
+    assert all(sum(e.row == r and e.finish_reason is not None for e in events) == 1 for r in range(len(RAGGED)))
+
+
+def test_greedy_with_repetition_penalty_equals_plain():
+    params, cfg = flat_model("tiny-gpt")
+    sp = pf.SamplingParams(repetition_penalty=1.5)
+    plain = pf.generate(params, cfg, RAGGED, 16, sp, eos_token_ids=())
+    for drafter in ("self", "lookup", drafter_for("draft", "tiny-gpt")):
+        spec = speculative_generate(params, cfg, RAGGED, 16, sp, eos_token_ids=(), drafter=drafter, k=4)
+        assert [c.tokens for c in spec] == [c.tokens for c in plain]
+
+
+def test_context_limit_is_respected():
+    params, cfg = flat_model("tiny-gpt")  # max_seq_len 128
+    prompts = [[5] * 100, [6] * 3]
+    plain = pf.generate(params, cfg, prompts, 28, eos_token_ids=())
+    spec = speculative_generate(params, cfg, prompts, 28, eos_token_ids=(), drafter="lookup", k=8)
+    assert [c.tokens for c in spec] == [c.tokens for c in plain]
+
+
+def prefill_cache(params, cfg, tokens, n):
+    cache = pf.init_cache(params, cfg, 1, max(n, 1))
+    if n:
+        _, cache = pf.forward(params, cfg, torch.tensor([tokens[:n]]), cache)
+    return cache
+
+
+def assert_cache_equals_prefill(cache, row, params, cfg, tokens):
+    n = int(cache.lengths[row])
+    fresh = prefill_cache(params, cfg, tokens, n)
+    assert len(cache.keys) == len(fresh.keys) == cfg.num_blocks
+    for buf, ref in zip(cache.keys + cache.values, fresh.keys + fresh.values):
+        assert (buf[row, :, :n] - ref[0, :, :n]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_caches_after_rejections_equal_fresh_prefill(preset):
+    params, cfg = flat_model(preset)
+    draft = drafter_for("draft", preset)
+    target = Model(params, cfg)
+    rng = torch.Generator().manual_seed(0)
+    for drafter, sampling in [(draft, pf.SamplingParams()), (draft, pf.SamplingParams(temperature=1.0)),
+                              (SelfDraft(), pf.SamplingParams(temperature=0.8, top_k=20))]:
+        state, _ = spec_init(target, drafter, RAGGED, 30, sampling, rng, eos_token_ids=(), k=4)
+        rejected = 0
+        for _ in range(4):
+            state, _, stats = spec_step(target, drafter, state, sampling, rng)
+            rejected += stats.drafted - stats.accepted
+            for row in range(len(state.rows)):
+                n = int(state.lengths[row])
+                tokens = state.tokens[row, :n].tolist()
+                assert int(state.target_cache.lengths[row]) == n - 1
+                assert_cache_equals_prefill(state.target_cache, row, params, cfg, tokens)
+                if isinstance(drafter, DraftModel):
+                    assert n - 2 <= int(state.draft.lengths[row]) <= n - 1
+                    assert_cache_equals_prefill(state.draft, row, drafter.params, drafter.cfg, tokens)
+        assert rejected > 0  # the property was exercised on rolled-back positions
+
+
+def test_draft_model_with_other_vocabulary_is_a_config_error():
+    params, cfg = flat_model("tiny-openpangu")
+    dparams, dcfg = flat_model("tiny-openpangu", vocab_size=300)
+    with pytest.raises(pf.ConfigError, match="vocabulary"):
+        speculative_generate(params, cfg, SINGLE, 4, drafter=(dparams, dcfg))
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_bad_k_is_an_input_error(k):
+    params, cfg = flat_model("tiny-gpt")
+    with pytest.raises(pf.InputError, match="k >= 1"):
+        speculative_generate(params, cfg, SINGLE, 4, drafter="lookup", k=k)
+    with pytest.raises(pf.InputError, match="k_max"):
+        AdaptiveK(k_max=0)
+
+
+@pytest.mark.parametrize("bad", [SelfDraft(layers=0), SelfDraft(layers=3), PromptLookup(max_ngram=0), "nope", 42])
+def test_bad_drafters_are_config_errors(bad):
+    params, cfg = flat_model("tiny-gpt")  # 2 layers
+    with pytest.raises(pf.ConfigError):
+        speculative_generate(params, cfg, SINGLE, 4, drafter=bad)
+
+
+def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
+    params, cfg = flat_model("tiny-gpt")
+    tokens = [[1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [8, 8, 8, 8], [10, 11, 12, 13]]
+    n = max(map(len, tokens))
+    buf = torch.tensor([t + [0] * (n - len(t)) for t in tokens])
+    state = type("S", (), {"tokens": buf, "lengths": torch.tensor([len(t) for t in tokens])})
+    _, drafts, probs, counts = PromptLookup().propose(Model(params, cfg), state, 5, pf.SamplingParams(), None)
+    assert probs is None and counts.tolist() == [5, 5, 0]
+    assert drafts[0].tolist() == [4, 5, 6, 7, 1]  # after the latest earlier "1 2 3"
+    assert drafts[1].tolist() == [8, 8, 8, 8, 8]  # "8 8 8" matched one back: the repeat continues
+
+
+def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():
+    ctl = AdaptiveK(k_max=6)
+    for _ in range(6):  # every draft rejected
+        ctl = ctl.update(ctl.choose(0.3) or 1, accepted=0, examined=1)
+    assert ctl.choose(0.3) == 0 and ctl.rate < 0.1
+    for _ in range(8):
+        ctl = ctl.update(0, 0, 0)
+    assert ctl.choose(0.3) == 1  # a probe after probe_every plain steps
+    for _ in range(10):  # drafts are good again
+        k = ctl.choose(0.05)
+        ctl = ctl.update(k, accepted=k, examined=k)
+    assert ctl.rate > 0.9 and ctl.choose(0.05) == 6
