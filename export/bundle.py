@@ -83,7 +83,8 @@ def export_bundle(params: Params, cfg: ModelConfig, out: str | Path, target: str
                                 opset=opset, batch_size=batch_size, kv_len=kv_len or 0,
                                 ort_fusions=ort_fusions and not static, accuracy_level=accuracy_level)
             manifest["model"] = {"file": "model.onnx", "external_data": graph.files[1:], "format": "onnx",
-                                 "opset": graph.opset, "dtype": DTYPE_NAMES[cdtype], "ort_fusions": graph.fusions}
+                                 "opset": graph.opset, "dtype": DTYPE_NAMES[cdtype], "ort_fusions": graph.fusions,
+                                 "accuracy_level": accuracy_level}
             manifest["inputs"], manifest["outputs"] = graph.inputs, graph.outputs
             manifest["cache"] = {**cache, "layout": graph.layout, "past": "past_key_values.%d.key|value",
                                  "present": "present.%d.key|value"}
@@ -134,7 +135,7 @@ def quantization_summary(params: Params, target: str) -> dict[str, Any] | None:
             entry["schemes"].append(leaf.scheme)
     if not kinds:
         return None
-    lowering = {"int8": "DequantizeLinear + MatMul",
+    lowering = {"int8": "DequantizeLinear + MatMul", "dense": "MatMul",
                 "int4": "dequantize (uint8 constant) + MatMul" if target == "ascend" else "com.microsoft MatMulNBits"}
     if target == "torch":
         lowering = {k: f"torch.ops.pangu.{k}_linear" for k in kinds}

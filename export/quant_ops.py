@@ -11,8 +11,11 @@ entries (called with onnx_ir Values inside onnxscript's recorder):
   the dequantized weight (the exporter folds the constant casts).
 - int4, target ort -> `com.microsoft::MatMulNBits` (bits 4, block_size G; the packed data is
   already in its layout; zero points are re-packed two per byte, low nibble first).
-- int4, target ascend (no contrib ops) -> unpacked uint8 `[N,K]` constant, `Cast` to float,
-  `(q - zero) * scale` per group, `MatMul`.
+- int4, target ascend (no contrib ops) -> codes unpacked with `Mod` / `Div` by 16, `Cast` to
+  float, `(code - zero) * scale` per group, `MatMul` (the optimizer folds what is constant).
+
+Buffers are still graph inputs while these run (initializers are attached afterwards), so
+every step on the weights is written as graph ops rather than computed in numpy.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -49,7 +53,7 @@ def translation_table(opset: int, contrib_ops: bool, accuracy_level: int = 0) ->
     import onnxscript
 
     op = onnxscript.values.Opset("", opset)
-    msft = onnxscript.values.Opset(MSFT, 1)
+    matmul_nbits = onnxscript.values.Op(onnxscript.values.Opset(MSFT, 1), "MatMulNBits", _matmul_nbits_schema())
 
     def int8_linear(x: ir.Value, qdata: ir.Value, scales: ir.Value, bias: ir.Value | None = None) -> ir.Value:
         w_t = op.Transpose(qdata, perm=[1, 0])  # [K, N], folded into the initializer
@@ -65,23 +69,34 @@ def translation_table(opset: int, contrib_ops: bool, accuracy_level: int = 0) ->
                     bias: ir.Value | None = None, group_size: int = 32, in_features: int = 0) -> ir.Value:
         n, blocks = int(qdata.shape[0]), int(qdata.shape[1])
         if contrib_ops:
-            zp = None
-            if zero_points is not None:
-                zp = op.Constant(value=ir.tensor(pack_nibbles(_const(zero_points, "zero_points")), name=None))
+            zp = None if zero_points is None else pack_zero_points(zero_points, n, blocks)
             scales_flat = op.CastLike(op.Reshape(scales, op.Constant(value_ints=[-1])), x)
-            y = msft.MatMulNBits(x, qdata, scales_flat, zp, K=int(in_features), N=n, bits=4,
+            y = matmul_nbits(x, qdata, scales_flat, zp, K=int(in_features), N=n, bits=4,
                                  block_size=int(group_size), accuracy_level=accuracy_level)
             return _add_bias(op, y, bias)
-        q = unpack_nibbles(_const(qdata, "qdata"))[:, : blocks * group_size]  # [N, blocks * G]
-        qf = op.CastLike(op.Constant(value=ir.tensor(q.reshape(n, blocks, group_size))), x)
+        sixteen = op.Constant(value=ir.tensor(np.array(16, np.uint8)))
+        codes = op.Concat(op.Unsqueeze(op.Mod(qdata, sixteen), op.Constant(value_ints=[-1])),
+                          op.Unsqueeze(op.Div(qdata, sixteen), op.Constant(value_ints=[-1])), axis=-1)
+        qf = op.CastLike(op.Reshape(codes, op.Constant(value_ints=[n, blocks, group_size])), x)
         zero = (op.Unsqueeze(op.CastLike(zero_points, x), op.Constant(value_ints=[-1]))
                 if zero_points is not None else op.CastLike(op.Constant(value_float=8.0), x))
         w = op.Mul(op.Sub(qf, zero), op.Unsqueeze(op.CastLike(scales, x), op.Constant(value_ints=[-1])))
         w = op.Reshape(w, op.Constant(value_ints=[n, blocks * group_size]))
         if blocks * group_size != in_features:
             w = op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[int(in_features)]),
-                         op.Constant(value_ints=[1]))
+                         op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
         return _add_bias(op, op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
+
+    def pack_zero_points(zero_points: ir.Value, n: int, blocks: int) -> ir.Value:
+        """uint8 `[N, blocks]` values 0..15 -> `[N, ceil(blocks/2)]`, two per byte, low nibble
+        first (graph ops on the constant; the exporter's optimizer folds them)."""
+        zp = zero_points
+        if blocks % 2:
+            zp = op.Pad(zp, op.Constant(value_ints=[0, 0, 0, 1]))
+        pairs = op.Reshape(zp, op.Constant(value_ints=[n, (blocks + 1) // 2, 2]))
+        low = op.Gather(pairs, op.Constant(value_int=0), axis=2)
+        high = op.Gather(pairs, op.Constant(value_int=1), axis=2)
+        return op.Add(low, op.Mul(high, op.Constant(value=ir.tensor(np.array(16, np.uint8)))))
 
     ops = quant_ops()
     table: dict[Callable, Callable] = {}
@@ -96,24 +111,19 @@ def _add_bias(op: Any, y: ir.Value, bias: ir.Value | None) -> ir.Value:
     return y if bias is None else op.Add(y, op.CastLike(bias, y))
 
 
-def _const(value: ir.Value, what: str) -> np.ndarray:
-    if value.const_value is None:
-        raise ValueError(f"int4_linear lowering: expected {what} to be a constant initializer, "
-                         f"found the computed value {value.name!r}")
-    return value.const_value.numpy()
-
-
-def pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """uint8 values 0..15 `[N, M]` -> `[N, ceil(M/2)]`, two per byte, low nibble first."""
-    v = values.astype(np.uint8)
-    if v.shape[-1] % 2:
-        v = np.concatenate([v, np.zeros((*v.shape[:-1], 1), np.uint8)], axis=-1)
-    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """`[N, ..., M/2]` uint8 -> `[N, M]` values 0..15 (low nibble first), flattened past dim 0."""
-    p = packed.reshape(packed.shape[0], -1)
-    out = np.empty((p.shape[0], p.shape[1] * 2), np.uint8)
-    out[:, 0::2], out[:, 1::2] = p & 0x0F, p >> 4
-    return out
+def _matmul_nbits_schema() -> onnx.defs.OpSchema:
+    """The signature of com.microsoft::MatMulNBits (ONNX Runtime contrib op, domain version 1)
+    as far as we use it: A, B, scales, zero_points; attributes K, N, bits, block_size,
+    accuracy_level."""
+    P, A = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    ints = onnx.defs.OpSchema.AttrType.INT
+    return onnx.defs.OpSchema(
+        "MatMulNBits", MSFT, 1,
+        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=optional)],
+        outputs=[P("Y", "T1")],
+        type_constraints=[("T1", floats, "activations"), ("T2", ["tensor(uint8)"], "packed weights"),
+                          ("T3", ["tensor(uint8)", *floats], "zero points")],
+        attributes=[A("K", ints, "input features"), A("N", ints, "output features"), A("bits", ints, "bits"),
+                    A("block_size", ints, "group size"), A("accuracy_level", ints, "compute precision")])

@@ -73,6 +73,10 @@ class Session:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime fuses int8 DequantizeLinear + MatMul into MatMulNBits; keep the exported
+        # accuracy level (0: fp32 arithmetic, exact; 4: int8 activations, faster on CPU)
+        level = int(m["model"].get("accuracy_level", 0))
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
         model = safe_path(self.path, m["model"]["file"])
         try:
             self.session = ort.InferenceSession(str(model), opts, providers=list(providers or ["CPUExecutionProvider"]))
