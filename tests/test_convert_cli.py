@@ -194,6 +194,10 @@ def test_safetensors_duplicate_names_and_huge_header(tmp_path):
     f.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     with pytest.raises(FormatError, match="exceeds the limit"):
         read_header(f)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    f.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(FormatError, match="nests JSON too deeply"):
+        read_header(f)
 
 
 def _good_safetensors() -> bytes:

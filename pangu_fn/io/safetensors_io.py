@@ -71,6 +71,8 @@ def read_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, Tensor
         raise FormatError(f"{path}: header (offset 8) is not UTF-8 at byte {8 + e.start}") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: header (offset 8) is not valid JSON at byte {8 + e.pos}: {e.msg}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: header (offset 8) nests JSON too deeply; expected a flat object") from None
     except _Duplicate as e:
         raise FormatError(f"{path}: header (offset 8) names {e.args[0]!r} twice; expected unique names") from None
     if not isinstance(header, dict):
