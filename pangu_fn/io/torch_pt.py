@@ -100,17 +100,19 @@ def load_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     except Exception as e:  # torch.load raises many types on hostile bytes (struct.error, KeyError, ...)
         first = str(e).splitlines()[0] if str(e) else ""
         raise FormatError(f"{path}: not a readable torch.save file: {type(e).__name__}: {first}") from None
-    if isinstance(obj, dict):
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: expected a dict of tensors (a state dict), found {type(obj).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    try:
         for key in WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, dict) and _has_tensors(inner):
                 obj = inner
                 break
-    if not isinstance(obj, dict):
-        raise FormatError(f"{path}: expected a dict of tensors (a state dict), found {type(obj).__name__}")
-    tensors: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    _flatten(obj, "", tensors, dropped)
+        _flatten(obj, "", tensors, dropped)
+    except RecursionError:
+        raise FormatError(f"{path}: dicts nested too deeply; expected a state dict") from None
     if not tensors:
         raise FormatError(f"{path}: no tensors found; top-level keys {list(obj)[:8]}")
     return tensors, dropped
