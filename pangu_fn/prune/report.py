@@ -13,7 +13,7 @@ from .scope import category
 
 
 def _zeros(leaf: Any) -> int:
-    return int((leaf == 0).sum()) if isinstance(leaf, torch.Tensor) else 0
+    return leaf.numel() - int(torch.count_nonzero(leaf)) if isinstance(leaf, torch.Tensor) else 0
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -104,9 +104,16 @@ def build_report(before: Params, after: Params, names: list[str], method: str, s
                  rounds: list[dict[str, Any]] | None = None) -> PruneReport:
     """Compare the trees before and after pruning over the tensors in scope `names`."""
     old, new = dict(leaves_with_names(before)), dict(leaves_with_names(after))
+    counted: dict[int, int] = {}  # zeros by leaf identity: untouched leaves are shared, count once
+
+    def zeros(leaf: Any) -> int:
+        if id(leaf) not in counted:
+            counted[id(leaf)] = _zeros(leaf)
+        return counted[id(leaf)]
+
     tensors = []
     for n in names:
-        z = _zeros(new[n])
+        z = zeros(new[n])
         tensors.append({"name": n, "shape_before": list(old[n].shape), "shape": list(new[n].shape),
                         **_stats(new[n].numel(), z)})
     numel_before = sum(old[n].numel() for n in names)
@@ -117,9 +124,9 @@ def build_report(before: Params, after: Params, names: list[str], method: str, s
     for n, leaf in new.items():
         g = groups.setdefault(category(n), [0, 0])
         g[0] += int(leaf.numel())
-        g[1] += _zeros(leaf)
-    nz_before = sum(int(leaf.numel()) - _zeros(leaf) for leaf in old.values())
-    nz_after = sum(int(leaf.numel()) - _zeros(leaf) for leaf in new.values())
+        g[1] += zeros(leaf)
+    nz_before = sum(int(leaf.numel()) - zeros(leaf) for leaf in old.values())
+    nz_after = sum(int(leaf.numel()) - zeros(leaf) for leaf in new.values())
     return PruneReport(
         method=method, summary=summary, recipe=recipe, tensors=tensors, scope=scope,
         groups={k: _stats(*v) for k, v in groups.items()},

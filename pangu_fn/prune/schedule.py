@@ -106,7 +106,7 @@ def iterative(params: Params, cfg: ModelConfig, recipe: PruneRecipe, calib: Any 
             params, losses = recover(params, cfg, stream, recipe, masks, teacher, t, progress)
             if losses:
                 record.update(recovery_loss_first=losses[0], recovery_loss_last=losses[-1])
-        zeros = sum(int((get(params, n) == 0).sum()) for n in names)
+        zeros = sum(get(params, n).numel() - int(torch.count_nonzero(get(params, n))) for n in names)
         record["sparsity"] = zeros / sum(get(params, n).numel() for n in names)
         if eval_ids is not None:
             record["perplexity"] = perplexity(params, cfg, eval_ids, eval_seq_len)

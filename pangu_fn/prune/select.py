@@ -12,7 +12,13 @@ then flat index), so exactly k entries are selected.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+
+# keys of one tensor: the tensor itself, or a function that makes it (recomputed on each pass,
+# so a global selection never holds the keys of the whole model at once)
+Keys = torch.Tensor | Callable[[], torch.Tensor]
 
 CHUNK = 1 << 24
 _HI_BITS, _LO_BITS = 16, 15
@@ -25,12 +31,16 @@ def sort_keys(score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return bits.masked_fill_(weight.detach() == 0, 0)
 
 
-def _chunks(keys: list[torch.Tensor]):
+def _materialize(keys: Keys) -> torch.Tensor:
+    return keys() if callable(keys) else keys
+
+
+def _chunks(keys: Sequence[Keys]):
     for k in keys:
-        yield from k.reshape(-1).split(CHUNK)
+        yield from _materialize(k).reshape(-1).split(CHUNK)
 
 
-def kth_smallest(keys: list[torch.Tensor], k: int) -> tuple[int, int]:
+def kth_smallest(keys: Sequence[Keys], k: int) -> tuple[int, int]:
     """(key value t of the k-th smallest key (1-based) over all tensors, number of keys < t)."""
     hi_hist = torch.zeros(1 << _HI_BITS, dtype=torch.int64)
     for c in _chunks(keys):
@@ -50,18 +60,19 @@ def kth_smallest(keys: list[torch.Tensor], k: int) -> tuple[int, int]:
     return (hi << _LO_BITS) | lo, below
 
 
-def smallest_k_masks(keys: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+def smallest_k_masks(keys: Sequence[Keys], k: int, total: int | None = None) -> list[torch.Tensor]:
     """Boolean masks (True = prune) selecting exactly the `k` smallest keys over all tensors
-    together; ties at the threshold go to the earliest positions."""
-    total = sum(t.numel() for t in keys)
+    together (`total` elements; computed when not given); ties at the threshold go to the
+    earliest positions."""
+    total = sum(_materialize(t).numel() for t in keys) if total is None else total
     if not 0 <= k <= total:
         raise ValueError(f"smallest_k_masks: k={k} outside [0, {total}]")
     if k == 0:
-        return [torch.zeros_like(t, dtype=torch.bool) for t in keys]
+        return [torch.zeros_like(_materialize(t), dtype=torch.bool) for t in keys]
     threshold, below = kth_smallest(keys, k)
     take = k - below  # entries equal to the threshold still to select, in order
     masks = []
-    for t in keys:
+    for t in map(_materialize, keys):
         m = t < threshold
         if take:
             flat_eq = (t == threshold).reshape(-1)

@@ -34,25 +34,35 @@ class UnitScores:
     neurons: torch.Tensor
 
 
-def _unit_sums(block: str, value: Callable[[str], torch.Tensor | None], n_kv: int, width: int) -> UnitScores:
-    """Sum a per-element quantity `value(name)` (same shape as the tensor `name`, or None
-    when the block has no such tensor) over the elements each unit owns."""
-    heads = torch.zeros(n_kv, dtype=torch.float64)
-    for lin in ("q", "k", "v"):
-        for kind in ("weight", "bias"):
-            v = value(f"{block}.attn.{lin}.{kind}")
-            if v is not None:
-                heads += v.double().reshape(n_kv, -1).sum(1).cpu()
-    o = value(f"{block}.attn.o.weight")
-    heads += o.double().reshape(o.shape[0], n_kv, -1).sum((0, 2)).cpu()
-    neurons = torch.zeros(width, dtype=torch.float64)
-    for lin in ("gate", "up"):
-        for kind in ("weight", "bias"):
-            v = value(f"{block}.mlp.{lin}.{kind}")
-            if v is not None:
-                neurons += v.double().reshape(width, -1).sum(1).cpu()
-    neurons += value(f"{block}.mlp.down.weight").double().sum(0).cpu()
+# reduce(name, groups, columns) -> float64 [groups] or None (no such tensor): a sum over the
+# elements of tensor `name` split into `groups` equal parts along its rows (columns=False) or
+# along the columns of a 2-D weight (columns=True)
+Reduce = Callable[[str, int, bool], torch.Tensor | None]
+
+
+def _unit_sums(block: str, reduce: Reduce, n_kv: int, width: int) -> UnitScores:
+    """Sum a per-element quantity over the elements each unit of `block` owns."""
+    def add(total: torch.Tensor, names: list[str], groups: int, columns: bool) -> torch.Tensor:
+        for name in names:
+            part = reduce(name, groups, columns)
+            if part is not None:
+                total = total + part.double().cpu()
+        return total
+
+    attn = [f"{block}.attn.{lin}.{kind}" for lin in ("q", "k", "v") for kind in ("weight", "bias")]
+    heads = add(torch.zeros(n_kv, dtype=torch.float64), attn, n_kv, False)
+    heads = add(heads, [f"{block}.attn.o.weight"], n_kv, True)
+    mlp = [f"{block}.mlp.{lin}.{kind}" for lin in ("gate", "up") for kind in ("weight", "bias")]
+    neurons = add(torch.zeros(width, dtype=torch.float64), mlp, width, False)
+    neurons = add(neurons, [f"{block}.mlp.down.weight"], width, True)
     return UnitScores(heads, neurons)
+
+
+def _grouped(t: torch.Tensor, groups: int, columns: bool) -> tuple[torch.Tensor, int | tuple[int, int]]:
+    """`t` viewed so that reducing over the returned dims leaves one value per group."""
+    if columns:
+        return t.reshape(t.shape[0], groups, -1), (0, 2)
+    return t.reshape(groups, -1), 1
 
 
 def _maybe(params: Params, name: str) -> torch.Tensor | None:
@@ -74,9 +84,12 @@ def unit_scores(params: Params, cfg: ModelConfig, recipe: PruneRecipe, calib: An
     prefixes = block_prefixes(params)
     sizes = {p: layer_sizes(get(params, p), cfg) for p in prefixes}
     if recipe.importance == "magnitude":
-        def square(name: str) -> torch.Tensor | None:
+        def square(name: str, groups: int, columns: bool) -> torch.Tensor | None:
             t = _maybe(params, name)
-            return None if t is None else t.detach().float().pow(2)
+            if t is None:
+                return None
+            view, dims = _grouped(t.detach(), groups, columns)
+            return torch.linalg.vector_norm(view, dim=dims, dtype=torch.float32).double() ** 2
         out = {p: _unit_sums(p, square, sizes[p].num_kv_heads, sizes[p].intermediate_size) for p in prefixes}
         return {p: UnitScores(s.heads.sqrt(), s.neurons.sqrt()) for p, s in out.items()}
     if calib is None:
@@ -95,9 +108,12 @@ def unit_scores(params: Params, cfg: ModelConfig, recipe: PruneRecipe, calib: An
         return out
     grads = loss_gradients(params, cfg, tokens, recipe.batch_size, progress)
 
-    def taylor(name: str) -> torch.Tensor | None:
+    def taylor(name: str, groups: int, columns: bool) -> torch.Tensor | None:
         t = _maybe(params, name)
-        return None if t is None else t.detach().float() * grads[name]
+        if t is None:
+            return None
+        view, dims = _grouped(t.detach().float() * grads[name], groups, columns)
+        return view.sum(dims, dtype=torch.float64)
     out = {p: _unit_sums(p, taylor, sizes[p].num_kv_heads, sizes[p].intermediate_size) for p in prefixes}
     return {p: UnitScores(s.heads.abs(), s.neurons.abs()) for p, s in out.items()}
 

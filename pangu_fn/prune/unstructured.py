@@ -57,9 +57,9 @@ def compute_masks(params: Params, recipe: PruneRecipe, cfg: ModelConfig | None =
             if cols % recipe.m:
                 raise ShapeError(f"prune n:m: tensor {name} has {cols} inputs, not a multiple of m={recipe.m}")
     if recipe.method != "n:m" and recipe.granularity == "global":
-        all_keys = [keys(n) for n in names]
-        total = sum(k.numel() for k in all_keys)
-        return dict(zip(names, smallest_k_masks(all_keys, count_for(recipe.sparsity, total))))
+        total = sum(get(params, n).numel() for n in names)
+        key_fns = [lambda n=n: keys(n) for n in names]  # recomputed per pass: never all keys at once
+        return dict(zip(names, smallest_k_masks(key_fns, count_for(recipe.sparsity, total), total)))
 
     masks = {}
     for name in tqdm(names, desc=f"prune {recipe.method}", disable=not progress, dynamic_ncols=True):
