@@ -176,3 +176,17 @@ def test_structured_needs_config():
     params, _ = random_model("tiny-gpt")
     with pytest.raises(ConfigError, match="cfg"):
         prune(params, PruneRecipe("structured", heads=0.5))
+
+
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+def test_multiple_of_rounds_kept_ffn_widths(allocation):
+    params, cfg = random_model("tiny-gpt", num_layers=3)  # FFN 256 per block
+    recipe = PruneRecipe("structured", ffn=0.45, allocation=allocation, multiple_of=48)
+    out, report = prune(params, recipe, cfg=cfg)
+    widths = [layer_sizes(b, cfg).intermediate_size for b in out["blocks"]]
+    assert all(w % 48 == 0 and 48 <= w <= 240 for w in widths)
+    if allocation == "layer":
+        assert widths == [144] * 3  # 256 - round(115.2) = 141 kept -> nearest multiple of 48
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    ref, _ = pf.forward(zeroed_dense(params, cfg, report.removed), cfg, tokens)
+    torch.testing.assert_close(pf.forward(out, cfg, tokens)[0], ref, rtol=1e-5, atol=1e-5)

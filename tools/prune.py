@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ffn", type=float, default=0.0, help="structured: fraction of FFN neurons to remove")
     p.add_argument("--importance", choices=["magnitude", "activation", "taylor"], default="magnitude")
     p.add_argument("--allocation", choices=["layer", "global"], default="layer")
+    p.add_argument("--multiple-of", type=int, default=1,
+                   help="structured: round each block's kept FFN width to a multiple (e.g. an int4 group size)")
     p.add_argument("--rounds", type=int, default=4, help="iterative: rounds of the cubic schedule")
     p.add_argument("--initial-sparsity", type=float, default=0.0)
     p.add_argument("--base", choices=["magnitude", "wanda", "structured"], default="magnitude",
@@ -60,6 +62,7 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
         method=args.method, sparsity=args.sparsity, granularity=granularity,
         tensors=tuple(t.strip() for t in args.tensors.split(",") if t.strip()), n=n, m=m, score=args.score,
         heads=args.heads, ffn=args.ffn, importance=args.importance, allocation=args.allocation,
+        multiple_of=args.multiple_of,
         rounds=args.rounds, initial_sparsity=args.initial_sparsity, base=args.base,
         recovery_steps=args.recovery_steps, recovery_loss=args.recovery_loss, lr=args.lr,
         batch_size=args.batch_size, seq_len=args.seq_len, calib_samples=args.calib_samples,

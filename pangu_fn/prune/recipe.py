@@ -24,7 +24,7 @@ RECOVERY_LOSSES = ("next-token", "distill")
 class PruneRecipe:
     """One pruning job. Fields a method does not use are ignored by it.
 
-    - `magnitude` / `wanda`: zero exactly `round(sparsity * n)` weights with the smallest score
+    - `magnitude` / `wanda`: zero exactly `floor(sparsity * n + 0.5)` weights with the lowest score
       per `granularity` group: "layer" (each tensor), "global" (all tensors in scope together)
       or "row" (each output row; Wanda's comparison group). Scores: |W| (magnitude) or
       |W| * ||X_j||_2 over calibration tokens (wanda).
@@ -33,7 +33,9 @@ class PruneRecipe:
     - `structured`: remove the fraction `heads` of each layer's KV groups (a KV head with its
       query heads) and `ffn` of its FFN neurons, by `importance`; `allocation` "layer" removes
       the same fraction in every block, "global" ranks all blocks together (each keeps at least
-      one group and one neuron). `remove_heads` / `remove_neurons` ({block index: [ids]})
+      one group and one neuron). `multiple_of` rounds each block's kept FFN width to a multiple
+      (e.g. the int4 group size; the count removed then differs from the fraction by less than
+      half a multiple per block). `remove_heads` / `remove_neurons` ({block index: [ids]})
       remove exactly the listed KV groups / neurons instead.
     - `iterative`: `rounds` rounds of the `base` method following the cubic schedule from
       `initial_sparsity` to `sparsity` (or to `heads` / `ffn` when `base` is "structured"),
@@ -52,6 +54,7 @@ class PruneRecipe:
     ffn: float = 0.0
     importance: str = "magnitude"
     allocation: str = "layer"
+    multiple_of: int = 1
     remove_heads: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     remove_neurons: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     rounds: int = 4
@@ -94,7 +97,7 @@ class PruneRecipe:
         choice("recovery_loss", RECOVERY_LOSSES)
         for name in ("sparsity", "heads", "ffn", "initial_sparsity"):
             fraction(name)
-        for name in ("n", "rounds", "batch_size", "seq_len", "calib_samples", "calib_seq_len"):
+        for name in ("n", "rounds", "batch_size", "seq_len", "calib_samples", "calib_seq_len", "multiple_of"):
             positive(name)
         positive("m", 2)
         positive("recovery_steps", 0)

@@ -13,6 +13,7 @@ model computes exactly what the dense model computes with those units zeroed.
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,8 +276,8 @@ def structured_step(params: Params, cfg: ModelConfig, recipe: PruneRecipe, heads
         def counts(current: dict[str, list[int]], original: dict[str, int], fraction: float) -> dict[str, int] | int:
             removed = {p: original[p] - len(current[p]) for p in original}
             if recipe.allocation == "global":
-                return count_for(fraction, sum(original.values())) - sum(removed.values())
-            return {p: count_for(fraction, original[p]) - removed[p] for p in original}
+                return max(0, count_for(fraction, sum(original.values())) - sum(removed.values()))
+            return {p: max(0, count_for(fraction, original[p]) - removed[p]) for p in original}
 
         kv_counts = counts(tracker.kv, tracker.original_kv, heads)
         n_counts = counts(tracker.neurons, tracker.original_neurons, ffn)
@@ -285,6 +286,11 @@ def structured_step(params: Params, cfg: ModelConfig, recipe: PruneRecipe, heads
         scores = unit_scores(params, cfg, recipe, calib, progress)
         drop_kv = choose_units({p: s.heads for p, s in scores.items()}, kv_counts, "KV groups (heads)")
         drop_neurons = choose_units({p: s.neurons for p, s in scores.items()}, n_counts, "FFN neurons")
+        if recipe.multiple_of > 1:  # round each block's kept width, dropping its lowest-scoring neurons
+            for p, s in scores.items():
+                n = s.neurons.numel()
+                width = rounded_width(n - len(drop_neurons[p]), n, recipe.multiple_of)
+                drop_neurons[p] = sorted(torch.sort(s.neurons, stable=True).indices[: n - width].tolist())
     check_plan(params, cfg, drop_kv, drop_neurons)
     tracker.remove(drop_kv, drop_neurons)
     return remove_units(params, cfg, drop_kv, drop_neurons)
@@ -292,3 +298,12 @@ def structured_step(params: Params, cfg: ModelConfig, recipe: PruneRecipe, heads
 
 def _total(counts: dict[str, int] | int) -> int:
     return sum(counts.values()) if isinstance(counts, dict) else counts
+
+
+def rounded_width(kept: int, current: int, multiple: int) -> int:
+    """`kept` rounded half up to a multiple of `multiple`, at least one multiple and at most the
+    largest multiple <= `current` (`current` itself when it is smaller than one multiple)."""
+    if current < multiple:
+        return current
+    rounded = math.floor(kept / multiple + 0.5) * multiple
+    return min(max(rounded, multiple), current // multiple * multiple)
