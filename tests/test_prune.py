@@ -75,8 +75,9 @@ def test_prune_never_mutates_its_input():
     params, cfg = random_model("tiny-openpangu")
     before = copy.deepcopy(params)
     for recipe in [PruneRecipe("magnitude", 0.5, tensors=("blocks", "head")), PruneRecipe("n:m", n=2, m=4),
-                   PruneRecipe("structured", heads=0.5, ffn=0.5)]:
-        prune(params, recipe, cfg=cfg)
+                   PruneRecipe("structured", heads=0.5, ffn=0.5),
+                   PruneRecipe("iterative", 0.5, rounds=2, recovery_steps=2, batch_size=2, seq_len=16)]:
+        prune(params, recipe, calib_for(cfg), cfg=cfg)
     for name, t in flatten(before).items():
         assert torch.equal(get(params, name), t), name
 
