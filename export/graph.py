@@ -78,10 +78,10 @@ class GrowingDecoder(TreeModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
 
-        def grow(buf: torch.Tensor) -> torch.Tensor:
-            return torch.cat([buf, buf.new_zeros(B, buf.shape[1], T, buf.shape[3])], dim=2)
+        def grow(buf: torch.Tensor) -> torch.Tensor:  # T zero slots after the past (ONNX Pad)
+            return torch.nn.functional.pad(buf, (0, 0, 0, T))
 
         cache = KVCache([grow(k) for k in past[0::2]], [grow(v) for v in past[1::2]], position_ids[:, 0])
         logits, cache = forward(self.tree(), self.cfg, input_ids, cache)

@@ -1,0 +1,222 @@
+"""Export parity: ONNX bundles run by pangu_runtime (ONNX Runtime) and the torch.export
+program reproduce `pangu_fn.forward` / `generate` for every family, ragged batches included.
+
+Exports take seconds, so each bundle is built once per test run and shared by the xdist
+workers (`shared_bundle`)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import pangu_fn as pf
+from helpers import FAMILIES, random_model
+from pangu_export import export_bundle, load_program
+from pangu_runtime import BundleFormatError, PromptLookup, Session
+from pangu_runtime.manifest import sha256_file
+
+PROMPTS = [[5, 17, 42, 9, 5, 17, 42, 9, 5], [3, 88], [100, 7, 7, 61, 200, 33]]  # ragged
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory, request) -> Path:
+    """A folder all xdist workers of this run see (the parent of their own temp roots)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if hasattr(request.config, "workerinput") else base
+    folder = root / "pangu-export-bundles"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def shared_bundle(shared_dir: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """Build `name` once (the first worker to ask builds it, under a file lock)."""
+    path = shared_dir / name
+    with open(shared_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "manifest.json").is_file():
+            build(path)
+    return path
+
+
+def ort_bundle(shared_dir: Path, family: str) -> Path:
+    params, cfg = random_model(family)
+    return shared_bundle(shared_dir, f"ort-{family}",
+                         lambda p: export_bundle(params, cfg, p, "ort", progress=False))
+
+
+def step_logits(params, cfg, session: Session, prompts, steps: int) -> tuple[list, list]:
+    """Teacher-forced logits of a ragged batch from forward and from the session: the padded
+    prefill, then `steps` single-token calls at each row's own position."""
+    B, T = len(prompts), max(map(len, prompts))
+    lengths = [len(p) for p in prompts]
+    tokens = torch.zeros(B, T, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    cache = pf.init_cache(params, cfg, B, T + steps)
+    ort_cache = session.new_cache(B, T + steps)
+    ref, got = [], []
+    with torch.no_grad():
+        logits, cache = pf.forward(params, cfg, tokens, cache)
+        ort_logits = session.forward(tokens.numpy(), ort_cache)
+        cache = cache.with_lengths(lengths)
+        ort_cache.lengths[:] = lengths
+        rows = torch.arange(B)
+        ref.append(logits[rows, torch.tensor(lengths) - 1].numpy())
+        got.append(ort_logits[np.arange(B), np.array(lengths) - 1])
+        for _ in range(steps):
+            nxt = torch.from_numpy(ref[-1]).argmax(-1)[:, None]
+            logits, cache = pf.forward(params, cfg, nxt, cache)
+            ref.append(logits[:, -1].numpy())
+            got.append(session.forward(nxt.numpy(), ort_cache)[:, -1])
+    return ref, got
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ort_bundle_reproduces_forward(shared_dir, family):
+    params, cfg = random_model(family)
+    s = Session(ort_bundle(shared_dir, family))
+    with torch.no_grad():  # whole prompts, no cache
+        for prompt, got in zip(PROMPTS, s.logits(PROMPTS)):
+            ref, _ = pf.forward(params, cfg, torch.tensor([prompt]))
+            assert np.abs(got - ref[0].numpy()).max() <= 1e-4
+    ref, got = step_logits(params, cfg, s, PROMPTS, 12)
+    errors = [float(np.abs(r - g).max()) for r, g in zip(ref, got)]
+    assert max(errors) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ort_greedy_64_tokens_ragged(shared_dir, family):
+    params, cfg = random_model(family)
+    s = Session(ort_bundle(shared_dir, family))
+    want = pf.generate(params, cfg, PROMPTS, 64, eos_token_ids=())
+    got = s.generate(PROMPTS, 64, eos_token_ids=())
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert len({t for c in want for t in c.tokens}) > 3  # the outputs are not a constant stream
+    lookup = s.generate(PROMPTS, 64, eos_token_ids=(), lookup=PromptLookup(num_draft=4))
+    assert [c.tokens for c in lookup] == [c.tokens for c in want]
+
+
+def test_eos_and_finish_reasons_match_generate(shared_dir):
+    params, cfg = random_model("tiny-gpt")
+    s = Session(ort_bundle(shared_dir, "tiny-gpt"))
+    free = pf.generate(params, cfg, PROMPTS, 20, eos_token_ids=())
+    eos = [free[0].tokens[5], free[2].tokens[11]]  # rows 0 and 2 stop early
+    want = pf.generate(params, cfg, PROMPTS, 20, eos_token_ids=eos)
+    got = s.generate(PROMPTS, 20, eos_token_ids=eos)
+    assert [(c.tokens, c.finish_reason) for c in got] == [(c.tokens, c.finish_reason) for c in want]
+    assert {c.finish_reason for c in got} == {"eos", "length"} or all(c.finish_reason == "eos" for c in got)
+
+
+def test_manifest_describes_the_bundle(shared_dir):
+    path = ort_bundle(shared_dir, "tiny-openpangu")
+    m = json.loads((path / "manifest.json").read_text())
+    cfg = pf.ModelConfig.preset("tiny-openpangu")
+    assert m["format"] == "pangu-bundle" and m["version"] == 1 and m["target"] == "ort"
+    assert pf.ModelConfig.from_dict(m["config"]) == cfg
+    assert m["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert m["inputs"][3:] == [f"past_key_values.{i}.{kv}" for i in range(cfg.num_blocks) for kv in ("key", "value")]
+    assert m["outputs"] == ["logits"] + [f"present.{i}.{kv}" for i in range(cfg.num_blocks) for kv in ("key", "value")]
+    assert m["cache"]["kv_heads"] == [cfg.num_kv_heads] * cfg.num_blocks and m["cache"]["dtype"] == "float32"
+    assert m["model"]["opset"] == 18 and m["quantization"] is None
+    for name, entry in m["files"].items():
+        assert sha256_file(path / name) == entry["sha256"]
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["past_key_values.0.key"] == ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+    names = {i.name for i in graph.graph.initializer}
+    assert "tok_embed.weight" in names  # parameters keep their tree names
+
+
+def test_fp16_and_bf16_exports(tmp_path):
+    params, cfg = random_model("tiny-openpangu")
+    export_bundle(params, cfg, tmp_path / "fp16", "ort", dtype="fp16", progress=False, genai=False)
+    s = Session(tmp_path / "fp16")
+    half = pf.astype(params, "fp16")
+    with torch.no_grad():
+        for prompt, got in zip(PROMPTS, s.logits(PROMPTS)):
+            ref, _ = pf.forward(half, cfg, torch.tensor([prompt]))
+            ref = ref[0].float().numpy()
+            assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()  # fp16 rounding, not a bug
+    m = export_bundle(params, cfg, tmp_path / "bf16", "ort", dtype="bf16", progress=False, ort_fusions=False)
+    graph = onnx.load(str(tmp_path / "bf16" / "model.onnx"))
+    onnx.checker.check_model(graph, full_check=True)  # valid at opset 18 (the fusions add ORT-only ops)
+    assert graph.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    assert any("bfloat16" in note for note in m["genai"]["notes"])
+    with pytest.raises(BundleFormatError, match="bfloat16"):  # numpy holds no bf16 caches
+        Session(tmp_path / "bf16")
+
+
+def test_pt2_program_reproduces_forward(shared_dir):
+    params, cfg = random_model("tiny-alpha")
+    path = shared_bundle(shared_dir, "torch-tiny-alpha",
+                         lambda p: export_bundle(params, cfg, p, "torch", progress=False))
+    program = load_program(path)
+    B, T = len(PROMPTS), max(map(len, PROMPTS))
+    tokens = torch.zeros(B, T, dtype=torch.int64)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, : len(p)] = torch.tensor(p)
+    ours, ref = program.new_cache(B, T + 8), pf.init_cache(params, cfg, B, T + 8)
+    with torch.no_grad():
+        a, ours = program(tokens, ours)
+        b, ref = pf.forward(params, cfg, tokens, ref)
+        assert (a - b).abs().max() <= 1e-4
+        lengths = [len(p) for p in PROMPTS]
+        ours, ref = ours.with_lengths(lengths), ref.with_lengths(lengths)
+        for _ in range(4):
+            nxt = b[:, -1].argmax(-1)[:, None]
+            a, ours = program(nxt, ours)
+            b, ref = pf.forward(params, cfg, nxt, ref)
+            assert (a - b).abs().max() <= 1e-4
+    assert torch.equal(ours.lengths, ref.lengths)
+    for k1, k2 in zip(ours.keys, ref.keys):
+        assert (k1 - k2).abs().max() <= 1e-4
+
+
+def test_pt2_with_pickled_entries_is_refused(shared_dir, tmp_path):
+    import shutil
+    import zipfile
+
+    params, cfg = random_model("tiny-alpha")
+    path = shared_bundle(shared_dir, "torch-tiny-alpha",
+                         lambda p: export_bundle(params, cfg, p, "torch", progress=False))
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    src, dst = path / "model.pt2", bad / "model.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            if item.endswith("_weights_config.json"):
+                config = json.loads(data)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                data = json.dumps(config).encode()
+            zout.writestr(item, data)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["model.pt2"]["sha256"] = sha256_file(dst)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(pf.FormatError, match="pickled"):
+        load_program(bad)
+
+
+def test_cli_export_and_run(shared_dir, tmp_path, capsys):
+    from pangu_tools.cli import main
+
+    out = tmp_path / "cli-bundle"
+    assert main(["export", "tiny-gpt", str(out), "--target", "ort", "--no-genai"]) == 0
+    assert (out / "manifest.json").is_file() and not (out / "genai_config.json").exists()
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt-ids", "1 2 3;4 5", "--max-new-tokens", "6", "--no-eos"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    params = pf.init_params(pf.ModelConfig.preset("tiny-gpt"), seed=0)
+    want = pf.generate(params, pf.ModelConfig.preset("tiny-gpt"), [[1, 2, 3], [4, 5]], 6, eos_token_ids=())
+    assert lines == [" ".join(map(str, c.tokens)) for c in want]
+    assert main(["export", "tiny-gpt", str(tmp_path / "x"), "--target", "ascend", "--prefill-lengths", "4,8"]) == 2
+    assert not (tmp_path / "x").exists()  # a refused export leaves nothing behind
+    assert main(["run", str(tmp_path / "nothing"), "--prompt-ids", "1"]) == 2
