@@ -174,14 +174,35 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
 
 
 def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():
-    ctl = AdaptiveK(k_max=6)
+    ctl = AdaptiveK(k_max=6, timed=False)
+    assert ctl.choose(0.1) == 6  # optimistic prior, cheap drafts
     for _ in range(6):  # every draft rejected
-        ctl = ctl.update(ctl.choose(0.3) or 1, accepted=0, examined=1)
+        ctl = ctl.update(max(ctl.choose(0.3), 1), accepted=0, examined=1)
     assert ctl.choose(0.3) == 0 and ctl.rate < 0.1
     for _ in range(8):
         ctl = ctl.update(0, 0, 0)
-    assert ctl.choose(0.3) == 1  # a probe after probe_every plain steps
+    assert ctl.choose(0.3) == 2  # a probe after probe_every plain steps
     for _ in range(10):  # drafts are good again
         k = ctl.choose(0.05)
         ctl = ctl.update(k, accepted=k, examined=k)
     assert ctl.rate > 0.9 and ctl.choose(0.05) == 6
+
+
+def test_timed_adaptive_k_uses_measured_costs():
+    ctl = AdaptiveK(k_max=4)
+    assert ctl.choose(0.1) == 0  # first a plain step, to time it
+    timed = ctl.update(0, 0, 0, draft_s=0.0, verify_s=0.010)
+    costly = timed.update(4, 4, 4, draft_s=0.040, verify_s=0.011)  # a draft token costs a plain step
+    assert costly.rate > 0.9 and costly.choose(0.0) == 0  # not worth it at any acceptance rate
+    cheap = timed.update(4, 4, 4, draft_s=0.004, verify_s=0.011)
+    assert cheap.choose(1.0) == 4  # the measured cost overrides the structural guess
+
+
+def test_adaptive_run_falls_back_when_drafts_are_useless():
+    params, cfg = flat_model("tiny-openpangu")
+    drafter = DraftModel(*flat_model("tiny-openpangu", seed=9))  # an unrelated model: drafts fail
+    stats = SpecStats()
+    out = speculative_generate(params, cfg, SINGLE, 40, eos_token_ids=(), drafter=drafter, k=4,
+                               adaptive=AdaptiveK(k_max=4, timed=False, cost=0.5), stats=stats)
+    assert [c.tokens for c in out] == [c.tokens for c in pf.generate(params, cfg, SINGLE, 40, eos_token_ids=())]
+    assert stats.acceptance_rate < 0.2 and stats.k_used.get(0, 0) > stats.steps // 2

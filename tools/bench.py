@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from . import spec_bench
 from .common import add_model_args, resolve_model, write_json
 
 
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also run the same weights in transformers (hf) in this process")
     p.add_argument("--prune-structured", default=None, metavar="heads=F,ffn=F",
                    help="also run a structurally pruned copy (magnitude importance, every layer alike)")
+    spec_bench.add_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     for name, engine in engines:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
+    rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     base = rows[0]
     for row in rows:
         row["decode_vs_first"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)

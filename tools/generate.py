@@ -24,6 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eos", action="store_true", help="never stop at the end-of-sequence token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--json", action="store_true", help="print one JSON object with the tokens")
+    p.add_argument("--draft", default=None, metavar="PATH|self|lookup",
+                   help="decode speculatively: a draft model folder, 'self' / 'self:N' (the target's first "
+                        "N layers, default a quarter) or 'lookup' / 'lookup:N' (n-gram prompt lookup)")
+    p.add_argument("--k", type=int, default=4, help="tokens drafted per step (the most, with --adaptive)")
+    p.add_argument("--adaptive", action="store_true", help="choose each step's draft length from the recent "
+                                                           "acceptance rate (falls back to plain decoding)")
     p.set_defaults(func=run)
 
 
@@ -35,11 +41,20 @@ def run(args: argparse.Namespace) -> int:
     prompts = [tokenizer.encode(args.prompt)] if tokenizer else parse_prompt_ids(args.prompt_ids)
     params, cfg, _ = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
     eos = () if args.no_eos else None
+    stats, events = None, pf.stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos)
+    if args.draft:
+        from pangu_fn.speculative import SpecStats, load_drafter, speculative_stream
+
+        stats = SpecStats()
+        events = speculative_stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos,
+                                    drafter=load_drafter(args.draft, params["tok_embed"]["weight"].device,
+                                                         args.dtype),
+                                    k=args.k, adaptive=args.adaptive, stats=stats)
 
     completions = [pf.Completion([], "length") for _ in prompts]
     shown = ""
     start = time.perf_counter()
-    for ev in pf.stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos):
+    for ev in events:
         completions[ev.row].tokens.append(ev.token)
         if ev.finish_reason:
             completions[ev.row].finish_reason = ev.finish_reason
@@ -58,11 +73,16 @@ def run(args: argparse.Namespace) -> int:
                     "completions": [{"tokens": c.tokens, "finish_reason": c.finish_reason,
                                      **({"text": tokenizer.decode(c.tokens)} if tokenizer else {})}
                                     for c in completions],
-                    "seconds": round(elapsed, 4)}, None)
+                    "seconds": round(elapsed, 4),
+                    **({"speculative": {"draft": args.draft, "k": args.k, "adaptive": args.adaptive,
+                                        **stats.as_dict()}} if stats else {})}, None)
     elif not args.stream:
         for i, c in enumerate(completions):
             body = tokenizer.decode(c.tokens) if tokenizer else " ".join(map(str, c.tokens))
             print(f"{'[' + str(i) + '] ' if len(prompts) > 1 else ''}{body}")
     n = sum(len(c.tokens) for c in completions)
     print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s)", file=sys.stderr)
+    if stats:
+        print(f"speculative ({args.draft}, k {args.k}{', adaptive' if args.adaptive else ''}): {stats.summary()}",
+              file=sys.stderr)
     return 0

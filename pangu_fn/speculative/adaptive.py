@@ -1,17 +1,26 @@
 """AdaptiveK: choose the draft length of the next step from the recent acceptance rate.
 
 With a per-token acceptance rate a, a step that drafts K tokens yields on average
-`(1 - a^(K+1)) / (1 - a)` tokens per row and costs about `1 + overhead + K * (cost + growth)`
-target decode steps (`cost`: drafting one token; `growth`: verifying one more position;
-`overhead`: the step's fixed extra work). A plain decode step (K = 0) yields 1 token for a cost
-of 1. The controller picks the K in `0 .. k_max` with the most tokens per unit of cost, so it
-falls back to plain decoding when speculation would lose, and probes with K = 1 every
-`probe_every` plain steps to notice when drafts become good again. The rate is a decayed
-count of accepted drafts over examined drafts (a draft is examined when all before it were
-accepted), the maximum-likelihood estimate for that truncated geometric process.
+`(1 - a^(K+1)) / (1 - a)` tokens per row; it costs `fixed + K * per_token` plain decode steps
+(`fixed`: verifying K+1 positions plus the step's bookkeeping; `per_token`: drafting one
+token). A plain step (K = 0) yields 1 token for a cost of 1. The controller picks the K in
+`0 .. k_max` with the most tokens per unit of cost, so it falls back to plain decoding when
+speculation would lose, and probes with K = 2 every `probe_every` plain steps to notice when
+drafts become good again (with `timed`, also right after the first plain step, to measure
+the drafting cost instead of trusting a guess).
 
-The controller is a frozen value, updated only from token counts (never from wall-clock
-time), so a run is reproducible for a given seed.
+The rate is a decayed count of accepted over examined drafts (a draft is examined when all
+before it were accepted: the maximum-likelihood estimate for that truncated geometric
+process), starting from an optimistic prior (0.8, weight of 2 drafts).
+
+Costs: with `timed` (default) they are decayed means of the measured seconds of plain steps,
+of drafting per token and of verifying (a drop is trusted more than a rise: timing noise only
+adds), because the real ratios depend on the machine and
+dtype (e.g. on a CPU whose fp32 matmul slows down for more than one row, verifying 5
+positions costs 1.4 plain steps; in bf16 1.1). The first step is then a plain one, to time it.
+Greedy output does not depend on K; sampled output keeps the target's distribution, but with
+`timed` a seed no longer fixes the exact draws (K follows the clock). `timed=False` uses
+`cost` (default: the drafter's structural estimate) and `overhead` instead and reads no clock.
 """
 
 from __future__ import annotations
@@ -20,21 +29,26 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError
 
+PROBE_K = 2
+
 
 @dataclass(frozen=True)
 class AdaptiveK:
     k_max: int = 8
-    cost: float | None = None  # None: the drafter's own estimate (Drafter.cost)
-    overhead: float = 0.15
-    growth: float = 0.03
-    memory: float = 0.7  # weight of the past in the decayed counts
+    timed: bool = True
+    cost: float | None = None  # timed=False: drafting one token, in plain steps (None: Drafter.cost)
+    overhead: float = 0.15  # timed=False: fixed = 1 + overhead
+    memory: float = 0.7  # weight of the past in the decayed counts and means
     probe_every: int = 8
-    accepted: float = 1.0  # decayed counts; the prior is a = 0.5 with the weight of 2 drafts
+    accepted: float = 1.6
     examined: float = 2.0
-    plain_steps: int = 0  # consecutive K = 0 steps
+    plain_s: float | None = None  # seconds of a plain step
+    draft_s: float | None = None  # seconds per drafted token
+    verify_s: float | None = None  # seconds of a speculative step's verification
+    plain_steps: int = 0  # consecutive plain steps
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.k_max, int) and self.k_max >= 1):
+        if not (isinstance(self.k_max, int) and not isinstance(self.k_max, bool) and self.k_max >= 1):
             raise InputError(f"AdaptiveK: expected an int k_max >= 1, found {self.k_max!r}")
         if not 0 <= self.memory < 1:
             raise InputError(f"AdaptiveK: expected 0 <= memory < 1, found {self.memory}")
@@ -44,27 +58,44 @@ class AdaptiveK:
         """The current estimate of the per-token acceptance rate."""
         return self.accepted / self.examined
 
-    def speedup(self, k: int, cost: float) -> float:
-        """Expected tokens per unit of target-step time for draft length k (1.0 for k = 0)."""
+    def costs(self, drafter_cost: float) -> tuple[float, float]:
+        """(fixed, per_token): a speculative step's cost in plain steps."""
+        if self.timed and self.plain_s and self.draft_s is not None and self.verify_s is not None:
+            return self.verify_s / self.plain_s, self.draft_s / self.plain_s
+        return 1 + self.overhead, self.cost if self.cost is not None else drafter_cost
+
+    def speedup(self, k: int, drafter_cost: float) -> float:
+        """Expected tokens per unit of plain-step time for draft length k (1.0 for k = 0)."""
         if k == 0:
             return 1.0
         a = min(self.rate, 1 - 1e-6)
-        return (1 - a ** (k + 1)) / (1 - a) / (1 + self.overhead + k * (cost + self.growth))
+        fixed, per_token = self.costs(drafter_cost)
+        return (1 - a ** (k + 1)) / (1 - a) / (fixed + k * per_token)
 
     def choose(self, drafter_cost: float) -> int:
         """The draft length for the next step."""
-        cost = self.cost if self.cost is not None else drafter_cost
-        best = max(range(self.k_max + 1), key=lambda k: self.speedup(k, cost))
-        if best == 0 and self.plain_steps >= self.probe_every:
-            return 1
+        if self.timed and self.plain_s is None:
+            return 0
+        best = max(range(self.k_max + 1), key=lambda k: self.speedup(k, drafter_cost))
+        unmeasured = self.timed and self.draft_s is None
+        if best == 0 and (unmeasured or self.plain_steps >= self.probe_every):
+            return min(PROBE_K, self.k_max)
         return best
 
-    def update(self, k: int, accepted: int, examined: int) -> "AdaptiveK":
-        """The controller after a step with draft length k that examined and accepted that many drafts."""
-        if k == 0:
-            return replace(self, plain_steps=self.plain_steps + 1)
-        if examined == 0:  # nothing was drafted (e.g. no n-gram matched)
-            return replace(self, plain_steps=0)
+    def update(self, k: int, accepted: int, examined: int, draft_s: float = 0.0,
+               verify_s: float = 0.0) -> "AdaptiveK":
+        """The controller after a step that drafted k tokens per row (0: a plain step), examined
+        and accepted that many drafts, and spent those seconds drafting and verifying."""
         m = self.memory
+
+        def mean(old: float | None, new: float) -> float:
+            """Decayed mean of durations; timing noise (preemption, a first call's warm-up) only
+            adds, so a drop is trusted more than a rise, and a rise counts at most double."""
+            if old is None:
+                return new
+            return (old + new) / 2 if new < old else m * old + (1 - m) * min(new, 2 * old)
+
+        if k == 0:
+            return replace(self, plain_steps=self.plain_steps + 1, plain_s=mean(self.plain_s, verify_s))
         return replace(self, accepted=m * self.accepted + accepted, examined=m * self.examined + examined,
-                       plain_steps=0)
+                       plain_steps=0, draft_s=mean(self.draft_s, draft_s / k), verify_s=mean(self.verify_s, verify_s))

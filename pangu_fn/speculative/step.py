@@ -159,13 +159,13 @@ def spec_step(target: Model, drafter: Drafter, state: SpecState, sampling: Sampl
     kept_lists = [row[2: 3 + row[0]] for row in host]
     drafted = sum(row[1] for row in host)
     n_accepted = sum(row[0] for row in host)
-    if state.adaptive is not None:
-        examined = sum(row[0] + (row[0] < row[1]) for row in host if row[1] > 0)
-        state = replace(state, adaptive=state.adaptive.update(k, n_accepted, examined))
     limits_hit = (new_lengths >= state.limits).tolist()
     state, events = _finish_rows(drafter, state, kept_lists, limits_hit)
     _sync(device)
     t2 = time.perf_counter()
+    if state.adaptive is not None:
+        examined = sum(row[0] + (row[0] < row[1]) for row in host if row[1] > 0)
+        state = replace(state, adaptive=state.adaptive.update(k, n_accepted, examined, t1 - t0, t2 - t1))
     stats = StepStats(rows=len(host), k=k, drafted=drafted, accepted=n_accepted,
                       tokens=sum(len(t) for t in kept_lists), draft_s=t1 - t0, verify_s=t2 - t1)
     return state, events, stats

@@ -1,0 +1,123 @@
+"""`pangu bench --draft ...`: plain greedy decoding of the target against speculative decoding
+with each requested drafter, in the same run, on the same prompts, with acceptance rates and
+ratios against the plain row.
+
+Prompts (`--spec-prompts`): `held-out` takes the first `--prompt-len` tokens of held-out
+documents (`heldout.jsonl` beside the model folder or its parent, as `pangu train-demo` writes
+it); `quote` takes a passage of such a document followed by a blank line and the passage's
+first 8 tokens again, so that a faithful continuation repeats it (the case prompt lookup is
+for: summaries, code edits); `random` uses random token ids (no tokenizer needed). Greedy
+speculative output equals plain greedy output, so each row decodes the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+QUOTE_HEAD = 8  # tokens of the passage repeated at the end of a quote prompt
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", action="append", default=[], metavar="PATH|self|lookup",
+                   help="also decode speculatively with this drafter (repeatable): a draft model folder, "
+                        "'self' / 'self:N' or 'lookup' / 'lookup:N'; adds a plain greedy row on the same prompts")
+    p.add_argument("--k", type=int, default=4, help="speculative rows: tokens drafted per step")
+    p.add_argument("--adaptive", action="store_true",
+                   help="speculative rows: also measure each drafter with adaptive K (at most --k)")
+    p.add_argument("--spec-prompts", default="held-out", choices=["held-out", "quote", "random"],
+                   help="speculative rows: prompts from held-out documents, quoting prompts, or random ids")
+    p.add_argument("--prompt-count", type=int, default=4, help="speculative rows: prompts per row")
+
+
+def bench_prompts(model: str, cfg: Any, kind: str, prompt_len: int, new_tokens: int, count: int) -> list[list[int]]:
+    """`count` prompts of the kind described in the module docstring. Raises ConfigError when
+    `held-out` / `quote` prompts are asked for a model without a tokenizer or held-out documents."""
+    import torch
+
+    from pangu_fn.errors import ConfigError
+
+    if kind == "random":
+        gen = torch.Generator().manual_seed(1234)
+        return [torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(count)]
+    from pangu_fn.data import read_documents
+
+    from .common import tokenizer_for
+
+    folder = Path(model)
+    docs_file = next((f for f in (folder / "heldout.jsonl", folder.parent / "heldout.jsonl") if f.is_file()), None)
+    if docs_file is None:
+        raise ConfigError(f"--spec-prompts {kind}: expected heldout.jsonl in {model!r} or its parent folder "
+                          "(pangu train-demo writes it); use --spec-prompts random for other models")
+    tokenizer = tokenizer_for(model)
+    passage = prompt_len if kind == "held-out" else new_tokens + QUOTE_HEAD
+    prompts = []
+    for doc in read_documents(docs_file):
+        ids = tokenizer.encode(doc.text)
+        if len(ids) < passage + new_tokens:
+            continue
+        if kind == "held-out":
+            prompts.append(ids[:prompt_len])
+        else:
+            prompts.append(ids[:passage] + tokenizer.encode("\n\n") + ids[:QUOTE_HEAD])
+        if len(prompts) == count:
+            return prompts
+    raise ConfigError(f"--spec-prompts {kind}: {docs_file} has {len(prompts)} documents of at least "
+                      f"{passage + new_tokens} tokens; expected --prompt-count {count}")
+
+
+def spec_engine(params: Any, cfg: Any, drafter: Any, k: int, adaptive: bool, stats: Any) -> Callable:
+    from pangu_fn.speculative import speculative_stream
+
+    def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in speculative_stream(params, cfg, [prompt], n, eos_token_ids=(),
+                                                                  drafter=drafter, k=k, adaptive=adaptive,
+                                                                  stats=stats)]
+        return start, stamps
+
+    return run
+
+
+def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable[..., dict[str, Any]],
+              engine: Callable[..., Any]) -> list[dict[str, Any]]:
+    """A plain greedy row and one row per drafter (and adaptive variant) over the same prompts:
+    decode tokens/s (all prompts' tokens over all prompts' decode time, each prompt's time the
+    median of the repeats), acceptance rate, tokens per target call, and `vs_plain`."""
+    if not args.draft:
+        return []
+    from pangu_fn.cache import compute_dtype
+    from pangu_fn.speculative import SpecStats, load_drafter
+
+    prompts = bench_prompts(args.model, cfg, args.spec_prompts, args.prompt_len, args.new_tokens, args.prompt_count)
+    device, dtype = params["tok_embed"]["weight"].device, compute_dtype(params)
+    candidates: list[tuple[str, Any, SpecStats | None, dict[str, Any]]] = [("plain greedy", engine(params, cfg), None, {})]
+    for spec in args.draft:
+        drafter = load_drafter(spec, device, dtype)
+        for adaptive in (False, True) if args.adaptive else (False,):
+            stats = SpecStats()
+            label = f"speculative {spec} k{'<=' if adaptive else '='}{args.k}"
+            info = {"draft": spec, "k": args.k, "adaptive": adaptive}
+            candidates.append((label, spec_engine(params, cfg, drafter, args.k, adaptive, stats), stats, info))
+    rows = []
+    for label, run, stats, info in candidates:
+        print(f"bench: {label} on {len(prompts)} {args.spec_prompts} prompts ...", file=sys.stderr, flush=True)
+        per_prompt = [measure(run, p, args.new_tokens, args.repeats, args.warmup) for p in prompts]
+        decode_s = sum((args.new_tokens - 1) / m["decode_tok_s"] for m in per_prompt)
+        row = {"engine": f"{label} [{args.spec_prompts}]", "dtype": str(dtype).replace("torch.", ""),
+               "prefill_ms": round(sum(m["prefill_ms"] for m in per_prompt) / len(per_prompt), 2),
+               "decode_tok_s": round(len(prompts) * (args.new_tokens - 1) / decode_s, 2),
+               "per_prompt_decode_tok_s": [m["decode_tok_s"] for m in per_prompt], **info}
+        row["ms_per_token"] = round(1e3 / row["decode_tok_s"], 3)
+        if stats is not None:
+            row.update({key: value for key, value in stats.as_dict().items() if key != "prefill_s"})
+        rows.append(row)
+    for row in rows:
+        row["vs_plain"] = round(row["decode_tok_s"] / rows[0]["decode_tok_s"], 3)
+        extra = f"   accept {row['acceptance_rate']:.1%}  {row['tokens_per_call']:.2f} tok/call" if "steps" in row else ""
+        print(f"{row['engine']:>44}  decode {row['decode_tok_s']:8.2f} tok/s   x{row['vs_plain']:.3f} vs plain{extra}",
+              file=sys.stderr)
+    return rows
