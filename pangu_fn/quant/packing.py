@@ -74,6 +74,11 @@ def _unpack_layout(packed: torch.Tensor, n: int, k: int, block: int, split: bool
     return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
+def cpu_layout_known() -> bool:
+    """Whether `cpu_unpack` inverts this machine's packer."""
+    return _cpu_layout() is not None
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_layout() -> tuple[int, bool] | None:
     """Which known layout torch's packer uses here: found by packing a probe (two full

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..params import Params
-from ..tree import flatten, leaf_nbytes
+from ..tree import flatten, leaf_nbytes, leaves_with_names
 
 KINDS = ("attention", "mlp", "embedding", "head", "norm", "bias", "other")
 
@@ -58,3 +58,8 @@ def size_report(before: Params, after: Params) -> dict[str, Any]:
     total_a = sum(r["bytes_after"] for r in ordered)
     return {"kinds": ordered, "bytes_before": total_b, "bytes_after": total_a,
             "compression": round(total_b / max(total_a, 1), 3)}
+
+
+def resident_nbytes(tree: Params) -> int:
+    """Bytes the tree's leaves hold in memory, kernel copies included (`nbytes` counts stored bytes)."""
+    return sum(getattr(x, "resident_nbytes", None) or leaf_nbytes(x) for _, x in leaves_with_names(tree))

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import FormatError, ShapeError
 from ..io.leaves import register_leaf
 from . import kernels
-from .packing import CPU_ROW_MULTIPLE, cpu_pack, cpu_unpack, from_matmul_nbits, to_matmul_nbits
+from .packing import CPU_ROW_MULTIPLE, cpu_layout_known, cpu_pack, cpu_unpack, from_matmul_nbits, to_matmul_nbits
 from .rtn import int4_dequantize
 
+PACK_ROWS = 256  # rows per packing chunk: a multiple of the packer's row block (32 or 64)
 FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -31,6 +34,27 @@ def _size(t: Any) -> int:
     if isinstance(t, (tuple, list)):
         return sum(_size(x) for x in t)
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _reference_counts(holder: Any, attr: str) -> tuple[int, int, bool]:
+    """(Python references to `holder.attr`, uses of its storage, not a view)."""
+    t = getattr(holder, attr)
+    return sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata), t._base is None
+
+
+class _Holder:
+    def __init__(self) -> None:
+        self.t = torch.zeros(1)
+
+
+# what the counts are, on this interpreter, for a tensor that one attribute alone holds
+_SOLE = _reference_counts(_Holder(), "t") if hasattr(torch._C, "_storage_Use_Count") else None
+
+
+def _only_reference(holder: Any, attr: str) -> bool:
+    """True when nothing but `holder.attr` references that tensor: no other name, container
+    or view holds it or its storage, so its memory may be reused in place."""
+    return _SOLE is not None and _reference_counts(holder, attr) == _SOLE
 
 
 def _need(ok: bool, message: str) -> None:
@@ -171,35 +195,52 @@ class Int4Weight(_Leaf):
         self.compute_dtype = scales.dtype
         self._qdata: torch.Tensor | None = qdata
         self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cpu_tried = False
         self._npu: tuple | None = None
-        self._prepare_cpu()
 
     def _prepare_cpu(self) -> None:
         """Build the CPU kernel's packed weight and `scales_and_zeros [K/G, N, 2]` (value =
-        (code - 8) * scale + zero, so zero = (8 - zero point) * scale)."""
+        (code - 8) * scale + zero, so zero = (8 - zero point) * scale), once, on first use.
+
+        Rows are packed in chunks (whole row blocks of the packer), so the staging copies stay
+        small. When nothing but this leaf references `qdata` (after `load` or `quantize`
+        returned) and the layout is invertible, the pack is written over `qdata`'s own memory:
+        no second buffer, and no freed buffer left to the allocator."""
+        self._cpu_tried = True
         if (self._qdata.device.type != "cpu" or self.compute_dtype != torch.bfloat16
                 or self.group_size not in (32, 64, 128, 256) or kernels.tracing()):
             return
         n, k = self.shape
         pad = -n % CPU_ROW_MULTIPLE
-        codes = from_matmul_nbits(self._qdata)
         scales = self.scales.float()
         zero = 8.0 if self.zero_points is None else self.zero_points.float()
         offsets = (8.0 - zero) * scales
         if pad:
-            codes = torch.cat([codes, codes.new_full((pad, k), 8)])
             scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
             offsets = torch.cat([offsets, offsets.new_zeros(pad, offsets.shape[1])])
         sz = torch.stack([scales.t(), offsets.t()], dim=-1).to(torch.bfloat16).contiguous()
-        packed = cpu_pack(codes)
+        invertible = not self.keep_qdata and cpu_layout_known()
+        in_place = invertible and not pad and _only_reference(self, "_qdata")
+        packed = self._qdata.view(n, k // 2) if in_place else torch.empty(n + pad, k // 2, dtype=torch.uint8)
+        for r0 in range(0, n, PACK_ROWS):
+            r1 = min(r0 + PACK_ROWS, n)
+            codes = from_matmul_nbits(self._qdata[r0:r1])
+            if r1 == n and pad:
+                codes = torch.cat([codes, codes.new_full((pad, k), 8)])
+            chunk = cpu_pack(codes)
+            if invertible and not torch.equal(cpu_unpack(chunk, len(codes), k), codes):
+                raise RuntimeError("int4 CPU pack: the packer's layout changed after it was probed")
+            packed[r0:r0 + len(codes)] = chunk
         self._cpu = (packed, sz)
-        restored = cpu_unpack(packed, n + pad, k)
-        if not self.keep_qdata and restored is not None and torch.equal(restored[:n], codes[:n]):
+        if invertible:
             self._qdata = None  # one copy in memory; `qdata` rebuilds the canonical layout
 
     @property
     def cpu_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(packed weight, scales_and_zeros) for `_weight_int4pack_mm_for_cpu`, or None."""
+        """(packed weight, scales_and_zeros) for `_weight_int4pack_mm_for_cpu`, or None
+        where that kernel does not apply (built on first use)."""
+        if not self._cpu_tried:
+            self._prepare_cpu()
         return self._cpu
 
     def codes(self) -> torch.Tensor:
