@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from . import spec_bench
+from . import quant_bench, spec_bench
 from .common import add_model_args, resolve_model, write_json
 
 
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also run the same weights in transformers (hf) in this process")
     p.add_argument("--prune-structured", default=None, metavar="heads=F,ffn=F",
                    help="also run a structurally pruned copy (magnitude importance, every layer alike)")
+    quant_bench.add_args(p)
     spec_bench.add_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -143,10 +144,14 @@ def run(args: argparse.Namespace) -> int:
     for name, engine in engines:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
+    rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     base = rows[0]
+    hf_row = next((r for r in rows if r["engine"] == "transformers"), None)
     for row in rows:
         row["decode_vs_first"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
+        if hf_row is not None:
+            row["decode_vs_transformers"] = round(row["decode_tok_s"] / hf_row["decode_tok_s"], 3)
     for row in rows[1:]:
         row["first_decode_vs_this"] = round(base["decode_tok_s"] / row["decode_tok_s"], 3)
     result = {"command": "pangu " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("pangu") else None,
