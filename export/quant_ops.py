@@ -14,6 +14,8 @@ entries (called with onnx_ir Values inside onnxscript's recorder):
 - int4, target ascend (no contrib ops) -> codes unpacked with `Mod` / `Div` by 16, `Cast` to
   float, `(code - zero) * scale` per group, `MatMul` (the optimizer folds what is constant).
 
+Also here: `x >> n`, whose stock lowering is wrong for uint8 (see `right_shift`).
+
 Buffers are still graph inputs while these run (initializers are attached afterwards), so
 every step on the weights is written as graph ops rather than computed in numpy.
 """
@@ -98,8 +100,23 @@ def translation_table(opset: int, contrib_ops: bool, accuracy_level: int = 0) ->
         high = op.Gather(pairs, op.Constant(value_int=1), axis=2)
         return op.Add(low, op.Mul(high, op.Constant(value=ir.tensor(np.array(16, np.uint8)))))
 
+    unsigned = (ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64)
+
+    def right_shift(x: ir.Value, shift: Any) -> ir.Value:
+        """`x >> shift`. The stock lowering casts uint8 through INT8 (wrong for codes >= 128
+        and a Cast ATC rejects); unsigned inputs (the int4 codes an int4 embedding unpacks)
+        take ONNX BitShift, signed ones floor division by 2**shift."""
+        amount = shift if isinstance(shift, ir.Value) else op.Constant(value_int=int(shift))
+        if x.dtype in unsigned:
+            return op.BitShift(x, op.CastLike(amount, x), direction="RIGHT")
+        power = op.CastLike(op.Pow(op.Constant(value_int=2), op.Cast(amount, to=ir.DataType.INT64)), x)
+        one = op.CastLike(op.Constant(value_int=1), x)
+        negative = op.Sub(op.Div(op.Add(x, one), power), one)  # floor for x < 0, no overflow at the minimum
+        return op.Where(op.Less(x, op.CastLike(op.Constant(value_int=0), x)), negative, op.Div(x, power))
+
     ops = quant_ops()
-    table: dict[Callable, Callable] = {}
+    table: dict[Callable, Callable] = {torch.ops.aten.__rshift__.Scalar: right_shift,
+                                       torch.ops.aten.bitwise_right_shift.Tensor_Scalar: right_shift}
     if "int8_linear" in ops:
         table[ops["int8_linear"]] = int8_linear
     if "int4_linear" in ops:
