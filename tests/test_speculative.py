@@ -4,6 +4,8 @@ rejections equal a fresh prefill of the kept tokens, and bad drafters / k get ty
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -174,28 +176,39 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
 
 
 def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():
-    ctl = AdaptiveK(k_max=6, timed=False)
-    assert ctl.choose(0.1) == 6  # optimistic prior, cheap drafts
+    ctl = AdaptiveK(k_max=6, timed=False, cost=0.1)
+    assert ctl.choose() == 6  # optimistic prior, cheap drafts
+    ctl = replace(ctl, cost=0.3)
     for _ in range(6):  # every draft rejected
-        ctl = ctl.update(max(ctl.choose(0.3), 1), accepted=0, examined=1)
-    assert ctl.choose(0.3) == 0 and ctl.rate < 0.1
+        ctl = ctl.update(max(ctl.choose(), 1), accepted=0, examined=1)
+    assert ctl.choose() == 0 and ctl.rate < 0.1
     for _ in range(8):
         ctl = ctl.update(0, 0, 0)
-    assert ctl.choose(0.3) == 2  # a probe after probe_every plain steps
+    assert ctl.choose() == 2  # a probe after probe_every plain steps
+    ctl = ctl.update(2, accepted=0, examined=1)
+    for _ in range(15):
+        ctl = ctl.update(0, 0, 0)
+    assert ctl.choose() == 0  # a failed probe doubles the gap
+    ctl = ctl.update(0, 0, 0)
+    assert ctl.choose() == 2
+    ctl = replace(ctl, cost=0.05)
     for _ in range(10):  # drafts are good again
-        k = ctl.choose(0.05)
+        k = ctl.choose()
         ctl = ctl.update(k, accepted=k, examined=k)
-    assert ctl.rate > 0.9 and ctl.choose(0.05) == 6
+    assert ctl.rate > 0.9 and ctl.choose() == 6 and ctl.backoff == 0
 
 
 def test_timed_adaptive_k_uses_measured_costs():
-    ctl = AdaptiveK(k_max=4)
-    assert ctl.choose(0.1) == 0  # first a plain step, to time it
+    ctl = AdaptiveK(k_max=4, cost=1.0)
+    assert ctl.choose() == 0  # first a plain step, to time it
     timed = ctl.update(0, 0, 0, draft_s=0.0, verify_s=0.010)
+    assert timed.choose() == 2  # then a probe, to time drafting rather than trust the guess
     costly = timed.update(4, 4, 4, draft_s=0.040, verify_s=0.011)  # a draft token costs a plain step
-    assert costly.rate > 0.9 and costly.choose(0.0) == 0  # not worth it at any acceptance rate
+    assert costly.rate > 0.9 and costly.choose() == 0  # not worth it at any acceptance rate
     cheap = timed.update(4, 4, 4, draft_s=0.004, verify_s=0.011)
-    assert cheap.choose(1.0) == 4  # the measured cost overrides the structural guess
+    assert cheap.choose() == 4  # the measured cost overrides the structural guess
+    noisy = cheap.update(4, 4, 4, draft_s=0.400, verify_s=0.011)  # one preempted step
+    assert noisy.draft_s < 0.002 and noisy.choose() == 4
 
 
 def test_adaptive_run_falls_back_when_drafts_are_useless():

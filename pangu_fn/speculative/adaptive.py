@@ -5,16 +5,18 @@ With a per-token acceptance rate a, a step that drafts K tokens yields on averag
 (`fixed`: verifying K+1 positions plus the step's bookkeeping; `per_token`: drafting one
 token). A plain step (K = 0) yields 1 token for a cost of 1. The controller picks the K in
 `0 .. k_max` with the most tokens per unit of cost, so it falls back to plain decoding when
-speculation would lose, and probes with K = 2 every `probe_every` plain steps to notice when
-drafts become good again (with `timed`, also right after the first plain step, to measure
+speculation would lose, and probes with K = 2 after `probe_every` plain steps to notice when
+drafts become good again (the gap doubles after each probe that does not resume speculation,
+up to 8 times) (with `timed`, also right after the first plain step, to measure
 the drafting cost instead of trusting a guess).
 
 The rate is a decayed count of accepted over examined drafts (a draft is examined when all
 before it were accepted: the maximum-likelihood estimate for that truncated geometric
 process), starting from an optimistic prior (0.8, weight of 2 drafts).
 
-Costs: with `timed` (default) they are decayed means of the measured seconds of plain steps,
-of drafting per token and of verifying (a drop is trusted more than a rise: timing noise only
+Costs: with `timed` (default) they are decayed means of the measured seconds (CPU time of the
+process on the CPU, so that a shared machine's preemptions do not count; wall time after a
+device sync elsewhere) of plain steps, of drafting per token and of verifying (a drop is trusted more than a rise: timing noise only
 adds), because the real ratios depend on the machine and
 dtype (e.g. on a CPU whose fp32 matmul slows down for more than one row, verifying 5
 positions costs 1.4 plain steps; in bf16 1.1). The first step is then a plain one, to time it.
@@ -30,13 +32,14 @@ from dataclasses import dataclass, replace
 from ..errors import InputError
 
 PROBE_K = 2
+MAX_BACKOFF = 3  # probe at least every 8 * probe_every plain steps
 
 
 @dataclass(frozen=True)
 class AdaptiveK:
     k_max: int = 8
     timed: bool = True
-    cost: float | None = None  # timed=False: drafting one token, in plain steps (None: Drafter.cost)
+    cost: float | None = None  # drafting one token, in plain steps (None: spec_init fills in Drafter.cost)
     overhead: float = 0.15  # timed=False: fixed = 1 + overhead
     memory: float = 0.7  # weight of the past in the decayed counts and means
     probe_every: int = 8
@@ -46,6 +49,7 @@ class AdaptiveK:
     draft_s: float | None = None  # seconds per drafted token
     verify_s: float | None = None  # seconds of a speculative step's verification
     plain_steps: int = 0  # consecutive plain steps
+    backoff: int = 0  # probes in a row that did not resume speculation: the gap doubles each time
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k_max, int) and not isinstance(self.k_max, bool) and self.k_max >= 1):
@@ -58,27 +62,27 @@ class AdaptiveK:
         """The current estimate of the per-token acceptance rate."""
         return self.accepted / self.examined
 
-    def costs(self, drafter_cost: float) -> tuple[float, float]:
+    def costs(self) -> tuple[float, float]:
         """(fixed, per_token): a speculative step's cost in plain steps."""
         if self.timed and self.plain_s and self.draft_s is not None and self.verify_s is not None:
             return self.verify_s / self.plain_s, self.draft_s / self.plain_s
-        return 1 + self.overhead, self.cost if self.cost is not None else drafter_cost
+        return 1 + self.overhead, self.cost or 0.0
 
-    def speedup(self, k: int, drafter_cost: float) -> float:
+    def speedup(self, k: int) -> float:
         """Expected tokens per unit of plain-step time for draft length k (1.0 for k = 0)."""
         if k == 0:
             return 1.0
         a = min(self.rate, 1 - 1e-6)
-        fixed, per_token = self.costs(drafter_cost)
+        fixed, per_token = self.costs()
         return (1 - a ** (k + 1)) / (1 - a) / (fixed + k * per_token)
 
-    def choose(self, drafter_cost: float) -> int:
+    def choose(self) -> int:
         """The draft length for the next step."""
         if self.timed and self.plain_s is None:
             return 0
-        best = max(range(self.k_max + 1), key=lambda k: self.speedup(k, drafter_cost))
+        best = max(range(self.k_max + 1), key=self.speedup)
         unmeasured = self.timed and self.draft_s is None
-        if best == 0 and (unmeasured or self.plain_steps >= self.probe_every):
+        if best == 0 and (unmeasured or self.plain_steps >= self.probe_every << min(self.backoff, MAX_BACKOFF)):
             return min(PROBE_K, self.k_max)
         return best
 
@@ -97,5 +101,7 @@ class AdaptiveK:
 
         if k == 0:
             return replace(self, plain_steps=self.plain_steps + 1, plain_s=mean(self.plain_s, verify_s))
+        probe = self.plain_steps > 0  # a speculative step right after plain ones
         return replace(self, accepted=m * self.accepted + accepted, examined=m * self.examined + examined,
-                       plain_steps=0, draft_s=mean(self.draft_s, draft_s / k), verify_s=mean(self.verify_s, verify_s))
+                       plain_steps=0, backoff=self.backoff + 1 if probe else 0,
+                       draft_s=mean(self.draft_s, draft_s / k), verify_s=mean(self.verify_s, verify_s))

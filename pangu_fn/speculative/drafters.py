@@ -145,8 +145,7 @@ class SelfDraft:
         n_layers = model.cfg.num_layers
         shared = spec.target_cache
         cache = KVCache(shared.keys[:n_layers], shared.values[:n_layers], shared.lengths)
-        last = spec.tokens.gather(1, (spec.lengths - 1)[:, None])
-        _, drafts, probs, counts = _autoregress(model, cache, last, None, None, k, sampling, spec.seen, rng)
+        _, drafts, probs, counts = _autoregress(model, cache, spec.last, None, None, k, sampling, spec.seen, rng)
         return model, drafts, probs, counts
 
     def commit(self, state: Model, lengths: torch.Tensor) -> Model:

@@ -31,7 +31,7 @@ class SpecState:
     """Everything a speculative decode carries between steps (rows still running only).
 
     `tokens [B, S]` each row's tokens, right-padded; `lengths [B]` how many are real (n);
-    `limits [B]` the most a row may reach (prompt + max_new_tokens); `rows` the index of each
+    `last [B, 1]` each row's last token (`tokens[b, n - 1]`); `limits [B]` the most a row may reach (prompt + max_new_tokens); `rows` the index of each
     row in the caller's batch; `target_cache` holds n - 1 positions per row; `draft` the
     drafter's state; `seen [B, V]` (bool) the tokens the repetition penalty applies to, or
     None; `k` the draft length (the most per step with `adaptive`); `eos` the stop tokens.
@@ -39,6 +39,7 @@ class SpecState:
 
     tokens: torch.Tensor
     lengths: torch.Tensor
+    last: torch.Tensor
     limits: torch.Tensor
     rows: tuple[int, ...]
     target_cache: KVCache
@@ -76,14 +77,16 @@ def spec_init(target: Model, drafter: Drafter, prompts: Sequence[Sequence[int]],
     params, cfg = target
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise InputError(f"speculative: expected an int draft length k >= 1, found {k!r}")
+    drafter.check(target)
     if adaptive is True:
         adaptive = AdaptiveK(k_max=k)
     elif adaptive is False:
         adaptive = None
     if adaptive is not None:
         k = adaptive.k_max
+        if adaptive.cost is None:
+            adaptive = replace(adaptive, cost=drafter.cost(target))
     prompts = check_prompts(prompts, cfg, max_new_tokens)
-    drafter.check(target)
     eos = frozenset([cfg.eos_token_id] if eos_token_ids is None and cfg.eos_token_id is not None
                     else (eos_token_ids or ()))
     device = params["tok_embed"]["weight"].device
@@ -107,8 +110,8 @@ def spec_init(target: Model, drafter: Drafter, prompts: Sequence[Sequence[int]],
     tokens.scatter_(1, lengths[:, None], first[:, None])
     if seen is not None:
         seen.scatter_(1, first[:, None], True)
-    state = SpecState(tokens, lengths + 1, lengths + max_new_tokens, tuple(range(B)), cache, draft, seen,
-                      k, adaptive, eos)
+    state = SpecState(tokens, lengths + 1, first[:, None], lengths + max_new_tokens, tuple(range(B)), cache, draft,
+                      seen, k, adaptive, eos)
     kept = [[t] for t in first.tolist()]
     return _finish_rows(drafter, state, kept, max_new_tokens == 1)
 
@@ -125,47 +128,56 @@ def spec_step(target: Model, drafter: Drafter, state: SpecState, sampling: Sampl
     (tokens, caches, seen) are donated: they are updated in place and reused."""
     params, cfg = target
     n, device = state.lengths, state.lengths.device
-    t0 = time.perf_counter()
-    k = state.adaptive.choose(drafter.cost(target)) if state.adaptive is not None else state.k
-    n_max, room_max = torch.stack([n.max(), (state.limits - n).max()]).tolist()
-    limit = min(cfg.max_seq_len, state.target_cache.max_len)
-    k = max(0, min(k, limit - n_max, room_max - 1))
-    draft, drafts, q, counts = state.draft, state.tokens[:, :0], None, None
+    t0, c0 = time.perf_counter(), _cpu_clock(device)
+    k = state.k if state.adaptive is None else state.adaptive.choose()
+    draft, drafts, q, counts = state.draft, None, None, None
+    if k > 0:
+        n_max, room_max = torch.stack([n.max(), (state.limits - n).max()]).tolist()
+        k = min(k, min(cfg.max_seq_len, state.target_cache.max_len) - n_max, room_max - 1)
     if k > 0:
         draft, drafts, q, counts = drafter.propose(target, state, k, sampling, rng)
-    k = drafts.shape[1]
-    counts = torch.full_like(n, k) if counts is None else counts
-    counts = torch.minimum(counts, state.limits - n - 1)  # never pass a row's max_new_tokens
+        k = drafts.shape[1]
     _sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu_clock(device)
 
-    last = state.tokens.gather(1, (n - 1)[:, None])
-    logits, cache = forward(params, cfg, torch.cat([last, drafts], 1), state.target_cache)
-    if state.seen is not None:
-        logits = penalize(logits.float(), _seen_after_drafts(state.seen, drafts), sampling.repetition_penalty)
-    if sampling.greedy:
-        accepted, nxt = accept.greedy_accept(logits, drafts, counts)
+    if k == 0:  # a plain decode step, as lean as `stream`'s
+        logits, cache = forward(params, cfg, state.last, state.target_cache)
+        nxt = sample(logits[:, 0], sampling, rng, state.seen)
+        state.tokens.scatter_(1, n[:, None], nxt[:, None])
+        if state.seen is not None:
+            state.seen.scatter_(1, nxt[:, None], True)
+        new_lengths = n + 1
+        host = torch.stack([torch.zeros_like(n), torch.zeros_like(n), state.limits - new_lengths, nxt], 1).tolist()
+        state = replace(state, lengths=new_lengths, last=nxt[:, None], target_cache=cache.with_lengths(n))
     else:
-        accepted, nxt = accept.rejection_sample(probabilities(logits, sampling), q, drafts, counts, rng)
-    kept = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, accepted[:, None], nxt[:, None])
-    state.tokens.scatter_(1, n[:, None] + torch.arange(k + 1, device=device), kept)
-    new_lengths = n + accepted + 1
-    if state.seen is not None:  # mark the kept tokens (kept[:, 0] is always kept)
-        valid = torch.arange(k + 1, device=device) <= accepted[:, None]
-        state.seen.scatter_(1, torch.where(valid, kept, kept[:, :1]), True)
-    host = torch.cat([accepted[:, None], counts[:, None], kept], 1).tolist()
-    state = replace(state, lengths=new_lengths, target_cache=cache.with_lengths(new_lengths - 1),
-                    draft=drafter.commit(draft, new_lengths))
-    kept_lists = [row[2: 3 + row[0]] for row in host]
-    drafted = sum(row[1] for row in host)
-    n_accepted = sum(row[0] for row in host)
-    limits_hit = (new_lengths >= state.limits).tolist()
-    state, events = _finish_rows(drafter, state, kept_lists, limits_hit)
+        counts = torch.full_like(n, k) if counts is None else counts
+        counts = torch.minimum(counts, state.limits - n - 1)  # never pass a row's max_new_tokens
+        logits, cache = forward(params, cfg, torch.cat([state.last, drafts], 1), state.target_cache)
+        if state.seen is not None:
+            logits = penalize(logits.float(), _seen_after_drafts(state.seen, drafts), sampling.repetition_penalty)
+        if sampling.greedy:
+            accepted, nxt = accept.greedy_accept(logits, drafts, counts)
+        else:
+            accepted, nxt = accept.rejection_sample(probabilities(logits, sampling), q, drafts, counts, rng)
+        kept = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, accepted[:, None], nxt[:, None])
+        state.tokens.scatter_(1, n[:, None] + torch.arange(k + 1, device=device), kept)
+        new_lengths = n + accepted + 1
+        if state.seen is not None:  # mark the kept tokens (kept[:, 0] is always kept)
+            valid = torch.arange(k + 1, device=device) <= accepted[:, None]
+            state.seen.scatter_(1, torch.where(valid, kept, kept[:, :1]), True)
+        host = torch.cat([accepted[:, None], counts[:, None], (state.limits - new_lengths)[:, None], kept],
+                         1).tolist()
+        state = replace(state, lengths=new_lengths, last=nxt[:, None], target_cache=cache.with_lengths(new_lengths - 1),
+                        draft=drafter.commit(draft, new_lengths))
+    kept_lists = [row[3: 4 + row[0]] for row in host]
+    state, events = _finish_rows(drafter, state, kept_lists, [row[2] <= 0 for row in host])
     _sync(device)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), _cpu_clock(device)
+    n_accepted, drafted = sum(row[0] for row in host), sum(row[1] for row in host)
     if state.adaptive is not None:
         examined = sum(row[0] + (row[0] < row[1]) for row in host if row[1] > 0)
-        state = replace(state, adaptive=state.adaptive.update(k, n_accepted, examined, t1 - t0, t2 - t1))
+        draft_s, verify_s = (t1 - t0, t2 - t1) if c0 is None else (c1 - c0, c2 - c1)
+        state = replace(state, adaptive=state.adaptive.update(k, n_accepted, examined, draft_s, verify_s))
     stats = StepStats(rows=len(host), k=k, drafted=drafted, accepted=n_accepted,
                       tokens=sum(len(t) for t in kept_lists), draft_s=t1 - t0, verify_s=t2 - t1)
     return state, events, stats
@@ -195,7 +207,8 @@ def _select(drafter: Drafter, state: SpecState, keep: list[int]) -> SpecState:
     if not keep:
         return replace(state, rows=())
     idx = torch.tensor(keep, device=state.lengths.device)
-    return replace(state, tokens=state.tokens[idx], lengths=state.lengths[idx], limits=state.limits[idx],
+    return replace(state, tokens=state.tokens[idx], lengths=state.lengths[idx], last=state.last[idx],
+                   limits=state.limits[idx],
                    rows=tuple(state.rows[i] for i in keep), target_cache=state.target_cache.select_rows(idx),
                    draft=drafter.select_rows(state.draft, idx),
                    seen=None if state.seen is None else state.seen[idx])
@@ -209,6 +222,12 @@ def _seen_after_drafts(seen: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor
     for i in range(K):
         steps[:, i + 1:].scatter_(2, drafts[:, i, None, None].expand(B, K - i, 1), True)
     return steps
+
+
+def _cpu_clock(device: torch.device) -> float | None:
+    """On the CPU, the process's CPU time: what AdaptiveK compares, immune to the waits of a
+    preempted process on a shared machine (wall time includes them). None elsewhere."""
+    return time.process_time() if device.type == "cpu" else None
 
 
 def _sync(device: torch.device) -> None:
