@@ -8,12 +8,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
-from pangu_fn.speculative import (AdaptiveK, DraftModel, Model, PromptLookup, SelfDraft, SpecStats, spec_init,
-                                  spec_step, speculative_generate, speculative_stream)
+from pangu_fn.speculative import (
+    AdaptiveK,
+    DraftModel,
+    Model,
+    PromptLookup,
+    SelfDraft,
+    SpecStats,
+    spec_init,
+    spec_step,
+    speculative_generate,
+    speculative_stream,
+)
 from pangu_fn.tree import tree_map
-from helpers import FAMILIES, random_model
 
 # repeats in the prompts give prompt lookup something to find
 SINGLE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]

@@ -14,13 +14,12 @@ import math
 
 import pytest
 import torch
+from helpers import random_model
 
 import pangu_fn as pf
-import pangu_fn.speculative.accept as accept
 from pangu_fn.sampling import penalize, probabilities
-from pangu_fn.speculative import DraftModel, PromptLookup, SelfDraft, speculative_generate
+from pangu_fn.speculative import DraftModel, PromptLookup, SelfDraft, accept, speculative_generate
 from pangu_fn.tree import tree_map
-from helpers import random_model
 
 V = 8
 PROMPT = [3, 1, 4, 1, 5, 3, 1, 4]  # repeats, so prompt lookup proposes drafts

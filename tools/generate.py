@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decode speculatively: a draft model folder, 'self' / 'self:N' (the target's first "
                         "N layers, default a quarter) or 'lookup' / 'lookup:N' (n-gram prompt lookup)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per step (the most, with --adaptive)")
+    p.add_argument("--draft-dtype", default=None, help="dtype of a draft model (default: --dtype, else as stored)")
     p.add_argument("--adaptive", action="store_true", help="choose each step's draft length from the recent "
                                                            "acceptance rate (falls back to plain decoding)")
     p.set_defaults(func=run)
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         stats = SpecStats()
         events = speculative_stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos,
                                     drafter=load_drafter(args.draft, params["tok_embed"]["weight"].device,
-                                                         args.dtype),
+                                                         args.draft_dtype or args.dtype),
                                     k=args.k, adaptive=args.adaptive, stats=stats)
 
     completions = [pf.Completion([], "length") for _ in prompts]

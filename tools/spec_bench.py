@@ -13,10 +13,14 @@ speculative output equals plain greedy output, so each row decodes the same toke
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from tqdm import tqdm
 
 QUOTE_HEAD = 8  # tokens of the passage repeated at the end of a quote prompt
 
@@ -31,6 +35,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-prompts", default="held-out", choices=["held-out", "quote", "random"],
                    help="speculative rows: prompts from held-out documents, quoting prompts, or random ids")
     p.add_argument("--prompt-count", type=int, default=4, help="speculative rows: prompts per row")
+    p.add_argument("--draft-dtype", default=None, help="speculative rows: dtype of draft models (default: the target's)")
 
 
 def bench_prompts(model: str, cfg: Any, kind: str, prompt_len: int, new_tokens: int, count: int) -> list[list[int]]:
@@ -84,9 +89,10 @@ def spec_engine(params: Any, cfg: Any, drafter: Any, k: int, adaptive: bool, sta
 
 def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable[..., dict[str, Any]],
               engine: Callable[..., Any]) -> list[dict[str, Any]]:
-    """A plain greedy row and one row per drafter (and adaptive variant) over the same prompts:
-    decode tokens/s (all prompts' tokens over all prompts' decode time, each prompt's time the
-    median of the repeats), acceptance rate, tokens per target call, and `vs_plain`."""
+    """A plain greedy row and one row per drafter (and adaptive variant) over the same prompts,
+    run round-robin: decode tokens/s (all prompts' tokens over all prompts' decode time, each
+    prompt's rate the median of the repeats), acceptance rate, tokens per target call (over
+    all runs, warm-up included), and `vs_plain`."""
     if not args.draft:
         return []
     from pangu_fn.cache import compute_dtype
@@ -96,21 +102,32 @@ def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable
     device, dtype = params["tok_embed"]["weight"].device, compute_dtype(params)
     candidates: list[tuple[str, Any, SpecStats | None, dict[str, Any]]] = [("plain greedy", engine(params, cfg), None, {})]
     for spec in args.draft:
-        drafter = load_drafter(spec, device, dtype)
+        drafter = load_drafter(spec, device, args.draft_dtype or dtype)
         for adaptive in (False, True) if args.adaptive else (False,):
             stats = SpecStats()
             label = f"speculative {spec} k{'<=' if adaptive else '='}{args.k}"
             info = {"draft": spec, "k": args.k, "adaptive": adaptive}
             candidates.append((label, spec_engine(params, cfg, drafter, args.k, adaptive, stats), stats, info))
+    # round-robin over repeats, so that a busy machine's slow spells hit every row alike
+    runs: dict[str, list[list[dict[str, Any]]]] = {label: [[] for _ in prompts] for label, *_ in candidates}
+    total = (args.warmup + args.repeats) * len(candidates) * len(prompts)
+    with tqdm(total=total, desc=f"bench: speculative rows ({args.spec_prompts} prompts)", file=sys.stderr) as bar:
+        for repeat in range(args.warmup + args.repeats):
+            for label, run, _, _ in candidates:
+                for i, prompt in enumerate(prompts):
+                    result = measure(run, prompt, args.new_tokens, 1, 0)
+                    if repeat >= args.warmup:
+                        runs[label][i].append(result)
+                    bar.update()
     rows = []
-    for label, run, stats, info in candidates:
-        print(f"bench: {label} on {len(prompts)} {args.spec_prompts} prompts ...", file=sys.stderr, flush=True)
-        per_prompt = [measure(run, p, args.new_tokens, args.repeats, args.warmup) for p in prompts]
-        decode_s = sum((args.new_tokens - 1) / m["decode_tok_s"] for m in per_prompt)
+    for label, _, stats, info in candidates:
+        rates = [statistics.median(r["decode_tok_s"] for r in per) for per in runs[label]]
+        prefill = [statistics.median(r["prefill_ms"] for r in per) for per in runs[label]]
+        decode_s = sum((args.new_tokens - 1) / rate for rate in rates)
         row = {"engine": f"{label} [{args.spec_prompts}]", "dtype": str(dtype).replace("torch.", ""),
-               "prefill_ms": round(sum(m["prefill_ms"] for m in per_prompt) / len(per_prompt), 2),
+               "prefill_ms": round(statistics.mean(prefill), 2),
                "decode_tok_s": round(len(prompts) * (args.new_tokens - 1) / decode_s, 2),
-               "per_prompt_decode_tok_s": [m["decode_tok_s"] for m in per_prompt], **info}
+               "per_prompt_decode_tok_s": [round(rate, 2) for rate in rates], **info}
         row["ms_per_token"] = round(1e3 / row["decode_tok_s"], 3)
         if stats is not None:
             row.update({key: value for key, value in stats.as_dict().items() if key != "prefill_s"})

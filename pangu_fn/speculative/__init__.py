@@ -9,7 +9,7 @@ target's distribution (rejection sampling of Leviathan et al. / Chen et al.).
 
 from .accept import greedy_accept, rejection_sample
 from .adaptive import AdaptiveK
-from .drafters import DraftModel, Drafter, Model, PromptLookup, SelfDraft, load_drafter, make_drafter
+from .drafters import Drafter, DraftModel, Model, PromptLookup, SelfDraft, load_drafter, make_drafter
 from .loop import SpecStats, speculative_generate, speculative_stream
 from .step import SpecState, StepStats, spec_init, spec_step
 

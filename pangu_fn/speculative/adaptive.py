@@ -87,7 +87,7 @@ class AdaptiveK:
         return best
 
     def update(self, k: int, accepted: int, examined: int, draft_s: float = 0.0,
-               verify_s: float = 0.0) -> "AdaptiveK":
+               verify_s: float = 0.0) -> AdaptiveK:
         """The controller after a step that drafted k tokens per row (0: a plain step), examined
         and accepted that many drafts, and spent those seconds drafting and verifying."""
         m = self.memory

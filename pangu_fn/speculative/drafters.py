@@ -53,7 +53,7 @@ class Drafter(Protocol):
         """The initial state for right-padded `prompts [B, T]` of `prompt_lengths [B]`, with room
         for `max_len` positions per row."""
 
-    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+    def propose(self, target: Model, spec: SpecState, k: int, sampling: SamplingParams,
                 rng: torch.Generator | None) -> Proposal:
         """Up to `k >= 1` tokens per row continuing `spec.tokens[b, :spec.lengths[b]]`."""
 
@@ -88,7 +88,7 @@ class DraftModel:
         _, cache = forward(self.params, self.cfg, prompts, cache)
         return cache.with_lengths(prompt_lengths)
 
-    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+    def propose(self, target: Model, spec: SpecState, k: int, sampling: SamplingParams,
                 rng: torch.Generator | None) -> Proposal:
         cache: KVCache = spec.draft
         n = spec.lengths
@@ -139,7 +139,7 @@ class SelfDraft:
         params["blocks"] = list(target.params["blocks"][:n])
         return Model(params, target.cfg.replace(num_layers=n, query_layer=False))
 
-    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+    def propose(self, target: Model, spec: SpecState, k: int, sampling: SamplingParams,
                 rng: torch.Generator | None) -> Proposal:
         model: Model = spec.draft
         n_layers = model.cfg.num_layers
@@ -178,7 +178,7 @@ class PromptLookup:
     def start(self, target: Model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_len: int) -> None:
         return None
 
-    def propose(self, target: Model, spec: "SpecState", k: int, sampling: SamplingParams,
+    def propose(self, target: Model, spec: SpecState, k: int, sampling: SamplingParams,
                 rng: torch.Generator | None) -> Proposal:
         n = spec.lengths[:, None]
         width = int(n.max())

@@ -8,8 +8,9 @@ statistics.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -20,6 +21,8 @@ from ..sampling import SamplingParams
 from .adaptive import AdaptiveK
 from .drafters import Model, make_drafter
 from .step import StepStats, spec_init, spec_step
+
+GREEDY = SamplingParams()
 
 
 @dataclass
@@ -73,7 +76,7 @@ class SpecStats:
 
 
 def speculative_stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                       sampling: SamplingParams = GREEDY, seed: int = 0,
                        eos_token_ids: Iterable[int] | None = None, *, drafter: Any = "self", k: int = 4,
                        adaptive: AdaptiveK | bool = False, stats: SpecStats | None = None) -> Iterator[TokenEvent]:
     """Yield TokenEvents like `stream`, decoding speculatively. Greedy output equals `stream`'s
@@ -104,7 +107,7 @@ def speculative_stream(params: Params, cfg: ModelConfig, prompts: Sequence[Seque
 
 
 def speculative_generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                         sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                         sampling: SamplingParams = GREEDY, seed: int = 0,
                          eos_token_ids: Iterable[int] | None = None, *, drafter: Any = "self", k: int = 4,
                          adaptive: AdaptiveK | bool = False, stats: SpecStats | None = None) -> list[Completion]:
     """New tokens for each prompt and why each stopped, like `generate`; see `speculative_stream`."""

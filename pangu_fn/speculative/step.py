@@ -10,8 +10,9 @@ token), and rolls every cache back by setting its lengths: nothing is recomputed
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
