@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import ModelConfig
 from .evaluate import next_token_loss
+from .model import forward
 from .params import Params
 from .tree import leaves_with_names, unflatten
 
@@ -73,6 +75,21 @@ def train(params: Params, cfg: ModelConfig, batches: Iterator[torch.Tensor], tc:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     trained = unflatten({n: t.detach().to(dtypes[n]) for n, t in named})
     return trained, losses
+
+
+def distillation_loss(teacher: Params, teacher_cfg: ModelConfig, student_cfg: ModelConfig,
+                      kl_weight: float = 0.5) -> LossFn:
+    """loss(student, tokens [B, T+1]) = kl_weight * KL(teacher || student) of the next-token
+    distributions (mean over positions) + (1 - kl_weight) * next-token cross-entropy. The
+    teacher (any config with the same vocabulary, e.g. a deeper model) runs without gradients."""
+    def loss(student: Params, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens[:, :-1]
+        with torch.no_grad():
+            target = F.log_softmax(forward(teacher, teacher_cfg, x)[0].float(), -1).flatten(0, 1)
+        logits = forward(student, student_cfg, x)[0].float().flatten(0, 1)
+        kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
+        return kl_weight * kl + (1 - kl_weight) * F.cross_entropy(logits, tokens[:, 1:].flatten())
+    return loss
 
 
 def random_batches(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:

@@ -1,0 +1,130 @@
+"""The committed demo models (models/demo): files and hashes match the model card, the held-out
+perplexities and the draft's agreement recompute to the card's figures, greedy generation is
+stable and equals the argmax of a no-cache recomputation, and `pangu demo` runs end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import pangu_fn as pf
+from pangu_fn import data
+from pangu_fn.evaluate import greedy_agreement, perplexity
+from pangu_fn.tokenizer import load_tokenizer
+
+DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
+CARD_ROW = re.compile(r"^\| `([^`]+)` \| ([\d,]+) \| `([0-9a-f]{64})` \|$", re.MULTILINE)
+
+pytestmark = pytest.mark.skipif(not (DEMO / "README.md").is_file(), reason="demo models not built")
+
+
+@pytest.fixture(scope="module")
+def card() -> str:
+    return (DEMO / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    return json.loads((DEMO / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(target, tcfg, draft, dcfg, tokenizer, held-out ids), fp32 compute from the stored weights."""
+    target, tcfg = pf.load(DEMO / "target", dtype="fp32")
+    draft, dcfg = pf.load(DEMO / "draft", dtype="fp32")
+    tok = load_tokenizer(DEMO / "target")
+    held = data.token_stream(tok, data.read_documents(DEMO / "heldout.jsonl")).tolist()
+    return target, tcfg, draft, dcfg, tok, held
+
+
+def test_files_match_the_card_and_fit_the_budget(card):
+    rows = {name: (int(size.replace(",", "")), digest) for name, size, digest in CARD_ROW.findall(card)}
+    files = {p.relative_to(DEMO).as_posix(): p for p in DEMO.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert set(rows) == set(files), "the card's file table and the folder disagree"
+    for name, path in files.items():
+        assert rows[name] == (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()), name
+    assert sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file()) <= 16_000_000
+
+
+def test_card_is_rendered_from_metrics_json(card, metrics):
+    from pangu_tools.train_demo import model_card
+
+    files = sorted(p for p in DEMO.rglob("*") if p.is_file() and p.name != "README.md")
+    hashes = [(p.relative_to(DEMO).as_posix(), p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+              for p in files]
+    assert model_card(metrics, hashes) == card
+
+
+def test_models_are_the_openpangu_family_with_the_tokenizer_beside_them(models):
+    target, tcfg, draft, dcfg, tok, _ = models
+    for folder, cfg in (("target", tcfg), ("draft", dcfg)):
+        assert (cfg.family, cfg.norm, cfg.mlp, cfg.positions) == ("openpangu", "rmsnorm", "swiglu", "rope")
+        assert cfg.num_kv_heads < cfg.num_heads and cfg.attn_bias
+        assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+            tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+        assert (DEMO / folder / "tokenizer.model").read_bytes() == (DEMO / "target" / "tokenizer.model").read_bytes()
+        stored, _ = pf.load(DEMO / folder)
+        assert {t.dtype for t in torch.utils._pytree.tree_leaves(stored)} == {torch.bfloat16}
+    assert 2048 <= tok.vocab_size <= 4096
+    assert tcfg.num_layers >= 4 * dcfg.num_layers
+    assert 1e6 < pf.count_params(target) and pf.count_params(draft) < pf.count_params(target)
+
+
+def test_heldout_perplexity_matches_the_card(models, metrics, card):
+    target, tcfg, draft, dcfg, _, held = models
+    assert len(held) == metrics["corpus"]["heldout_tokens"]
+    for name, params, cfg in (("target", target, tcfg), ("draft", draft, dcfg)):
+        recorded = metrics[name]["heldout_ppl"]
+        assert f"**{recorded:.2f}**" in card
+        assert perplexity(params, cfg, held, metrics["eval_seq_len"]) == pytest.approx(recorded, rel=0.01)
+        assert recorded < 0.05 * cfg.vocab_size  # far below a uniform guess: the weights are trained
+
+
+def test_draft_agreement_matches_the_card(models, metrics, card):
+    target, tcfg, draft, dcfg, _, held = models
+    recorded = metrics["draft"]["greedy_agreement_heldout"]
+    assert f"**{recorded:.1%}**" in card
+    assert greedy_agreement(target, tcfg, draft, dcfg, held, metrics["eval_seq_len"]) == pytest.approx(recorded, abs=0.01)
+
+
+def test_greedy_generation_is_stable_and_equals_no_cache_argmax(models, metrics):
+    target, tcfg, _, _, tok, _ = models
+    ref = metrics["reference"]
+    prompt = tok.encode(ref["prompt"])
+    assert prompt == ref["prompt_ids"]
+    tokens = pf.generate(target, tcfg, [prompt], ref["max_new_tokens"], eos_token_ids=())[0].tokens
+    assert tokens == ref["tokens"]
+    with torch.inference_mode():
+        logits, _ = pf.forward(target, tcfg, torch.tensor([prompt + tokens[:-1]]))
+    assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == tokens
+    assert tok.decode(tokens) == ref["text"]
+
+
+def test_demo_command_runs_end_to_end(metrics, capsys):
+    from pangu_tools.cli import main
+    from pangu_tools.demo import STAGES
+
+    assert main(["demo", "--max-new-tokens", "6", "--repeats", "1", "--prompt", "The for statement"]) == 0
+    out = capsys.readouterr().out
+    assert "The for statement" in out and f"{len(STAGES)} stage(s)" in out
+    report = out[out.index("stage "):]
+    row = next(line for line in report.splitlines() if line.startswith("pytorch"))
+    assert f"{metrics['target']['heldout_ppl']:.2f}" in row
+
+
+def test_demo_text_stream_waits_for_whole_characters(models):
+    from pangu_tools.demo import TextStream
+
+    tok = models[4]
+    text = "naïve 日本語 🙂 done"
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(p == "" for p in pieces) > 0  # multi-byte characters arrived in several tokens

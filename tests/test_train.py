@@ -1,0 +1,147 @@
+"""Training code without retraining the committed models: the corpus split, a short run that
+lowers the loss on real text, the distillation loss's identities, greedy agreement, and a tiny
+`pangu train-demo` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import pangu_fn as pf
+from pangu_fn import data
+from pangu_fn.errors import FormatError
+from pangu_fn.evaluate import greedy_agreement, next_token_loss
+from pangu_fn.tokenizer import load_tokenizer
+from pangu_fn.train import TrainConfig, distillation_loss, random_batches, train
+
+
+@pytest.fixture(scope="module")
+def pydoc_tokens(tmp_path_factory):
+    """(tokenizer, train ids, held-out ids) from a 1024-piece tokenizer trained on the pydoc topics."""
+    train_docs, held_docs = data.split(data.pydoc_documents(), 0.1)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(data.train_tokenizer(train_docs, vocab_size=1024))
+    tok = load_tokenizer(path)
+    return tok, data.token_stream(tok, train_docs), data.token_stream(tok, held_docs)
+
+
+def tiny_cfg(tok, layers: int = 2) -> pf.ModelConfig:
+    return pf.ModelConfig.preset("tiny-openpangu").replace(
+        vocab_size=tok.vocab_size, num_layers=layers, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id)
+
+
+def test_split_is_by_document_deterministic_and_complete():
+    docs = data.pydoc_documents()
+    train_docs, held = data.split(docs, 0.2)
+    assert {d.name for d in train_docs}.isdisjoint({d.name for d in held})
+    assert len(train_docs) + len(held) == len(docs) and 0 < len(held) < len(docs)
+    assert data.split(docs, 0.2) == (train_docs, held)
+    # the side depends on the name only: a document keeps its side in a smaller corpus
+    assert data.split(docs[::2], 0.2)[1] == [d for d in held if d in docs[::2]]
+    assert all(h == (int(hashlib.sha256(d.name.encode()).hexdigest()[:8], 16) < 0.2 * 2**32)
+               for d in docs for h in [data.is_heldout(d.name, 0.2)])
+
+
+def test_docstring_documents_come_from_ast(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(
+        '"""Module doc, long enough."""\nclass A:\n    """Class doc, long enough."""\n'
+        '    def f(self):\n        """Method doc, long enough."""\ndef g():\n    """Module doc, long enough."""\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text('"""Skipped: a test folder."""\n')
+    (tmp_path / "broken.py").write_text("def (:\n")
+    docs = data.docstring_documents(tmp_path)
+    assert docs == [data.Document("stdlib:pkg/mod.py",
+                                  "Module doc, long enough.\n\nClass doc, long enough.\n\nMethod doc, long enough.")]
+
+
+def test_token_stream_ends_each_document_with_eos(pydoc_tokens):
+    tok = pydoc_tokens[0]
+    docs = [data.Document("a", "first text"), data.Document("b", "second")]
+    ids = data.token_stream(tok, docs).tolist()
+    assert ids == tok.encode("first text") + [tok.eos_id] + tok.encode("second") + [tok.eos_id]
+
+
+def test_documents_round_trip_through_jsonl(tmp_path):
+    docs = [data.Document("x", "line one\nline two ü"), data.Document("y", "")]
+    data.write_documents(tmp_path / "d.jsonl", docs)
+    assert data.read_documents(tmp_path / "d.jsonl") == docs
+    (tmp_path / "bad.jsonl").write_text('{"name": "x"}\n')
+    with pytest.raises(FormatError, match="bad.jsonl:1"):
+        data.read_documents(tmp_path / "bad.jsonl")
+
+
+def test_short_training_run_lowers_the_loss(pydoc_tokens):
+    tok, train_ids, held_ids = pydoc_tokens
+    cfg = tiny_cfg(tok)
+    params = pf.init_params(cfg, seed=0)
+    before = {k: v.clone() for k, v in params["tok_embed"].items()}
+    held = held_ids[: 4 * 65].reshape(4, 65)
+    with torch.no_grad():
+        loss0 = next_token_loss(params, cfg, held).item()
+    trained, losses = train(params, cfg, random_batches(train_ids, 8, 64, seed=0),
+                            TrainConfig(steps=30, lr=1e-2, warmup=5), progress=False)
+    with torch.no_grad():
+        loss1 = next_token_loss(trained, cfg, held).item()
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert loss0 == pytest.approx(math.log(cfg.vocab_size), abs=0.2)  # an untrained model guesses uniformly
+    assert loss1 < loss0 - 0.5 and sum(losses[-5:]) < sum(losses[:5]) - 2.5  # by > 0.5 nats
+    assert torch.equal(params["tok_embed"]["weight"], before["weight"])  # the input tree is untouched
+
+
+def test_distillation_loss_identities(pydoc_tokens):
+    tok, train_ids, _ = pydoc_tokens
+    cfg, small = tiny_cfg(tok, 2), tiny_cfg(tok, 1)
+    teacher = pf.init_params(cfg, seed=1)
+    student = pf.init_params(small, seed=2)
+    batch = train_ids[: 2 * 33].reshape(2, 33)
+    with torch.no_grad():
+        assert distillation_loss(teacher, cfg, cfg, kl_weight=1.0)(teacher, batch).item() == pytest.approx(0, abs=1e-5)
+        ce = next_token_loss(student, small, batch).item()
+        assert distillation_loss(teacher, cfg, small, kl_weight=0.0)(student, batch).item() == pytest.approx(ce, rel=1e-5)
+        mixed = distillation_loss(teacher, cfg, small, kl_weight=0.5)(student, batch).item()
+        kl = distillation_loss(teacher, cfg, small, kl_weight=1.0)(student, batch).item()
+    assert kl > 0 and mixed == pytest.approx(0.5 * kl + 0.5 * ce, rel=1e-5)
+
+
+def test_greedy_agreement(pydoc_tokens):
+    tok, train_ids, _ = pydoc_tokens
+    cfg = tiny_cfg(tok)
+    a, b = pf.init_params(cfg, seed=3), pf.init_params(cfg, seed=4)
+    ids = train_ids[:100].tolist()
+    assert greedy_agreement(a, cfg, a, cfg, ids, 32) == 1.0
+    with torch.inference_mode():  # one window of 99 inputs: the same positions, computed by hand
+        x = torch.tensor([ids[:99]])
+        expected = (pf.forward(a, cfg, x)[0].argmax(-1) == pf.forward(b, cfg, x)[0].argmax(-1)).float().mean().item()
+    assert greedy_agreement(a, cfg, b, cfg, ids, 99) == pytest.approx(expected, abs=1e-9)
+
+
+def test_train_demo_command_tiny_end_to_end(tmp_path):
+    from pangu_tools.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["train-demo", "--out", str(out), "--pydoc-only", "--vocab-size", "512", "--hidden", "64",
+                 "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--layers", "2", "--context", "128",
+                 "--seq-len", "64", "--batch", "4", "--steps", "12", "--draft-steps", "4", "--eval-every", "0",
+                 "--threads", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    card = (out / "README.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \| [\d,]+ \| `([0-9a-f]{64})` \|$", card, re.MULTILINE)
+    assert {name for name, _ in rows} == {"target/config.json", "target/model.safetensors", "target/tokenizer.model",
+                                          "draft/config.json", "draft/model.safetensors", "draft/tokenizer.model",
+                                          "heldout.jsonl", "metrics.json"}
+    assert all(hashlib.sha256((out / name).read_bytes()).hexdigest() == digest for name, digest in rows)
+    _, tcfg = pf.load(out / "target")
+    _, dcfg = pf.load(out / "draft")
+    assert (tcfg.num_layers, dcfg.num_layers, tcfg.max_seq_len) == (2, 1, 128)
+    assert m["target"]["heldout_ppl"] < 0.9 * tcfg.vocab_size  # 12 steps already beat a uniform guess
+    assert m["corpus"]["heldout_tokens"] == len(data.token_stream(
+        load_tokenizer(out / "target"), data.read_documents(out / "heldout.jsonl")))
+    assert main(["train-demo", "--out", str(tmp_path / "x"), "--seq-len", "300", "--context", "256"]) == 2
+    assert not (tmp_path / "x").exists()

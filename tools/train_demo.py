@@ -1,0 +1,323 @@
+"""`pangu train-demo`: train the committed demo models from a fixed seed, on the CPU.
+
+Builds the corpus (`pangu_fn.data`: pydoc topics + standard-library docstrings, split by
+document), trains a SentencePiece tokenizer on the training documents, trains a **target**
+model of the openPangu-Embedded family (RMSNorm, SwiGLU, RoPE, GQA, q/k/v/o bias) with
+next-token loss, then a shallow **draft** model for speculative decoding: it starts from the
+target's embedding, first block(s) and final norm and is distilled from the target's logits
+(KL + next-token loss). Both are saved in bf16 beside the tokenizer, with the held-out
+documents, `metrics.json` and a model card `README.md` holding every figure and file hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+REFERENCE_PROMPT = "A context manager is an object that"
+REFERENCE_TOKENS = 32
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-demo", help="train the demo tokenizer, target and draft models")
+    p.add_argument("--out", default="models/demo", help="output folder (replaced atomically at the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--pydoc-only", action="store_true", help="skip the standard-library docstrings")
+    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8, help="target layers")
+    p.add_argument("--draft-layers", type=int, default=1)
+    p.add_argument("--context", type=int, default=256, help="max_seq_len of both models")
+    p.add_argument("--seq-len", type=int, default=256, help="training window (tokens), at most --context")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=600, help="target training steps")
+    p.add_argument("--draft-steps", type=int, default=300, help="draft distillation steps")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--kl-weight", type=float, default=0.8, help="draft loss: KL share (rest: next-token)")
+    p.add_argument("--eval-every", type=int, default=150, help="held-out loss every N steps (0: never)")
+    p.set_defaults(func=run)
+
+
+def demo_config(tokenizer: Any, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int,
+                context: int) -> Any:
+    """An openPangu-Embedded-family config sized for the demo, with the tokenizer's ids."""
+    from pangu_fn.config import ModelConfig
+
+    return ModelConfig(
+        family="openpangu", vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads, intermediate_size=ffn,
+        max_seq_len=context, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", activation="silu",
+        positions="rope", rope_theta=10000.0, tie_embeddings=True, attn_bias=True, mlp_bias=False,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+
+
+def draft_init(target: Any, draft_cfg: Any, seed: int) -> Any:
+    """Draft params that start from the target's embedding, first blocks and final norm."""
+    import pangu_fn as pf
+    from pangu_fn.tree import tree_map
+
+    params = pf.init_params(draft_cfg, seed=seed + 1)
+    params["tok_embed"] = {k: v.clone() for k, v in target["tok_embed"].items()}
+    params["final_norm"] = {k: v.clone() for k, v in target["final_norm"].items()}
+    params["blocks"] = [tree_map(lambda t: t.clone(), b) for b in target["blocks"][:draft_cfg.num_layers]]
+    return params
+
+
+def spaced_sample(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
+    """About `n_tokens` tokens of `ids` as evenly spaced runs of `seq_len` tokens."""
+    runs = max(1, min(n_tokens // seq_len, len(ids) // seq_len))
+    stride = len(ids) // runs
+    return [t for r in range(runs) for t in ids[r * stride:r * stride + seq_len]]
+
+
+def reference_generation(params: Any, cfg: Any, tokenizer: Any, prompt: str, n: int) -> dict[str, Any]:
+    """Greedy continuation of `prompt` (no early stop) and the smallest top-1 / top-2 logit gap
+    along it, recomputed without a cache: how safe the tokens are from rounding flips."""
+    import torch
+
+    import pangu_fn as pf
+
+    ids = tokenizer.encode(prompt)
+    tokens = pf.generate(params, cfg, [ids], n, eos_token_ids=())[0].tokens
+    with torch.inference_mode():
+        logits = pf.forward(params, cfg, torch.tensor([ids + tokens[:-1]]))[0][0, len(ids) - 1:]
+    top2 = logits.float().topk(2, -1).values
+    return {"prompt": prompt, "prompt_ids": ids, "max_new_tokens": n, "tokens": tokens,
+            "text": tokenizer.decode(tokens), "min_top2_gap": round(float((top2[:, 0] - top2[:, 1]).min()), 4)}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import pangu_fn as pf
+    from pangu_fn import data
+    from pangu_fn.evaluate import greedy_agreement, perplexity
+    from pangu_fn.io.atomic import atomic_dir
+    from pangu_fn.tokenizer import load_tokenizer
+    from pangu_fn.train import TrainConfig, distillation_loss, random_batches, train
+
+    if not 2 <= args.seq_len <= args.context:
+        raise pf.InputError(f"train-demo: expected 2 <= --seq-len <= --context ({args.context}), found {args.seq_len}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    clock = {"start": time.perf_counter()}
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)
+
+    # 1. corpus and tokenizer
+    docs = data.corpus(docstrings=not args.pydoc_only)
+    train_docs, held_docs = data.split(docs, args.heldout_fraction)
+    if not train_docs or not held_docs:
+        raise pf.InputError(f"train-demo: --heldout-fraction {args.heldout_fraction} leaves "
+                            f"{len(train_docs)} train and {len(held_docs)} held-out documents; expected both > 0")
+    sp_bytes = data.train_tokenizer(train_docs, args.vocab_size, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(sp_bytes)
+        tok = load_tokenizer(Path(tmp) / "tokenizer.model")
+        train_ids = data.token_stream(tok, train_docs)
+        held_ids = data.token_stream(tok, held_docs).tolist()
+    clock["tokenizer"] = time.perf_counter()
+    log(f"corpus (Python {data.python_version()}): {len(train_docs)} train documents, {train_ids.numel():,} tokens; "
+        f"{len(held_docs)} held-out documents, {len(held_ids):,} tokens; tokenizer vocab {tok.vocab_size}")
+    if train_ids.numel() < args.seq_len + 2:
+        raise pf.InputError(f"train-demo: {train_ids.numel()} training tokens; expected at least {args.seq_len + 2}")
+
+    eval_len = min(256, args.context - 1)  # perplexity()'s default window for these models
+    monitor_ids = held_ids[: 32 * eval_len]
+
+    def monitor(cfg: Any, name: str) -> Any:
+        step = [0]
+
+        def after_step(params: Any) -> None:
+            step[0] += 1
+            if args.eval_every and step[0] % args.eval_every == 0:
+                log(f"{name} step {step[0]}: held-out loss {math.log(perplexity(params, cfg, monitor_ids, eval_len)):.3f}")
+        return after_step
+
+    # 2. target
+    tcfg = demo_config(tok, args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.context)
+    target = pf.init_params(tcfg, seed=args.seed)
+    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=min(50, max(1, args.steps // 10)))
+    target, target_losses = train(target, tcfg, random_batches(train_ids, args.batch, args.seq_len, args.seed), tc,
+                                  after_step=monitor(tcfg, "target"), desc="target")
+    target = pf.astype(pf.astype(target, torch.bfloat16), torch.float32)  # the committed weights
+    clock["target"] = time.perf_counter()
+
+    # 3. draft, distilled from the committed target
+    dcfg = demo_config(tok, args.draft_layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.context)
+    draft = draft_init(target, dcfg, args.seed)
+    dc = TrainConfig(steps=args.draft_steps, lr=args.lr, warmup=min(50, max(1, args.draft_steps // 10)))
+    draft, draft_losses = train(draft, dcfg, random_batches(train_ids, args.batch, args.seq_len, args.seed + 1), dc,
+                                loss_fn=distillation_loss(target, tcfg, dcfg, args.kl_weight),
+                                after_step=monitor(dcfg, "draft"), desc="draft")
+    clock["draft"] = time.perf_counter()
+
+    # 4. save, reload what was saved, measure it, write the card
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        pf.save(tmp / "target", pf.astype(target, torch.bfloat16), tcfg, extra_files={"tokenizer.model": sp_bytes})
+        pf.save(tmp / "draft", pf.astype(draft, torch.bfloat16), dcfg, extra_files={"tokenizer.model": sp_bytes})
+        data.write_documents(tmp / "heldout.jsonl", held_docs)
+        target, tcfg = pf.load(tmp / "target", dtype="fp32")
+        draft, dcfg = pf.load(tmp / "draft", dtype="fp32")
+        tok = load_tokenizer(tmp / "target")
+        held_ids = data.token_stream(tok, data.read_documents(tmp / "heldout.jsonl")).tolist()
+        train_sample = spaced_sample(train_ids.tolist(), len(held_ids), eval_len)
+        ppl = {name: {"train": perplexity(p, c, train_sample, eval_len, progress=True, desc=f"{name} train ppl"),
+                      "heldout": perplexity(p, c, held_ids, eval_len, progress=True, desc=f"{name} held-out ppl")}
+               for name, p, c in (("target", target, tcfg), ("draft", draft, dcfg))}
+        agreement = greedy_agreement(target, tcfg, draft, dcfg, held_ids, eval_len)
+        reference = reference_generation(target, tcfg, tok, REFERENCE_PROMPT, REFERENCE_TOKENS)
+        clock["end"] = time.perf_counter()
+        metrics = {
+            "python": data.python_version(), "torch": torch.__version__, "seed": args.seed,
+            "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "corpus": {"train_documents": len(train_docs), "heldout_documents": len(held_docs),
+                       "pydoc_documents": sum(d.name.startswith("pydoc:") for d in docs),
+                       "docstring_documents": sum(d.name.startswith("stdlib:") for d in docs),
+                       "train_chars": sum(len(d.text) for d in train_docs),
+                       "heldout_chars": sum(len(d.text) for d in held_docs),
+                       "train_tokens": train_ids.numel(), "heldout_tokens": len(held_ids),
+                       "train_sample_tokens": len(train_sample)},
+            "tokenizer": {"type": "sentencepiece bpe, byte fallback", "vocab_size": tok.vocab_size,
+                          "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+            "eval_seq_len": eval_len,
+            "target": {"parameters": pf.count_params(target), "layers": tcfg.num_layers, "steps": args.steps,
+                       "tokens_seen": args.steps * args.batch * args.seq_len,
+                       "final_train_loss_50": sum(target_losses[-50:]) / len(target_losses[-50:]),
+                       "train_ppl": ppl["target"]["train"], "heldout_ppl": ppl["target"]["heldout"],
+                       "seconds": round(clock["target"] - clock["tokenizer"], 1)},
+            "draft": {"parameters": pf.count_params(draft), "layers": dcfg.num_layers, "steps": args.draft_steps,
+                      "tokens_seen": args.draft_steps * args.batch * args.seq_len,
+                      "final_train_loss_50": sum(draft_losses[-50:]) / len(draft_losses[-50:]),
+                      "train_ppl": ppl["draft"]["train"], "heldout_ppl": ppl["draft"]["heldout"],
+                      "greedy_agreement_heldout": agreement,
+                      "seconds": round(clock["draft"] - clock["target"], 1)},
+            "reference": reference,
+            "seconds": {"tokenizer_and_corpus": round(clock["tokenizer"] - clock["start"], 1),
+                        "total": round(clock["end"] - clock["start"], 1)},
+        }
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_card(tmp)
+    log(f"target: held-out ppl {ppl['target']['heldout']:.2f} (train {ppl['target']['train']:.2f}); "
+        f"draft: held-out ppl {ppl['draft']['heldout']:.2f} (train {ppl['draft']['train']:.2f}), "
+        f"greedy agreement with target {agreement:.1%}; {clock['end'] - clock['start']:.0f} s in all")
+    print(out)
+    return 0
+
+
+def write_card(folder: Path) -> None:
+    """(Re)write `folder/README.md` from its `metrics.json` and the hashes of its other files."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    hashes = [(p.relative_to(folder).as_posix(), p.stat().st_size, sha256(p)) for p in files]
+    (folder / "README.md").write_text(model_card(json.loads((folder / "metrics.json").read_text()), hashes))
+
+
+def model_card(m: dict[str, Any], hashes: list[tuple[str, int, str]]) -> str:
+    """The model card: data, sizes, training, results, reproduction, file hashes."""
+    c, t, d, a = m["corpus"], m["target"], m["draft"], m["args"]
+    total = sum(size for _, size, _ in hashes)
+    rows = "\n".join(f"| `{name}` | {size:,} | `{digest}` |" for name, size, digest in hashes)
+    ref = m["reference"]
+    return f"""# pangu-fn demo models
+
+Two small language models of the **openPangu-Embedded family** (pre-RMSNorm, SwiGLU MLP, RoPE,
+grouped-query attention with biases on q/k/v/o, tied embeddings), trained on this project's
+CPU from a fixed seed by `pangu train-demo`. They exist so that the demo, the tests and every
+quality figure (quantization, pruning, speculative decoding, export parity) run on weights that
+mean something. They write English in the style of Python's documentation; they know little else.
+
+| model | layers | hidden | heads (kv) | FFN | parameters | context |
+|---|---|---|---|---|---|---|
+| `target/` | {t["layers"]} | {a["hidden"]} | {a["heads"]} ({a["kv_heads"]}) | {a["ffn"]} | {t["parameters"]:,} | {a["context"]} |
+| `draft/` | {d["layers"]} | {a["hidden"]} | {a["heads"]} ({a["kv_heads"]}) | {a["ffn"]} | {d["parameters"]:,} | {a["context"]} |
+
+Weights are stored in bf16 (`model.safetensors`); every figure below was computed in fp32 from
+the stored bf16 weights (`pangu_fn.load(path, dtype="fp32")`). Both folders hold the same
+`tokenizer.model` and a `config.json` whose bos / eos / pad ids ({m["tokenizer"]["bos_id"]} / \
+{m["tokenizer"]["eos_id"]} / {m["tokenizer"]["pad_id"]}) are the tokenizer's.
+
+## Data
+
+Text that every CPython ships, read from the interpreter that trained the models
+(**Python {m["python"]}**; the standard library differs between versions):
+- the {c["pydoc_documents"]} topics of `pydoc_data.topics.topics` (the language reference pages `help()` shows);
+- the docstrings of {c["docstring_documents"]} standard-library modules, collected with `ast` in source order
+  (one document per module; `test`/`tests` folders and site-packages skipped; repeated docstrings kept once).
+
+Documents are split by a hash of their name ({a["heldout_fraction"]:.0%} held out):
+{c["train_documents"]} train documents ({c["train_chars"]:,} characters, {c["train_tokens"]:,} tokens) and
+{c["heldout_documents"]} held-out documents ({c["heldout_chars"]:,} characters, {c["heldout_tokens"]:,} tokens).
+The held-out documents are committed as `heldout.jsonl`, so the held-out figures can be recomputed
+on any Python version. Each document is followed by the eos token in the token streams.
+
+Tokenizer: SentencePiece BPE, {m["tokenizer"]["vocab_size"]} pieces, trained on the train documents only;
+identity normalisation (whitespace and newlines kept), byte fallback for any other character,
+so it round-trips any text except U+2581 (SentencePiece's space marker, decoded as a space).
+Special ids: unk 0, bos 1, eos 2, pad 3.
+
+## Training
+
+| | target | draft |
+|---|---|---|
+| steps x batch x window | {t["steps"]} x {a["batch"]} x {a["seq_len"]} | {d["steps"]} x {a["batch"]} x {a["seq_len"]} |
+| tokens seen | {t["tokens_seen"]:,} ({t["tokens_seen"] / c["train_tokens"]:.1f} passes) | {d["tokens_seen"]:,} |
+| loss | next-token cross-entropy | {a["kl_weight"]} x KL(target ‖ draft) + {1 - a["kl_weight"]:.1f} x next-token |
+| start | random (seed {a["seed"]}) | target's embedding, first {d["layers"]} block(s) and final norm |
+| wall time | {t["seconds"]:.0f} s | {d["seconds"]:.0f} s |
+
+AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices, gradient clip 1.0), learning rate
+{a["lr"]:g} with linear warm-up and cosine decay to a tenth, fp32 master weights, torch {m["torch"]},
+{a["threads"]} CPU threads. Total time including corpus, tokenizer and evaluation:
+**{m["seconds"]["total"]:.0f} s**.
+
+## Results (windows of {m["eval_seq_len"]} tokens)
+
+| | train loss (last 50 steps) | train perplexity | held-out perplexity |
+|---|---|---|---|
+| target | {t["final_train_loss_50"]:.3f} | {t["train_ppl"]:.2f} | **{t["heldout_ppl"]:.2f}** |
+| draft | {d["final_train_loss_50"]:.3f} (distillation loss) | {d["train_ppl"]:.2f} | **{d["heldout_ppl"]:.2f}** |
+
+Train perplexity is measured on {c["train_sample_tokens"]:,} tokens of evenly spaced training windows.
+The draft's greedy next token equals the target's at **{d["greedy_agreement_heldout"]:.1%}** of held-out positions.
+
+Greedy continuation of `{ref["prompt"]!r}` by the target ({ref["max_new_tokens"]} tokens; the test
+suite checks these exact tokens, which are also in `metrics.json`):
+
+```text
+{ref["prompt"]}{ref["text"]}
+```
+
+## Reproduce
+
+```bash
+pangu train-demo --out models/demo
+```
+
+with the defaults (seed {a["seed"]}). The same Python version and torch build give the same corpus and
+the same tokenizer; the weights depend on floating-point kernels, so another machine gives close
+but not bit-identical weights and figures.
+
+## Files ({total:,} bytes without this card)
+
+| file | bytes | sha256 |
+|---|---|---|
+{rows}
+"""
