@@ -174,3 +174,18 @@ def test_bad_recipes_raise_config_errors(make, match):
     params, _ = random_model("tiny-gpt")
     with pytest.raises(pf.ConfigError, match=match):
         make(params)
+
+
+@pytest.mark.parametrize("drafter", ["self", "draft-model"])
+def test_speculative_decoding_on_quantized_trees_equals_plain_greedy(drafter):
+    from pangu_fn.speculative import speculative_generate
+
+    params, cfg = random_model("tiny-openpangu")
+    q = quantize(params, QuantRecipe("int4", group_size=32, head="int8"))
+    if drafter == "draft-model":
+        dparams, dcfg = random_model("tiny-openpangu", seed=5, num_layers=1)
+        drafter = (quantize(dparams, QuantRecipe("int8")), dcfg)
+    prompts = [[1, 5, 9, 3, 4, 4], [7, 8]]
+    plain = [c.tokens for c in pf.generate(q, cfg, prompts, 16, eos_token_ids=())]
+    spec = speculative_generate(q, cfg, prompts, 16, eos_token_ids=(), drafter=drafter, k=3)
+    assert [c.tokens for c in spec] == plain
