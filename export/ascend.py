@@ -148,7 +148,7 @@ def _shape_problems(model: onnx.ModelProto) -> list[Problem]:
             problems.append(Problem("zero-dim", f"initializer {init.name} has shape {list(init.dims)}"))
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as e:  # onnx raises InferenceError and others
+    except Exception as e:  # noqa: BLE001  (onnx raises InferenceError and others)
         problems.append(Problem("zero-dim", f"shape inference failed, so empty tensors cannot be ruled out: {e}"))
         return problems
     seen = set()

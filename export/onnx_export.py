@@ -112,9 +112,11 @@ def export_onnx(params: Params, cfg: ModelConfig, path: Path, *, layout: str = "
     if ort_fusions:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+        from .ort_passes import optimize
+
         with _quiet():
             _, fusions = optimize_for_ort(program.model)
-        fusions = {k: v for k, v in fusions.items() if v}
+        fusions = {**{k: v for k, v in fusions.items() if v}, **optimize(program.model)}
     if program.model.opset_imports.get("", opset) > opset:
         raise ConfigError(f"export: the graph needs opset {program.model.opset_imports['']}, above --opset {opset}")
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)

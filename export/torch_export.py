@@ -100,7 +100,7 @@ def _refuse_pickles(path: Path) -> None:
                 elif "/sample_inputs/" in name:
                     try:
                         torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ...
+                    except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, ...)
                         raise FormatError(f"{path}: {name} needs full unpickling ({type(e).__name__}); "
                                           "refusing to load it") from None
     except zipfile.BadZipFile as e:

@@ -80,7 +80,7 @@ class Session:
         model = safe_path(self.path, m["model"]["file"])
         try:
             self.session = ort.InferenceSession(str(model), opts, providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as e:  # onnxruntime raises its own exception types
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own exception types)
             raise BundleFormatError(f"{model}: onnxruntime refused the model: {e}") from None
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
@@ -214,7 +214,7 @@ class Session:
         return tokens
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               sampling: SamplingParams = SamplingParams(), seed: int = 0,
+               sampling: SamplingParams = SamplingParams(), seed: int = 0,  # noqa: B008 (frozen)
                eos_token_ids: Iterable[int] | None = None,
                lookup: PromptLookup | None = None) -> Iterator[TokenEvent]:
         """Yield TokenEvents as they are produced, with `pangu_fn.stream`'s semantics.
@@ -343,7 +343,7 @@ class Session:
                     yield emit(r, new_token)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                 sampling: SamplingParams = SamplingParams(), seed: int = 0,  # noqa: B008 (frozen)
                  eos_token_ids: Iterable[int] | None = None,
                  lookup: PromptLookup | None = None) -> list[Completion]:
         """New tokens for each prompt, with the reason each stopped. Same arguments and

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import pytest
 import torch
-
-import pangu_fn as pf
 from helpers import FAMILIES, random_model
 from pangu_export import export_bundle, load_program
 from pangu_runtime import BundleFormatError, PromptLookup, Session
 from pangu_runtime.manifest import sha256_file
+
+import pangu_fn as pf
 
 PROMPTS = [[5, 17, 42, 9, 5, 17, 42, 9, 5], [3, 88], [100, 7, 7, 61, 200, 33]]  # ragged
 
@@ -220,3 +220,39 @@ def test_cli_export_and_run(shared_dir, tmp_path, capsys):
     assert main(["export", "tiny-gpt", str(tmp_path / "x"), "--target", "ascend", "--prefill-lengths", "4,8"]) == 2
     assert not (tmp_path / "x").exists()  # a refused export leaves nothing behind
     assert main(["run", str(tmp_path / "nothing"), "--prompt-ids", "1"]) == 2
+
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo" / "target"
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason=f"the demo model is not trained yet ({DEMO})")
+def test_demo_text_in_text_out(tmp_path):
+    """The trained demo model (openPangu family, SentencePiece tokenizer) through the runtime:
+    text in, the same greedy text out as pangu_fn, with the tokenizer carried by the bundle."""
+    params, cfg = pf.load(DEMO)
+    m = export_bundle(params, cfg, tmp_path / "demo", "ort", tokenizer=DEMO, progress=False)
+    assert m["tokenizer"]["kind"] == "sentencepiece"
+    from pangu_fn.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(DEMO)
+    texts = ["The Python tutorial explains how to", "A list comprehension"]
+    ids = [tok.encode(t, add_bos=True) for t in texts]
+    want = [tok.decode(c.tokens) for c in pf.generate(params, cfg, ids, 24)]
+    s = Session(tmp_path / "demo")
+    assert s.tokenizer.encode(texts[0], add_bos=True) == ids[0]
+    assert s.generate_text(texts, 24) == want
+    assert all(w.strip() for w in want)
+
+
+def test_external_data_past_the_limit(tmp_path, monkeypatch):
+    """Weights go to model.onnx.data past 2 GB; the limit is lowered here to see it happen."""
+    from pangu_export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 2**26 + 1024)
+    params, cfg = random_model("tiny-gpt")
+    m = export_bundle(params, cfg, tmp_path / "ext", "ort", progress=False, genai=False)
+    assert m["model"]["external_data"] == ["model.onnx.data"] and "model.onnx.data" in m["files"]
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
+    want = pf.generate(params, cfg, PROMPTS, 8, eos_token_ids=())
+    assert [c.tokens for c in Session(tmp_path / "ext").generate(PROMPTS, 8, eos_token_ids=())] == \
+        [c.tokens for c in want]

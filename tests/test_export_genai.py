@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import pangu_fn as pf
 from helpers import FAMILIES, random_model
 from pangu_export import export_bundle
 from test_export import ort_bundle, shared_bundle, shared_dir  # noqa: F401  (shared_dir is a fixture)
+
+import pangu_fn as pf
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)")
 
@@ -35,7 +35,7 @@ def genai_greedy(bundle: Path, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_genai_greedy_equals_generate(shared_dir, family):
+def test_genai_greedy_equals_generate(shared_dir, family):  # noqa: F811
     params, cfg = random_model(family)
     bundle = ort_bundle(shared_dir, family)
     config = json.loads((bundle / "genai_config.json").read_text())
@@ -44,7 +44,7 @@ def test_genai_greedy_equals_generate(shared_dir, family):
     assert genai_greedy(bundle, PROMPT, 32) == want
 
 
-def test_genai_int4_bundle(shared_dir):
+def test_genai_int4_bundle(shared_dir):  # noqa: F811
     quant = pytest.importorskip("pangu_fn.quant", reason="pangu_fn.quant is not installed")
     params, cfg = random_model("tiny-openpangu")
     q = quant.quantize(params, quant.QuantRecipe(scheme="int4", group_size=32, compute_dtype="fp32"))

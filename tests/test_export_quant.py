@@ -11,20 +11,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-import pangu_fn as pf
 from helpers import random_model
 from pangu_export import check_ascend, export_bundle, load_program
 from pangu_runtime import Session
+
+import pangu_fn as pf
 
 quant = pytest.importorskip("pangu_fn.quant", reason="pangu_fn.quant (quantization) is not installed")
 
 PROMPTS = [[5, 17, 42, 9, 5, 17, 42, 9, 5], [3, 88], [100, 7, 7, 61, 200, 33]]
 # int4 with zero points, the MLP down projections int8, the tied head / embedding int8
-MIXED = dict(scheme="int4", group_size=32, symmetric=False, compute_dtype="fp32",
-             overrides=(("*.down", "int8"),), head="int8")
+MIXED = {"scheme": "int4", "group_size": 32, "symmetric": False, "compute_dtype": "fp32",
+         "overrides": (("*.down", "int8"),), "head": "int8"}
 # symmetric int4 everywhere, the tied head / embedding int4 too
-SYMMETRIC = dict(scheme="int4", group_size=32, symmetric=True, compute_dtype="fp32", head="int4")
+SYMMETRIC = {"scheme": "int4", "group_size": 32, "symmetric": True, "compute_dtype": "fp32", "head": "int4"}
 
 
 def quantized(recipe: dict):
@@ -65,7 +65,7 @@ def test_int8_activations_are_close_not_equal(tmp_path):
     """accuracy_level 4 (int8 activations, the fast CPU path) changes the arithmetic: close to
     the PyTorch path, not equal. The runtime sets it for ONNX Runtime's fused int8 matmuls
     from the manifest (the exported int4 nodes carry it as an attribute)."""
-    params, cfg = quantized(dict(scheme="int8", compute_dtype="fp32"))
+    params, cfg = quantized({"scheme": "int8", "compute_dtype": "fp32"})
     export_bundle(params, cfg, tmp_path / "q", "ort", progress=False, genai=False)
     with torch.no_grad():
         ref, _ = pf.forward(params, cfg, torch.tensor([PROMPTS[0]]))

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from . import quant_bench, spec_bench
+from . import ort_bench, quant_bench, spec_bench
 from .common import add_model_args, resolve_model, write_json
 
 
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also run a structurally pruned copy (magnitude importance, every layer alike)")
     quant_bench.add_args(p)
     spec_bench.add_args(p)
+    ort_bench.add_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
+    rows += ort_bench.bundle_rows(params, cfg, args, prompt, measure)
     base = rows[0]
     hf_row = next((r for r in rows if r["engine"] == "transformers"), None)
     for row in rows:

@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
         return check(args.src)
     if args.out is None:
         raise ConfigError("export: expected an output folder OUT (or --check ascend MODEL.onnx)")
-    from pangu_fn.tokenizer import find_tokenizer
     from pangu_export import export_bundle
+
+    from pangu_fn.tokenizer import find_tokenizer
 
     params, cfg, _ = resolve_model(args.src, "cpu", args.dtype, args.weights_seed)
     tokenizer = args.tokenizer
@@ -70,14 +71,15 @@ def run(args: argparse.Namespace) -> int:
 
 def check(path: str) -> int:
     """Print every ATC rule the ONNX file breaks; exit 0 when it fits, 1 when it does not."""
-    from pangu_fn.errors import FormatError
     from pangu_export.ascend import check_ascend
+
+    from pangu_fn.errors import FormatError
 
     if not Path(path).is_file():
         raise FormatError(f"--check ascend: expected an ONNX file, found no file at {path}")
     try:
         problems = check_ascend(path)
-    except Exception as e:  # onnx raises DecodeError and others for a file that is not ONNX
+    except Exception as e:  # noqa: BLE001  (onnx raises DecodeError and others for a non-ONNX file)
         raise FormatError(f"--check ascend: {path} is not a readable ONNX model: {e}") from None
     for problem in problems:
         print(f"{path}: {problem}")

@@ -1,0 +1,170 @@
+"""Graph clean-ups for ONNX Runtime, run after onnxscript's fusions (target ort only).
+
+Generic rewrites keyed on ops (no knowledge of the model):
+
+- `bnsh_attention_kv`: MultiHeadAttention accepts key / value as `[B, N, S, H]`; the fusion
+  feeds them as `Reshape(Transpose(cache, [0, 2, 1, 3]))`, which copies the whole cache every
+  call. The cache tensor is fed directly instead.
+- `merge_parallel_matmuls`: MatMul (or MatMulNBits) nodes that read the same activations with
+  constant weights (attention's q, k, v; SwiGLU's gate, up) become one node over the weights
+  concatenated along N, followed by a Split (and one Add for their constant biases): one
+  larger matrix-vector product instead of several small ones.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+MSFT = "com.microsoft"
+
+
+def optimize(model: ir.Model) -> dict[str, int]:
+    """Apply the rewrites in place; returns how often each fired."""
+    counts = {"bnsh_attention_kv": bnsh_attention_kv(model.graph),
+              "merge_parallel_matmuls": merge_parallel_matmuls(model.graph)}
+    return {k: v for k, v in counts.items() if v}
+
+
+def bnsh_attention_kv(graph: ir.Graph) -> int:
+    fired = 0
+    for node in list(graph):
+        if node.op_type != "MultiHeadAttention" or node.domain != MSFT:
+            continue
+        for index in (1, 2):  # key, value
+            if index >= len(node.inputs) or node.inputs[index] is None:
+                continue
+            source = _bnsh_source(node.inputs[index])
+            if source is not None:
+                node.replace_input_with(index, source)
+                fired += 1
+    if fired:
+        _remove_unused(graph)
+    return fired
+
+
+def _bnsh_source(value: ir.Value) -> ir.Value | None:
+    """X when `value` is Reshape(Transpose(X, perm=[0, 2, 1, 3]), [*, *, N*H]) with X 4-D."""
+    reshape = value.producer()
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
+        return None
+    transpose = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
+    if transpose is None or transpose.op_type != "Transpose" or transpose.domain:
+        return None
+    perm = transpose.attributes.get("perm")
+    source = transpose.inputs[0]
+    if perm is None or list(perm.as_ints()) != [0, 2, 1, 3] or source is None:
+        return None
+    if source.shape is not None and len(source.shape) != 4:
+        return None
+    return source
+
+
+def merge_parallel_matmuls(graph: ir.Graph) -> int:
+    groups: dict[tuple, list[ir.Node]] = defaultdict(list)
+    for node in graph:
+        key = _matmul_key(node)
+        if key is not None:
+            groups[key].append(node)
+    fired = 0
+    for nodes in groups.values():
+        if len(nodes) > 1:
+            _merge(graph, nodes)
+            fired += 1
+    if fired:
+        _remove_unused(graph)
+    return fired
+
+
+def _matmul_key(node: ir.Node) -> tuple | None:
+    """A grouping key for a MatMul / MatMulNBits with a constant weight, or None."""
+    if node.op_type == "MatMul" and not node.domain:
+        w = node.inputs[1]
+        if w is None or w.const_value is None or len(w.const_value.shape) != 2:
+            return None
+        return ("MatMul", id(node.inputs[0]), w.const_value.shape[0], w.const_value.dtype)
+    if node.op_type == "MatMulNBits" and node.domain == MSFT:
+        ins = list(node.inputs) + [None] * (6 - len(node.inputs))
+        if any(v is not None and v.const_value is None for v in ins[1:4]) or any(v is not None for v in ins[4:]):
+            return None
+        attrs = tuple(sorted((k, a.value) for k, a in node.attributes.items() if k != "N"))
+        return ("MatMulNBits", id(ins[0]), attrs, ins[3] is None)
+    return None
+
+
+def _merge(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    first = nodes[0]
+    biases = [_const_bias(n) for n in nodes]
+    if not all(b is not None for b in biases):
+        biases = []
+    if first.op_type == "MatMul":
+        weights = [n.inputs[1].const_value.numpy() for n in nodes]
+        widths = [w.shape[1] for w in weights]
+        merged_w = _initializer(graph, np.concatenate(weights, axis=1), f"{first.name}_merged_weight")
+        merged = ir.Node("", "MatMul", [first.inputs[0], merged_w], name=f"{first.name}_merged")
+    else:
+        parts = [[n.inputs[i].const_value.numpy() for n in nodes] for i in (1, 2)]
+        widths = [int(n.attributes["N"].value) for n in nodes]
+        blocks = parts[0][0].shape[1]
+        scales = [s.reshape(w, blocks) for s, w in zip(parts[1], widths)]
+        inputs = [first.inputs[0], _initializer(graph, np.concatenate(parts[0]), f"{first.name}_merged_qdata"),
+                  _initializer(graph, np.concatenate(scales).reshape(-1), f"{first.name}_merged_scales")]
+        if len(first.inputs) > 3 and first.inputs[3] is not None:
+            zps = [n.inputs[3].const_value.numpy().reshape(w, -1) for n, w in zip(nodes, widths)]
+            inputs.append(_initializer(graph, np.concatenate(zps), f"{first.name}_merged_zero_points"))
+        attrs = {k: a for k, a in first.attributes.items() if k != "N"}
+        attrs["N"] = ir.AttrInt64("N", sum(widths))
+        merged = ir.Node(MSFT, "MatMulNBits", inputs, attrs, name=f"{first.name}_merged")
+    out = merged.outputs[0]
+    new_nodes = [merged]
+    if biases:
+        bias = _initializer(graph, np.concatenate([b.const_value.numpy() for _, b in biases]), f"{first.name}_merged_bias")
+        add = ir.Node("", "Add", [out, bias], name=f"{first.name}_merged_bias_add")
+        new_nodes.append(add)
+        out = add.outputs[0]
+    sizes = _initializer(graph, np.array(widths, np.int64), f"{first.name}_merged_split")
+    split = ir.Node("", "Split", [out, sizes], {"axis": ir.AttrInt64("axis", -1)}, num_outputs=len(nodes),
+                    name=f"{first.name}_merged_split")
+    new_nodes.append(split)
+    graph.insert_before(first, new_nodes)
+    for i, node in enumerate(nodes):
+        old = biases[i][0].outputs[0] if biases else node.outputs[0]
+        split.outputs[i].name = old.name + "_merged"
+        old.replace_all_uses_with(split.outputs[i], replace_graph_outputs=True)
+
+
+def _const_bias(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """(Add node, bias) when the node's only consumer adds a constant 1-D bias."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or node.outputs[0].is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    if other is None or other.const_value is None or len(other.const_value.shape) != 1:
+        return None
+    return add, other
+
+
+def _initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _remove_unused(graph: ir.Graph) -> None:
+    """Drop nodes (last to first) whose outputs nothing uses, then unused initializers."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not v.uses() and not v.is_graph_output() for v in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]

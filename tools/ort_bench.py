@@ -1,0 +1,257 @@
+"""`pangu bench --bundle`: the same weights exported and run by ONNX Runtime, in the same run.
+
+Rows, for each `--bundle-scheme` (fp32, int4):
+- `pangu-runtime`: our bundle (`pangu export --target ort`) run by `pangu_runtime.Session`
+  (IO-bound preallocated KV buffers).
+- `onnx plain loop`: the baseline. The same weights in transformers (GPT-2 or LLaMA layout),
+  exported with a plain `torch.onnx.export(dynamo=True)`, onnxscript's ORT fusions applied
+  (`optimize_for_ort`), int4 through ONNX Runtime's own `MatMulNBitsQuantizer` (same group
+  size and symmetry), run by a numpy loop that feeds `present` back as `past` each step.
+- `onnxruntime-genai`: our bundle run by onnxruntime-genai's own loop (when installed).
+
+All sessions use `--threads` intra-op threads. PanGu-α has no transformers layout, so it gets
+no baseline row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUNDLE_SCHEMES = ("fp32", "int4")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", nargs="?", const="", default=None, metavar="DIR",
+                   help="also export the weights (to DIR, default a temporary folder) and time pangu_runtime, "
+                        "a plain torch.onnx.export + onnxruntime loop and onnxruntime-genai on them")
+    p.add_argument("--bundle-scheme", default="fp32,int4", metavar="LIST",
+                   help="--bundle rows: comma list of fp32, int4 (int4: --group-size, --asym; head int4 too)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="--bundle int4 rows: MatMulNBits accuracy_level for ours and the baseline (4 = int8 activations)")
+
+
+def bundle_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int],
+                measure: Callable[..., dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows described in the module docstring ([] without --bundle)."""
+    if args.bundle is None:
+        return []
+    from pangu_fn.errors import ConfigError
+
+    wanted = [s.strip() for s in args.bundle_scheme.split(",") if s.strip()]
+    if not wanted or any(s not in BUNDLE_SCHEMES for s in wanted):
+        raise ConfigError(f"--bundle-scheme {args.bundle_scheme!r}: expected a comma list of {list(BUNDLE_SCHEMES)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.bundle) if args.bundle else Path(tmp)
+        for scheme in wanted:
+            rows += _scheme_rows(params, cfg, args, prompt, measure, scheme, root / f"bundle-{scheme}", Path(tmp))
+    return rows
+
+
+def _scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], measure: Callable[..., Any],
+                 scheme: str, folder: Path, tmp: Path) -> list[dict[str, Any]]:
+    from pangu_export import export_bundle
+
+    import pangu_fn as pf
+
+    tree = pf.astype(params, "fp32")
+    if scheme == "int4":
+        from pangu_fn.quant import QuantRecipe, quantize
+
+        tree = quantize(tree, QuantRecipe("int4", group_size=args.group_size, symmetric=not args.asym,
+                                          head="int4", compute_dtype="fp32"))
+    print(f"bench: exporting the {scheme} bundle to {folder} ...", file=sys.stderr, flush=True)
+    export_bundle(tree, cfg, folder, "ort", accuracy_level=args.accuracy_level)
+    n_args = (prompt, args.new_tokens, args.repeats, args.warmup)
+    rows = []
+    print(f"bench: pangu-runtime {scheme} ...", file=sys.stderr, flush=True)
+    rows.append({"engine": f"pangu-runtime {scheme}", "dtype": scheme, "bundle": str(folder),
+                 **measure(runtime_engine(folder, args.threads), *n_args)})
+    if cfg.family != "alpha":
+        print(f"bench: onnx plain loop {scheme} (export, fusions) ...", file=sys.stderr, flush=True)
+        baseline = plain_onnx_model(params, cfg, tmp / f"plain-{scheme}", scheme, args)
+        rows.append({"engine": f"onnx plain loop {scheme}", "dtype": scheme,
+                     **measure(plain_engine(baseline, cfg, args.threads), *n_args)})
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        print("bench: onnxruntime-genai is not installed; no genai row", file=sys.stderr)
+    else:
+        print(f"bench: onnxruntime-genai {scheme} ...", file=sys.stderr, flush=True)
+        rows.append({"engine": f"onnxruntime-genai {scheme}", "dtype": scheme,
+                     **measure(genai_engine(folder, tmp / f"genai-{scheme}", args.threads), *n_args)})
+    ours = rows[0]["decode_tok_s"]
+    for row in rows[1:]:
+        row["runtime_decode_vs_this"] = round(ours / row["decode_tok_s"], 3)
+    return rows
+
+
+def runtime_engine(folder: Path, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
+    from pangu_runtime import Session
+
+    session = Session(folder, threads=threads)
+
+    def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        return start, [time.perf_counter() for _ in session.stream([prompt], n, eos_token_ids=())]
+
+    return run
+
+
+def plain_onnx_model(params: Any, cfg: Any, folder: Path, scheme: str, args: argparse.Namespace) -> Path:
+    """The baseline graph: transformers' model on these weights, torch.onnx.export, ORT fusions,
+    and for int4 ONNX Runtime's MatMulNBitsQuantizer."""
+    import onnx
+    import torch
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    from pangu_export.onnx_export import _quiet
+
+    model, hf_cfg = hf_model(params, cfg)
+    wrapper = hf_wrapper(model, hf_cfg)
+    n = cfg.num_layers
+    B, T, P, heads = 1, 3, 4, cfg.num_kv_heads
+    past = [(torch.zeros(B, heads, P, cfg.head_dim), torch.zeros(B, heads, P, cfg.head_dim)) for _ in range(n)]
+    seq, past_len, total = torch.export.Dim("seq"), torch.export.Dim("past"), torch.export.Dim("total")
+    names = ["input_ids", "attention_mask", "position_ids"] + [f"past.{i}.{kv}" for i in range(n) for kv in "kv"]
+    args_ = (torch.zeros(B, T, dtype=torch.int64), torch.ones(B, P + T, dtype=torch.int64),
+             (P + torch.arange(T))[None], past)
+    shapes = ({1: seq}, {1: total}, {1: seq}, [({2: past_len}, {2: past_len})] * n)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        program = torch.onnx.export(wrapper, args_, dynamo=True, dynamic_shapes=shapes, input_names=names,
+                                    output_names=["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in "kv"],
+                                    verbose=False)
+        optimize_for_ort(program.model)
+    path = folder / "model.onnx"
+    program.save(path)
+    if scheme == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=args.group_size,
+                                         is_symmetric=not args.asym,
+                                         accuracy_level=args.accuracy_level or None)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    return path
+
+
+def hf_model(params: Any, cfg: Any) -> tuple[Any, Any]:
+    """transformers' GPT2LMHeadModel / LlamaForCausalLM holding these weights (fp32)."""
+    import transformers
+
+    from pangu_fn.io.hf import to_hf
+
+    state, hf_cfg = to_hf(params, cfg)
+    gpt = hf_cfg["model_type"] == "gpt2"
+    config_cls = transformers.GPT2Config if gpt else transformers.LlamaConfig
+    model_cls = transformers.GPT2LMHeadModel if gpt else transformers.LlamaForCausalLM
+    config = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
+    config._attn_implementation = "sdpa"
+    model = model_cls(config)  # built on the CPU: buffers such as RoPE's inv_freq get real values
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    if gpt:
+        _conv1d_to_linear(model)
+    return model.float().eval(), config
+
+
+def _conv1d_to_linear(model: Any) -> None:
+    """GPT-2's Conv1D (x @ W + b on a 2-D view) as nn.Linear: the same numbers, exported as a
+    MatMul on [B, T, H] (onnxscript 0.7's attention fusion breaks the Conv1D graph's Gemms)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.nf)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+
+
+def hf_wrapper(model: Any, config: Any) -> Any:
+    """Plain tensors in and out around transformers' DynamicCache (for torch.onnx.export)."""
+    import torch
+    from transformers import DynamicCache
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Any) -> Any:
+            cache = DynamicCache(config=config)
+            for i, (k, v) in enumerate(past):
+                cache.update(k, v, i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    return Wrapper()
+
+
+def plain_engine(path: Path, cfg: Any, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
+    """The plainest loop: session.run with numpy feeds; present becomes the next past."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    n = cfg.num_layers
+    dtype = np.float32
+
+    def run(prompt: list[int], steps: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        ids = np.array([prompt], np.int64)
+        past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype) for _ in range(2 * n)]
+        length, stamps = 0, []
+        for _ in range(steps):
+            T = ids.shape[1]
+            feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + T), np.int64),
+                     "position_ids": np.arange(length, length + T)[None]}
+            feeds.update({f"past.{i}.{kv}": past[2 * i + j] for i in range(n) for j, kv in enumerate("kv")})
+            logits, *past = session.run(None, feeds)
+            length += T
+            ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            stamps.append(time.perf_counter())
+        return start, stamps
+
+    return run
+
+
+def genai_engine(folder: Path, copy: Path, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
+    """onnxruntime-genai's own loop on a copy of the bundle (its config given our thread count)."""
+    import onnxruntime_genai as og
+
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    config = json.loads((copy / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    (copy / "genai_config.json").write_text(json.dumps(config))
+    model = og.Model(str(copy))
+
+    def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([prompt], dtype=np.int32))
+        stamps = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+        return start, stamps
+
+    return run
