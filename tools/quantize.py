@@ -152,6 +152,10 @@ def format_report(sizes: dict[str, Any], ppl: dict[str, float] | None, recipe: A
                      f"{r['ratio']:>8.2f}  {schemes}")
     lines.append(f"{'total':<12}{'':>8}  {mb(sizes['bytes_before'])}  {mb(sizes['bytes_after'])}"
                  f"{sizes['compression']:>8.2f}  compression {sizes['compression']:.2f}x")
+    extra = sizes["resident_bytes_after"] - sizes["bytes_after"]
+    if extra > 0:
+        lines.append(f"in memory: {sizes['resident_bytes_after'] / 2**20:.2f} MiB (+{extra / 2**20:.2f} MiB of "
+                     "kernel copies, e.g. a tied bf16 head held plain and prepacked; --head int8 avoids it)")
     if ppl is not None:
         lines.append(f"held-out perplexity: {ppl['before']:.3f} before, {ppl['after']:.3f} after "
                      f"({ppl['change']:+.2%})")

@@ -37,8 +37,9 @@ def scheme_of(leaf: Any) -> str:
 
 def size_report(before: Params, after: Params) -> dict[str, Any]:
     """{"kinds": [{kind, tensors, bytes_before, bytes_after, ratio, schemes_after}], "bytes_before",
-    "bytes_after", "compression"} over the stored bytes of two trees with the same leaf names
-    (a tied embedding is counted as the head)."""
+    "bytes_after", "compression", "resident_bytes_after"} over the stored bytes of two trees with
+    the same leaf names (a tied embedding is counted as the head); the last entry is what the
+    quantized tree holds in memory, kernel copies included."""
     tied = "lm_head" not in before
     b, a = flatten(before), flatten(after)
     rows: dict[str, dict[str, Any]] = {}
@@ -57,7 +58,7 @@ def size_report(before: Params, after: Params) -> dict[str, Any]:
     total_b = sum(r["bytes_before"] for r in ordered)
     total_a = sum(r["bytes_after"] for r in ordered)
     return {"kinds": ordered, "bytes_before": total_b, "bytes_after": total_a,
-            "compression": round(total_b / max(total_a, 1), 3)}
+            "compression": round(total_b / max(total_a, 1), 3), "resident_bytes_after": resident_nbytes(after)}
 
 
 def resident_nbytes(tree: Params) -> int:
