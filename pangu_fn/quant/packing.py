@@ -29,7 +29,10 @@ def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_nibbles`: `[..., m]` uint8 -> `[..., 2m]` values 0..15."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=out[..., 0::2])
+    torch.bitwise_right_shift(packed, 4, out=out[..., 1::2])
+    return out
 
 
 def to_matmul_nbits(codes: torch.Tensor, group_size: int) -> torch.Tensor:
