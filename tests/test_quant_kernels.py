@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pangu_fn.quant  # noqa: F401  (registers torch.ops.pangu.*)
-from pangu_fn.quant import DenseWeight, quantize_int4, quantize_int8
+from pangu_fn.quant import DenseWeight, Int4Weight, quantize_int4, quantize_int8
 from pangu_fn.quant.packing import cpu_pack, cpu_unpack
 
 GEN = torch.Generator().manual_seed(0)
@@ -45,7 +45,8 @@ def test_int8_kernels_equal_dequantize_then_matmul(n, k):
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
 
 
-@pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (40, 256, 64, False), (200, 128, 128, True)])
+@pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (40, 256, 64, False), (200, 128, 128, True),
+                                       (600, 64, 32, False), (512, 128, 64, True)])  # packed in chunks of 256 rows
 def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym):
     w = torch.randn(n, k, generator=GEN)
     leaf = quantize_int4(w, g, sym, torch.bfloat16)
@@ -68,6 +69,21 @@ def test_int4_leaf_keeps_one_copy_and_rebuilds_its_canonical_data():
     if cpu_unpack(cpu_pack(torch.zeros(16, 32, dtype=torch.uint8)), 16, 32) is not None:
         codes_bytes = 64 * 128 // 2  # the layout is invertible here: only the packed copy is held
         assert packed.resident_nbytes < packed.nbytes + codes_bytes // 2
+
+
+def test_int4_pack_reuses_qdata_memory_only_when_nothing_else_holds_it():
+    w = torch.randn(512, 64, generator=GEN)
+    ref = quantize_int4(w, 32, True, torch.float32).qdata
+    held = ref.clone()
+    leaf = Int4Weight(held, quantize_int4(w, 32, True, torch.bfloat16).scales, None, 32)
+    leaf.cpu_kernel_data
+    assert torch.equal(held, ref)  # the caller's tensor is untouched
+    sole = Int4Weight(ref.clone(), leaf.scales, None, 32)
+    ptr = sole.to_tensors()["qdata"].data_ptr()
+    packed, _ = sole.cpu_kernel_data
+    if sole._qdata is None:  # layout invertible here: the pack took over the canonical bytes
+        assert packed.data_ptr() == ptr
+    assert torch.equal(sole.qdata, ref)
 
 
 def test_dense_bf16_leaf_prepacked_path_equals_f_linear():
