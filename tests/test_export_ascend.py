@@ -10,12 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
-
-import pangu_fn as pf
 from helpers import random_model
+from onnx import TensorProto, helper, numpy_helper
 from pangu_export import check_ascend, export_bundle
 from pangu_runtime import Session
+from test_export import ort_bundle, shared_dir  # noqa: F401  (shared_dir is a fixture)
+
+import pangu_fn as pf
 
 PROMPTS = [[5, 17, 42, 9, 5, 17, 42, 9, 5], [3, 88]]
 
@@ -154,11 +155,8 @@ def test_rule_whole_kv_buffer_output():
     assert "kv-new-only" in rules(model)
 
 
-def test_growing_ort_export_fails_the_checker(tmp_path):
+def test_growing_ort_export_fails_the_checker(shared_dir):  # noqa: F811
     """The ort graph (dynamic past, contrib fusions) is not an Ascend graph, and the checker says why."""
-    params, cfg = random_model("tiny-gpt")
-    export_bundle(params, cfg, tmp_path / "ort", "ort", progress=False, genai=False)
-    found = rules(tmp_path / "ort" / "model.onnx")
-    assert {"kv-static", "domain"} <= found
-    manifest = json.loads((tmp_path / "ort" / "manifest.json").read_text())
-    assert "ascend" not in manifest
+    path = ort_bundle(shared_dir, "tiny-gpt")
+    assert {"kv-static", "domain"} <= rules(path / "model.onnx")
+    assert "ascend" not in json.loads((path / "manifest.json").read_text())

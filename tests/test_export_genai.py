@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import FAMILIES, random_model
 from pangu_export import export_bundle
-from test_export import ort_bundle, shared_bundle, shared_dir  # noqa: F401  (shared_dir is a fixture)
+from test_export import ort_bundle, shared_dir  # noqa: F401  (shared_dir is a fixture)
 
 import pangu_fn as pf
 
@@ -45,11 +45,11 @@ def test_genai_greedy_equals_generate(shared_dir, family):  # noqa: F811
 
 
 def test_genai_int4_bundle(shared_dir):  # noqa: F811
-    quant = pytest.importorskip("pangu_fn.quant", reason="pangu_fn.quant is not installed")
-    params, cfg = random_model("tiny-openpangu")
-    q = quant.quantize(params, quant.QuantRecipe(scheme="int4", group_size=32, compute_dtype="fp32"))
-    bundle = shared_bundle(shared_dir, "ort-int4-tiny-openpangu",
-                           lambda p: export_bundle(q, cfg, p, "ort", progress=False))
+    pytest.importorskip("pangu_fn.quant", reason="pangu_fn.quant is not installed")
+    from test_export_quant import SYMMETRIC, ort_quant_bundle, quantized
+
+    q, cfg = quantized(SYMMETRIC)  # int4 MatMulNBits everywhere, the tied head / embedding too
+    bundle = ort_quant_bundle(shared_dir, "symmetric")
     assert genai_greedy(bundle, PROMPT, 32) == pf.generate(q, cfg, [PROMPT], 32)[0].tokens
 
 

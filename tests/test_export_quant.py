@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import torch
 from helpers import random_model
 from pangu_export import check_ascend, export_bundle, load_program
 from pangu_runtime import Session
+from test_export import shared_bundle, shared_dir  # noqa: F401  (shared_dir is a fixture)
 
 import pangu_fn as pf
 
@@ -25,11 +28,18 @@ MIXED = {"scheme": "int4", "group_size": 32, "symmetric": False, "compute_dtype"
          "overrides": (("*.down", "int8"),), "head": "int8"}
 # symmetric int4 everywhere, the tied head / embedding int4 too
 SYMMETRIC = {"scheme": "int4", "group_size": 32, "symmetric": True, "compute_dtype": "fp32", "head": "int4"}
+RECIPES = {"mixed": MIXED, "symmetric": SYMMETRIC}
 
 
 def quantized(recipe: dict):
     params, cfg = random_model("tiny-openpangu")
     return quant.quantize(params, quant.QuantRecipe(**recipe)), cfg
+
+
+def ort_quant_bundle(shared_dir, name: str) -> Path:  # noqa: F811
+    """The ort bundle of MIXED or SYMMETRIC, exported once per run (shared with the genai tests)."""
+    params, cfg = quantized(RECIPES[name])
+    return shared_bundle(shared_dir, f"ort-quant-{name}", lambda p: export_bundle(params, cfg, p, "ort", progress=False))
 
 
 def ops(path) -> collections.Counter:
@@ -48,25 +58,29 @@ def assert_matches_torch(session: Session, params, cfg, steps: int = 32) -> None
     assert [c.tokens for c in got] == [c.tokens for c in want]
 
 
-@pytest.mark.parametrize("recipe", [MIXED, SYMMETRIC], ids=["mixed-asym", "int4-sym"])
-def test_ort_quantized_bundle_matches_pytorch(tmp_path, recipe):
+@pytest.mark.parametrize("name", ["mixed", "symmetric"])
+def test_ort_quantized_bundle_matches_pytorch(shared_dir, name):  # noqa: F811
+    recipe = RECIPES[name]
     params, cfg = quantized(recipe)
-    m = export_bundle(params, cfg, tmp_path / "q", "ort", progress=False, genai=False)
-    counts = ops(tmp_path / "q")
-    n_int4 = sum(1 for leaf in pf.tree.flatten(params).values() if getattr(leaf, "kind", None) == "int4")
-    assert counts["com.microsoft::MatMulNBits"] == n_int4  # a tied int4 head is also looked up as the embedding
-    if recipe is MIXED:
+    path = ort_quant_bundle(shared_dir, name)
+    m = json.loads((path / "manifest.json").read_text())
+    counts = ops(path)
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    widths = [a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N"]
+    int4 = [leaf.shape[0] for leaf in pf.tree.flatten(params).values() if getattr(leaf, "kind", None) == "int4"]
+    assert sum(widths) == sum(int4)  # every int4 output row once (q/k/v and gate/up are merged into one node)
+    if name == "mixed":
         assert counts["DequantizeLinear"] >= cfg.num_layers and m["quantization"]["leaves"]["int8"]["count"] >= 3
     assert m["quantization"]["lowering"]["int4"] == "com.microsoft MatMulNBits"
-    assert_matches_torch(Session(tmp_path / "q"), params, cfg)
+    assert_matches_torch(Session(path), params, cfg)
 
 
-def test_int8_activations_are_close_not_equal(tmp_path):
+def test_int8_activations_are_close_not_equal(shared_dir, tmp_path):  # noqa: F811
     """accuracy_level 4 (int8 activations, the fast CPU path) changes the arithmetic: close to
     the PyTorch path, not equal. The runtime sets it for ONNX Runtime's fused int8 matmuls
     from the manifest (the exported int4 nodes carry it as an attribute)."""
-    params, cfg = quantized({"scheme": "int8", "compute_dtype": "fp32"})
-    export_bundle(params, cfg, tmp_path / "q", "ort", progress=False, genai=False)
+    params, cfg = quantized(MIXED)
+    shutil.copytree(ort_quant_bundle(shared_dir, "mixed"), tmp_path / "q")
     with torch.no_grad():
         ref, _ = pf.forward(params, cfg, torch.tensor([PROMPTS[0]]))
     ref = ref[0].numpy().ravel()

@@ -36,7 +36,6 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "ca
 def providers_for(name: str) -> list[str]:
     """ONNX Runtime providers for --provider; `auto` takes CANN, then CUDA, then CPU."""
     import onnxruntime as ort
-
     from pangu_runtime import GenerationError
 
     available = ort.get_available_providers()
