@@ -28,6 +28,8 @@ class GrowingCache:
         self.shapes = [(batch, h, head_dim) for h in heads for _ in (0, 1)]
         self.buffers = [[np.empty(batch * h * max_len * head_dim, self.dtype) for h in heads for _ in (0, 1)]
                         for _ in (0, 1)]
+        # a prefix view starts where its buffer starts: the addresses never change
+        self.pointers = [[b.__array_interface__["data"][0] for b in side] for side in self.buffers]
         self.max_len, self.filled, self.side = max_len, 0, 0
         self.lengths = np.zeros(batch, np.int64)
 
@@ -46,10 +48,11 @@ class GrowingCache:
         if self.filled + T > self.max_len:
             raise GenerationError(f"cache: {self.filled} filled + {T} new positions exceed its "
                                   f"capacity {self.max_len}")
+        src, dst = self.pointers[self.side], self.pointers[1 - self.side]
         for i, (name, out) in enumerate(zip(self.past, self.present)):
-            src, dst = self._view(self.side, i, self.filled), self._view(1 - self.side, i, self.filled + T)
-            io.bind_input(name, "cpu", 0, self.dtype, list(src.shape), src.ctypes.data)
-            io.bind_output(out, "cpu", 0, self.dtype, list(dst.shape), dst.ctypes.data)
+            b, h, d = self.shapes[i]
+            io.bind_input(name, "cpu", 0, self.dtype, [b, h, self.filled, d], src[i])
+            io.bind_output(out, "cpu", 0, self.dtype, [b, h, self.filled + T, d], dst[i])
 
     def advance(self, T: int) -> None:
         self.side, self.filled = 1 - self.side, self.filled + T
@@ -67,6 +70,8 @@ class StaticCache:
         self.past, self.present, self.dtype = past, present, np.dtype(dtype)
         self.buffers = [np.zeros((batch, h, max_len, head_dim), self.dtype) for h in heads for _ in (0, 1)]
         self.new = [np.empty(batch * h * max_len * head_dim, self.dtype) for h in heads for _ in (0, 1)]
+        self.pointers = [(b.__array_interface__["data"][0], n.__array_interface__["data"][0])
+                         for b, n in zip(self.buffers, self.new)]
         self.max_len = max_len
         self.lengths = np.zeros(batch, np.int64)
 
@@ -79,10 +84,9 @@ class StaticCache:
             raise GenerationError(f"cache: writing {T} positions after {int(self.lengths.max())} exceeds "
                                   f"the bundle's fixed KV length {self.max_len}")
         for i, (name, out) in enumerate(zip(self.past, self.present)):
-            buf = self.buffers[i]
-            b, h, _, d = buf.shape
-            io.bind_input(name, "cpu", 0, self.dtype, list(buf.shape), buf.ctypes.data)
-            io.bind_output(out, "cpu", 0, self.dtype, [b, h, T, d], self.new[i].ctypes.data)
+            b, h, s, d = self.buffers[i].shape
+            io.bind_input(name, "cpu", 0, self.dtype, [b, h, s, d], self.pointers[i][0])
+            io.bind_output(out, "cpu", 0, self.dtype, [b, h, T, d], self.pointers[i][1])
 
     def advance(self, T: int, keep: int | None = None) -> None:
         """Write the first `keep` (default all T) new entries of each row at its positions."""
