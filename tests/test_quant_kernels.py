@@ -76,7 +76,7 @@ def test_int4_pack_reuses_qdata_memory_only_when_nothing_else_holds_it():
     ref = quantize_int4(w, 32, True, torch.float32).qdata
     held = ref.clone()
     leaf = Int4Weight(held, quantize_int4(w, 32, True, torch.bfloat16).scales, None, 32)
-    leaf.cpu_kernel_data
+    assert leaf.cpu_kernel_data is not None
     assert torch.equal(held, ref)  # the caller's tensor is untouched
     sole = Int4Weight(ref.clone(), leaf.scales, None, 32)
     ptr = sole.to_tensors()["qdata"].data_ptr()

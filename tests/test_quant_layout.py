@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from pangu_fn.quant import quantize_int4, quantize_int8
-from pangu_fn.quant.packing import (cpu_pack, cpu_unpack, from_matmul_nbits, pack_nibbles, to_matmul_nbits,
-                                    unpack_nibbles)
+from pangu_fn.quant.packing import (
+    cpu_pack,
+    cpu_unpack,
+    from_matmul_nbits,
+    pack_nibbles,
+    to_matmul_nbits,
+    unpack_nibbles,
+)
 
 
 def test_nibble_packing_is_an_exact_inverse_pair():

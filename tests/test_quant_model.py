@@ -10,8 +10,16 @@ from helpers import random_model
 
 import pangu_fn as pf
 from pangu_fn.cache import compute_dtype
-from pangu_fn.quant import (DenseWeight, Int4Weight, Int8Weight, QuantRecipe, calibration_windows, collect_hessians,
-                            quantize, quantize_int4)
+from pangu_fn.quant import (
+    DenseWeight,
+    Int4Weight,
+    Int8Weight,
+    QuantRecipe,
+    calibration_windows,
+    collect_hessians,
+    quantize,
+    quantize_int4,
+)
 from pangu_fn.quant.gptq import gptq_int4
 from pangu_fn.tree import flatten
 

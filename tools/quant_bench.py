@@ -9,8 +9,9 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BENCH_SCHEMES = ("bf16", "fp16", "int8", "int4")
 
@@ -81,7 +82,7 @@ def rss_probe(params: Any, cfg: Any, prompt: list[int], new_tokens: int, threads
         pf.save(Path(tmp) / "model", params, cfg)
         done = subprocess.run([sys.executable, "-m", "pangu_tools.quant_bench", str(Path(tmp) / "model"),
                                json.dumps(prompt), str(new_tokens), str(threads)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(sizes: dict[str, Any], ppl: dict[str, float] | None, recipe: Any) -> str:
-    mb = lambda n: f"{n / 2**20:10.2f}"  # noqa: E731
+    mb = lambda n: f"{n / 2**20:10.2f}"
     lines = [f"{'tensor kind':<12}{'tensors':>8}{'MiB before':>12}{'MiB after':>12}{'ratio':>8}  stored as"]
     for r in sizes["kinds"]:
         schemes = ", ".join(f"{k} x{v}" for k, v in r["schemes_after"].items())

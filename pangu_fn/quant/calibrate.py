@@ -7,7 +7,7 @@ layer's Hessian and returns the plain float result. No second model definition i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

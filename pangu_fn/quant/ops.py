@@ -13,8 +13,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .rtn import int4_dequantize
 from .packing import from_matmul_nbits
+from .rtn import int4_dequantize
+
+# torch.library infers the op schemas from these hints; Optional[Tensor] is its spelling.
+# ruff: noqa: UP045
 
 
 @torch.library.custom_op("pangu::int8_linear", mutates_args=())

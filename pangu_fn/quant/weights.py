@@ -11,9 +11,8 @@ are built once, when the leaf is made (not while tracing), and never saved.
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,10 +147,10 @@ class Int8Weight(_Leaf):
     def _held(self) -> list[Any]:
         return [self.qdata, self.scales, self._npu]
 
-    def to(self, device: str | torch.device) -> "Int8Weight":
+    def to(self, device: str | torch.device) -> Int8Weight:
         return Int8Weight(self.qdata.to(device), self.scales.to(device))
 
-    def astype(self, dtype: torch.dtype) -> "Int8Weight":
+    def astype(self, dtype: torch.dtype) -> Int8Weight:
         return Int8Weight(self.qdata, self.scales.to(dtype))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -161,7 +160,7 @@ class Int8Weight(_Leaf):
         return {"scheme": "int8", "shape": list(self.shape)}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> "Int8Weight":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> Int8Weight:
         t = cls._parts(tensors, description, ("qdata", "scales"))
         return cls(t["qdata"], t["scales"])
 
@@ -286,11 +285,11 @@ class Int4Weight(_Leaf):
     def _held(self) -> list[Any]:
         return [self._qdata, self.scales, self.zero_points, self._cpu, self._npu]
 
-    def to(self, device: str | torch.device) -> "Int4Weight":
+    def to(self, device: str | torch.device) -> Int4Weight:
         zp = None if self.zero_points is None else self.zero_points.to(device)
         return Int4Weight(self.qdata.to(device), self.scales.to(device), zp, self.group_size, self.keep_qdata)
 
-    def astype(self, dtype: torch.dtype) -> "Int4Weight":
+    def astype(self, dtype: torch.dtype) -> Int4Weight:
         return Int4Weight(self.qdata, self.scales.to(dtype), self.zero_points, self.group_size, self.keep_qdata)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -310,7 +309,7 @@ class Int4Weight(_Leaf):
                 "keep_qdata": self.keep_qdata}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> "Int4Weight":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> Int4Weight:
         t = cls._parts(tensors, description, ("qdata", "scales"), ("zero_points",))
         group = description.get("group_size")
         if not isinstance(group, int) or group < 2:
@@ -366,10 +365,10 @@ class DenseWeight(_Leaf):
         packed = 0 if self.packed is None else self.nbytes  # oneDNN's copy: same element count
         return _size(self._dense) + packed
 
-    def to(self, device: str | torch.device) -> "DenseWeight":
+    def to(self, device: str | torch.device) -> DenseWeight:
         return DenseWeight(self.weight.to(device), self.keep_dense)
 
-    def astype(self, dtype: torch.dtype) -> "DenseWeight":
+    def astype(self, dtype: torch.dtype) -> DenseWeight:
         return DenseWeight(self.weight.to(dtype), self.keep_dense)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -383,7 +382,7 @@ class DenseWeight(_Leaf):
         return {"scheme": self.scheme, "shape": list(self.shape), "keep_dense": self.keep_dense}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> "DenseWeight":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> DenseWeight:
         t = cls._parts(tensors, description, ("weight",))
         return cls(t["weight"], bool(description.get("keep_dense", False)))
 
