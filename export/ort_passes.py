@@ -5,6 +5,10 @@ Generic rewrites keyed on ops (no knowledge of the model):
 - `bnsh_attention_kv`: MultiHeadAttention accepts key / value as `[B, N, S, H]`; the fusion
   feeds them as `Reshape(Transpose(cache, [0, 2, 1, 3]))`, which copies the whole cache every
   call. The cache tensor is fed directly instead.
+- `uniform_kv_concat`: the cache write `ScatterElements(Pad(past), positions, new)` copies the
+  past twice (the pad, then the scatter's out-of-place copy). When every row's first new
+  position is the past length (batch 1, equal-length rows) the result is `Concat(past, new)`,
+  one copy; an `If` takes that branch and keeps the scatter for ragged rows.
 - `merge_parallel_matmuls`: MatMul (or MatMulNBits) nodes that read the same activations with
   constant weights (attention's q, k, v; SwiGLU's gate, up) become one node over the weights
   concatenated along N, followed by a Split (and one Add for their constant biases): one
@@ -24,6 +28,7 @@ MSFT = "com.microsoft"
 def optimize(model: ir.Model) -> dict[str, int]:
     """Apply the rewrites in place; returns how often each fired."""
     counts = {"bnsh_attention_kv": bnsh_attention_kv(model.graph),
+              "uniform_kv_concat": uniform_kv_concat(model.graph),
               "merge_parallel_matmuls": merge_parallel_matmuls(model.graph)}
     return {k: v for k, v in counts.items() if v}
 
@@ -60,6 +65,74 @@ def _bnsh_source(value: ir.Value) -> ir.Value | None:
     if source.shape is not None and len(source.shape) != 4:
         return None
     return source
+
+
+def uniform_kv_concat(graph: ir.Graph) -> int:
+    conditions: dict[int, ir.Value] = {}
+    fired = 0
+    for node in list(graph):
+        write = _padded_scatter(node)
+        if write is None:
+            continue
+        pad, past, index, new = write
+        if id(index) not in conditions:
+            conditions[id(index)] = _all_rows_at_end(graph, node, index, past)
+        out = node.outputs[0]
+        then_cat = ir.Node("", "Concat", [past, new], {"axis": ir.AttrInt64("axis", 2)})
+        padded = ir.Node("", "Pad", list(pad.inputs), dict(pad.attributes))
+        padded.outputs[0].name = f"{out.name}_padded"
+        scatter = ir.Node("", "ScatterElements", [padded.outputs[0], index, new], dict(node.attributes))
+        branches = {}
+        for name, nodes in (("then_branch", [then_cat]), ("else_branch", [padded, scatter])):
+            result = nodes[-1].outputs[0]
+            result.name, result.type, result.shape = f"{out.name}_{name}", out.type, out.shape
+            branches[name] = ir.AttrGraph(name, ir.Graph([], [result], nodes=nodes, name=f"{out.name}_{name}"))
+        choose = ir.Node("", "If", [conditions[id(index)]], branches, name=f"{node.name}_uniform")
+        graph.insert_before(node, choose)
+        name = out.name
+        out.replace_all_uses_with(choose.outputs[0], replace_graph_outputs=True)
+        graph.remove([node, pad], safe=True)
+        choose.outputs[0].name, choose.outputs[0].type, choose.outputs[0].shape = name, out.type, out.shape
+        fired += 1
+    return fired
+
+
+def _padded_scatter(node: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value, ir.Value] | None:
+    """(pad, past, index, new) for `ScatterElements(Pad(past), index, new, axis=2)` where past is
+    a graph input and the pad feeds only this scatter."""
+    if node.op_type != "ScatterElements" or node.domain or len(node.inputs) != 3:
+        return None
+    axis = node.attributes.get("axis")
+    reduction = node.attributes.get("reduction")
+    if axis is None or axis.value != 2 or (reduction is not None and reduction.value != "none"):
+        return None
+    data, index, new = node.inputs
+    pad = data.producer() if data is not None else None
+    if pad is None or pad.op_type != "Pad" or pad.domain or len(data.uses()) != 1:
+        return None
+    past = pad.inputs[0]
+    if past is None or not past.is_graph_input():
+        return None
+    return pad, past, index, new
+
+
+def _all_rows_at_end(graph: ir.Graph, before: ir.Node, index: ir.Value, past: ir.Value) -> ir.Value:
+    """A bool scalar: every row's first new position (`index[:, 0, 0, 0]`) is the past length."""
+    def const(x: int) -> ir.Value:
+        return _initializer(graph, np.array(x, np.int64), f"{past.name}_uniform_{len(graph.initializers)}")
+
+    nodes = [ir.Node("", "Gather", [index, const(0)], {"axis": ir.AttrInt64("axis", 3)})]
+    for axis in (2, 1):
+        nodes.append(ir.Node("", "Gather", [nodes[-1].outputs[0], const(0)], {"axis": ir.AttrInt64("axis", axis)}))
+    nodes.append(ir.Node("", "Shape", [past], {"start": ir.AttrInt64("start", 2), "end": ir.AttrInt64("end", 3)}))
+    nodes.append(ir.Node("", "Equal", [nodes[2].outputs[0], nodes[3].outputs[0]]))
+    nodes.append(ir.Node("", "Cast", [nodes[-1].outputs[0]], {"to": ir.AttrInt64("to", ir.DataType.INT32)}))
+    nodes.append(ir.Node("", "ReduceMin", [nodes[-1].outputs[0]], {"keepdims": ir.AttrInt64("keepdims", 0)}))
+    nodes.append(ir.Node("", "Cast", [nodes[-1].outputs[0]], {"to": ir.AttrInt64("to", ir.DataType.BOOL)}))
+    for i, node in enumerate(nodes):
+        node.outputs[0].name = f"{past.name}_all_at_end_{i}"
+    graph.insert_before(before, nodes)
+    return nodes[-1].outputs[0]
 
 
 def merge_parallel_matmuls(graph: ir.Graph) -> int:

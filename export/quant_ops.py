@@ -115,8 +115,9 @@ def translation_table(opset: int, contrib_ops: bool, accuracy_level: int = 0) ->
         return op.Where(op.Less(x, op.CastLike(op.Constant(value_int=0), x)), negative, op.Div(x, power))
 
     ops = quant_ops()
-    table: dict[Callable, Callable] = {torch.ops.aten.__rshift__.Scalar: right_shift,
-                                       torch.ops.aten.bitwise_right_shift.Tensor_Scalar: right_shift}
+    shifts = (torch.ops.aten.__rshift__.Scalar, torch.ops.aten.__rshift__.Tensor,
+              torch.ops.aten.bitwise_right_shift.Tensor_Scalar, torch.ops.aten.bitwise_right_shift.Tensor)
+    table: dict[Callable, Callable] = dict.fromkeys(shifts, right_shift)
     if "int8_linear" in ops:
         table[ops["int8_linear"]] = int8_linear
     if "int4_linear" in ops:

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", nargs="?", help="bundle folder to write (replaced atomically)")
     p.add_argument("--target", choices=["ort", "ascend", "torch"], default="ort")
     p.add_argument("--check", choices=["ascend"], help="only check the ONNX file SRC; write nothing")
-    p.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: as stored; fp32 for presets)")
+    p.add_argument("--dtype", default=None,
+                   help="fp32 | fp16 | bf16 (default: as stored, but bf16 becomes fp32 for --target ort / ascend, "
+                        "since ONNX Runtime's CPU provider has no bf16 kernels; fp32 for presets)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; ascend needs <= 18)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed for a preset's random weights")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the one beside SRC)")
@@ -46,6 +48,17 @@ def run(args: argparse.Namespace) -> int:
     from pangu_fn.tokenizer import find_tokenizer
 
     params, cfg, _ = resolve_model(args.src, "cpu", args.dtype, args.weights_seed)
+    if args.dtype is None and args.target != "torch":
+        import torch
+
+        from pangu_fn.cache import compute_dtype
+
+        if compute_dtype(params) == torch.bfloat16:
+            print("note: the model is stored in bf16; exporting fp32 (ONNX Runtime's CPU provider has no bf16 "
+                  "kernels). Pass --dtype bf16 to keep it.", file=sys.stderr)
+            from pangu_fn.params import astype
+
+            params = astype(params, "fp32")
     tokenizer = args.tokenizer
     if tokenizer is None and Path(args.src).is_dir() and find_tokenizer(args.src) is not None:
         tokenizer = args.src
