@@ -40,8 +40,9 @@ class Row:
 @dataclass
 class Context:
     """What every stage gets: the demo target (fp32 compute) and where it is stored, its
-    tokenizer, the prompt ids, the held-out token stream, the generation settings, the rows
-    produced so far and `extras`, a dict for values that later stages reuse."""
+    tokenizer, the prompt ids, the held-out token stream, the settings of the shown text
+    (`sampling`, `seed`; speed is measured greedy by `measure_speed`), the rows produced so
+    far and `extras`, a dict for values that later stages reuse."""
 
     model_dir: Path
     params: Any
@@ -64,8 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.3,
+                   help="shown text only (default 1.3: a model this small repeats itself when greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per speed figure (median)")
+    p.add_argument("--heldout-tokens", type=int, default=0, help="score only the first N held-out tokens (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the rows as JSON ('-' = stdout)")
     p.set_defaults(func=run)
@@ -157,7 +161,10 @@ def load_context(args: argparse.Namespace) -> Context:
     if not prompt_ids:
         raise InputError("demo: expected a non-empty --prompt")
     heldout_ids = data.token_stream(tokenizer, data.read_documents(model_dir / "heldout.jsonl")).tolist()
-    sampling = pf.SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    if args.heldout_tokens > 0:
+        heldout_ids = heldout_ids[:args.heldout_tokens]
+    sampling = pf.SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                 repetition_penalty=args.repetition_penalty)
     return Context(model_dir, params, cfg, tokenizer, prompt_ids, heldout_ids, args.max_new_tokens, sampling,
                    args.seed, args.repeats)
 

@@ -285,8 +285,8 @@ Special ids: unk 0, bos 1, eos 2, pad 3.
 
 AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices, gradient clip 1.0), learning rate
 {a["lr"]:g} with linear warm-up and cosine decay to a tenth, fp32 master weights, torch {m["torch"]},
-{a["threads"]} CPU threads. Total time including corpus, tokenizer and evaluation:
-**{m["seconds"]["total"]:.0f} s**.
+{a["threads"]} CPU thread(s). Total time including corpus, tokenizer and evaluation:
+**{m["seconds"]["total"]:.0f} s** (wall times depend on the machine's other work and `--threads`).
 
 ## Results (windows of {m["eval_seq_len"]} tokens)
 
