@@ -226,20 +226,28 @@ def test_cli_export_and_run(shared_dir, tmp_path, capsys):
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo" / "target"
 
 
+def demo_bundle(shared_dir: Path) -> tuple[Path, dict, pf.ModelConfig]:
+    """The demo model exported once per run (fp32: it is stored in bf16, which ONNX Runtime's
+    CPU provider cannot run), with its tokenizer."""
+    params, cfg = pf.load(DEMO, dtype="fp32")
+    path = shared_bundle(shared_dir, "ort-demo",
+                         lambda p: export_bundle(params, cfg, p, "ort", tokenizer=DEMO, progress=False))
+    return path, params, cfg
+
+
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason=f"the demo model is not trained yet ({DEMO})")
-def test_demo_text_in_text_out(tmp_path):
+def test_demo_text_in_text_out(shared_dir):
     """The trained demo model (openPangu family, SentencePiece tokenizer) through the runtime:
     text in, the same greedy text out as pangu_fn, with the tokenizer carried by the bundle."""
-    params, cfg = pf.load(DEMO, dtype="fp32")  # stored in bf16, which ONNX Runtime's CPU provider cannot run
-    m = export_bundle(params, cfg, tmp_path / "demo", "ort", tokenizer=DEMO, progress=False)
-    assert m["tokenizer"]["kind"] == "sentencepiece"
+    path, params, cfg = demo_bundle(shared_dir)
+    assert json.loads((path / "manifest.json").read_text())["tokenizer"]["kind"] == "sentencepiece"
     from pangu_fn.tokenizer import load_tokenizer
 
     tok = load_tokenizer(DEMO)
     texts = ["The Python tutorial explains how to", "A list comprehension"]
     ids = [tok.encode(t, add_bos=True) for t in texts]
     want = [tok.decode(c.tokens) for c in pf.generate(params, cfg, ids, 24)]
-    s = Session(tmp_path / "demo")
+    s = Session(path)
     assert s.tokenizer.encode(texts[0], add_bos=True) == ids[0]
     assert s.generate_text(texts, 24) == want
     assert all(w.strip() for w in want)

@@ -71,18 +71,19 @@ def test_pruned_model_with_uneven_kv_heads_is_reported(tmp_path):
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason=f"the demo model is not trained yet ({DEMO})")
-def test_genai_text_in_text_out_on_demo(tmp_path):
-    params, cfg = pf.load(DEMO, dtype="fp32")  # stored in bf16, which ONNX Runtime's CPU provider cannot run
-    m = export_bundle(params, cfg, tmp_path / "demo", "ort", tokenizer=DEMO, progress=False)
-    assert m["genai"]["tokenizer"] == "tokenizer.json"
+def test_genai_text_in_text_out_on_demo(shared_dir):  # noqa: F811
+    from test_export import demo_bundle
+
+    bundle, params, cfg = demo_bundle(shared_dir)
+    assert json.loads((bundle / "manifest.json").read_text())["genai"]["tokenizer"] == "tokenizer.json"
     from pangu_fn.tokenizer import load_tokenizer
 
     tok = load_tokenizer(DEMO)
     text = "The Python tutorial explains how to"
     ids = tok.encode(text, add_bos=True)
     want = pf.generate(params, cfg, [ids], 24)[0].tokens
-    model = og.Model(str(tmp_path / "demo"))
+    model = og.Model(str(bundle))
     og_tok = og.Tokenizer(model)
     assert list(og_tok.encode(text)) == tok.encode(text)  # the converted tokenizer.json agrees
-    assert genai_greedy(tmp_path / "demo", ids, 24) == want
+    assert genai_greedy(bundle, ids, 24) == want
     assert og_tok.decode(np.array(want, dtype=np.int32)).strip() == tok.decode(want).strip() != ""
