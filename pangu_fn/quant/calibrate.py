@@ -23,17 +23,21 @@ DEFAULT_HESSIAN_BYTES = 2 * 1024**3  # Hessians held at once; more linears take 
 
 
 class _Recorder:
-    """A float weight `[N, K]` that accumulates the Hessian `sum x x^T` `[K, K]` of its inputs."""
+    """A float weight `[N, K]` that accumulates the Hessian `sum x x^T` `[K, K]` of its inputs.
+    Recorders of one pass share `last`: linears fed the same input tensor (q, k, v; gate, up)
+    reuse the product computed for the first of them."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight, self.shape = weight, weight.shape
+    def __init__(self, weight: torch.Tensor, last: dict) -> None:
+        self.weight, self.shape, self.last = weight, weight.shape, last
         self.hessian = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
         self.rows = 0
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        self.hessian.addmm_(rows.t(), rows)
-        self.rows += rows.shape[0]
+        if self.last.get("x") is not x:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            self.last.update(x=x, xtx=rows.t() @ rows, rows=rows.shape[0])
+        self.hessian += self.last["xtx"]
+        self.rows += self.last["rows"]
         return F.linear(x, self.weight, bias)
 
 
@@ -71,10 +75,12 @@ def collect_hessians(params: Params, cfg: ModelConfig, windows: torch.Tensor, na
     steps = len(groups) * ((len(windows) + batch_size - 1) // batch_size)
     bar = tqdm(total=steps, desc="calibrate", disable=not progress, dynamic_ncols=True)
     for group in groups:
-        recorders = {name: _Recorder(flat[f"{name}.weight"]) for name in group}
+        last: dict = {}
+        recorders = {name: _Recorder(flat[f"{name}.weight"], last) for name in group}
         tree = unflatten({**flat, **{f"{n}.weight": r for n, r in recorders.items()}})
         for i in range(0, len(windows), batch_size):
             forward(tree, cfg, windows[i:i + batch_size])
+            last.clear()
             bar.update()
         for name, rec in recorders.items():
             out[name] = rec.hessian / max(rec.rows, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .rtn import int4_codes, int4_params
+from .rtn import int4_params, reciprocal
 
 BLOCK = 128  # columns updated lazily as one block (a multiple of every group size)
 
@@ -34,27 +34,28 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, symm
     u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)  # upper factor of H^-1
 
     blocks = k // group_size
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    codes = torch.empty(k, n, device=w.device)  # float codes, column by column (rows of W^T)
     scales = torch.empty(n, blocks, dtype=scale_dtype, device=w.device)
     zeros = None if symmetric else torch.empty(n, blocks, dtype=torch.uint8, device=w.device)
+    wt = w.t().contiguous()  # [K, N]: each column of W is a contiguous row here
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
-        wb, ub = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
-        err = torch.zeros_like(wb)
+        block, ub = wt[b0:b1].clone(), u[b0:b1, b0:b1]
+        err = torch.empty_like(block)
         for i in range(b1 - b0):
             col = b0 + i
-            g = col // group_size
-            if col % group_size == 0:
-                s, z = int4_params(wb[:, i:i + group_size], symmetric, scale_dtype)
+            if col % group_size == 0:  # the group's scale from its error-updated weights
+                g = col // group_size
+                s, z = int4_params(block[i:i + group_size].t(), symmetric, scale_dtype)
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z
-            s, z = scales[:, g], None if zeros is None else zeros[:, g]
-            q = int4_codes(wb[:, i], s, z)
-            codes[:, col] = q
-            value = (q.float() - (8.0 if z is None else z.float())) * s.float()
-            e = (wb[:, i] - value) / ub[i, i]
-            wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
-            err[:, i] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return codes, scales, zeros
+                inv, step = reciprocal(s), s.float()
+                zero = 8.0 if z is None else z.float()
+            q = (torch.round(block[i] * inv) + zero).clamp_(0, 15)
+            codes[col] = q
+            e = (block[i] - (q - zero) * step) / ub[i, i]
+            block[i:] -= ub[i, i:, None] * e[None, :]
+            err[i] = e
+        wt[b1:] -= u[b0:b1, b1:].t() @ err
+    return codes.t().to(torch.uint8), scales, zeros

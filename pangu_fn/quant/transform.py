@@ -34,14 +34,16 @@ def head_name(params: Params) -> str:
 
 
 def quantize(params: Params, recipe: QuantRecipe, cfg: ModelConfig | None = None,
-             calib: torch.Tensor | None = None, progress: bool = False) -> Params:
+             calib: torch.Tensor | None = None, progress: bool = False,
+             hessians: dict[str, torch.Tensor] | None = None) -> Params:
     """A new tree quantized by `recipe` (the input is untouched).
 
     Block linears become `Int8Weight` / `Int4Weight` leaves (or stay float where the recipe
     keeps them); the LM head too if `recipe.head` asks; every other float leaf is cast to
     the compute dtype (`recipe.dtype`), and float linears are prepacked for the CPU when
     `recipe.prepack`. The gptq scheme needs `cfg` and calibration windows `calib [B, T]`
-    (int64 token ids), through which the model runs once per group of linears.
+    (int64 token ids), through which the model runs once per group of linears, or the
+    `hessians` that `collect_hessians` returned for them (reused across recipes).
 
     Raises ConfigError for a tree that already holds quantized leaves, patterns that match
     no linear, a group size that does not divide a layer's input width, or gptq without
@@ -58,13 +60,13 @@ def quantize(params: Params, recipe: QuantRecipe, cfg: ModelConfig | None = None
             raise ConfigError(f"quantize: pattern {pattern!r} matches no linear; names look like "
                               f"{linears[:3]} (shell globs, e.g. '*.down')")
     plan = _plan(flat, linears, recipe, head_name(params))
-    hessians = {}
-    calibrated = [n for n, c in plan.items() if c == "gptq"]
+    calibrated = [n for n, c in plan.items() if c == "gptq" and n not in (hessians or {})]
+    hessians = dict(hessians or {})
     if calibrated:
         if cfg is None or calib is None:
             raise ConfigError("quantize: the gptq scheme needs the model config and calibration "
                               "windows (quantize(params, recipe, cfg=cfg, calib=windows))")
-        hessians = collect_hessians(params, cfg, calib, calibrated, progress=progress)
+        hessians.update(collect_hessians(params, cfg, calib, calibrated, progress=progress))
 
     dtype = recipe.dtype
     tied = "lm_head" not in params
@@ -82,8 +84,9 @@ def quantize(params: Params, recipe: QuantRecipe, cfg: ModelConfig | None = None
         elif choice == "int8":
             out[name] = quantize_int8(leaf, dtype)
         else:
+            hessian = hessians.get(linear) if choice == "gptq" else None
             out[name] = quantize_int4(leaf, recipe.group_size, recipe.symmetric, dtype,
-                                      hessian=hessians.get(linear), damp=recipe.damp, keep_qdata=embedding)
+                                      hessian=hessian, damp=recipe.damp, keep_qdata=embedding)
     return unflatten(out)
 
 
