@@ -95,19 +95,32 @@ def test_iterative_needs_calibration_for_recovery():
     assert report.scope["sparsity"] == 0.5
 
 
+@pytest.fixture
+def one_thread():
+    """Matrices of 256 columns gain nothing from a second thread, and lose a lot when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not (DEMO / "target" / "config.json").is_file(), reason="demo model not built")
-def test_demo_model_recovery_lowers_perplexity():
-    from pangu_fn.data import read_documents, token_stream
+def test_demo_model_recovery_lowers_perplexity(one_thread):
+    """70% magnitude sparsity in two rounds of the schedule on the trained demo model, with and
+    without 20 steps of distillation recovery per round on training text (the pydoc topics of
+    the demo corpus's training split); perplexity on held-out documents."""
+    from pangu_fn import data
     from pangu_fn.tokenizer import load_tokenizer
 
     params, cfg = pf.load(DEMO / "target", dtype="fp32")
     tok = load_tokenizer(DEMO / "target")
-    held = token_stream(tok, read_documents(DEMO / "heldout.jsonl"))
-    eval_ids, calib = held[:6000].tolist(), held[6000:]  # recovery text: held-out documents not evaluated
-    base = PruneRecipe("iterative", sparsity=0.7, rounds=2, batch_size=4, seq_len=64, lr=1e-3)
-    _no_rec, rep0 = prune(params, base.replace(recovery_steps=0), calib, cfg=cfg, eval_ids=eval_ids)
-    _rec, rep1 = prune(params, base.replace(recovery_steps=60), calib, cfg=cfg, eval_ids=eval_ids)
+    eval_ids = data.token_stream(tok, data.read_documents(DEMO / "heldout.jsonl"))[:2500].tolist()
+    train_docs, _ = data.split(data.pydoc_documents(), 0.05)
+    calib = data.token_stream(tok, train_docs)
+    base = PruneRecipe("iterative", sparsity=0.7, rounds=2, batch_size=4, seq_len=64, lr=5e-4)
+    _, rep0 = prune(params, base.replace(recovery_steps=0), calib, cfg=cfg, eval_ids=eval_ids)
+    _, rep1 = prune(params, base.replace(recovery_steps=20), calib, cfg=cfg, eval_ids=eval_ids)
     for rep in (rep0, rep1):
         assert rep.scope["zeros"] == sum(count_for(0.7, t["numel"]) for t in rep.tensors)
-    assert rep1.perplexity["after"] < rep0.perplexity["after"]
     assert rep0.perplexity["after"] > rep0.perplexity["before"]
+    assert rep1.perplexity["after"] < rep0.perplexity["after"]

@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", choices=["magnitude", "wanda", "structured"], default="magnitude",
                    help="iterative: the method each round applies")
     p.add_argument("--recovery-steps", type=int, default=200)
-    p.add_argument("--recovery-loss", choices=["next-token", "distill"], default="next-token")
-    p.add_argument("--lr", type=float, default=1e-3, help="recovery learning rate")
+    p.add_argument("--recovery-loss", choices=["distill", "next-token"], default="distill",
+                   help="recovery: KL to the dense model (default) or next-token loss on the calibration text")
+    p.add_argument("--lr", type=float, default=3e-4, help="recovery learning rate (default 3e-4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="recovery window (tokens)")
     p.add_argument("--calib", default="stdlib", metavar="SOURCE",

@@ -39,7 +39,8 @@ class PruneRecipe:
       remove exactly the listed KV groups / neurons instead.
     - `iterative`: `rounds` rounds of the `base` method following the cubic schedule from
       `initial_sparsity` to `sparsity` (or to `heads` / `ffn` when `base` is "structured"),
-      each followed by `recovery_steps` steps of `recovery_loss` training on calibration text.
+      each followed by `recovery_steps` steps of `recovery_loss` training on calibration text:
+      "distill" (KL to the dense model, the default) or "next-token".
     - `tensors`: "blocks" (every linear weight of the blocks), "embeddings", "head".
     """
 
@@ -61,8 +62,8 @@ class PruneRecipe:
     initial_sparsity: float = 0.0
     base: str = "magnitude"
     recovery_steps: int = 200
-    recovery_loss: str = "next-token"
-    lr: float = 1e-3
+    recovery_loss: str = "distill"
+    lr: float = 3e-4
     batch_size: int = 8
     seq_len: int = 128
     calib_samples: int = 32

@@ -52,8 +52,9 @@ def prune(params: Params, recipe: PruneRecipe, calib: Any = None, *, cfg: ModelC
         out, tracker, rounds = iterative(params, cfg, recipe, calib, eval_ids, eval_seq_len, progress)
 
     ppl = None
-    if ppl_before is not None:
-        ppl = {"before": ppl_before, "after": perplexity(out, cfg, eval_ids, eval_seq_len)}
+    if ppl_before is not None:  # the last round of an iterative run has measured it already
+        after = rounds[-1]["perplexity"] if rounds else perplexity(out, cfg, eval_ids, eval_seq_len)
+        ppl = {"before": ppl_before, "after": after}
     report = build_report(params, out, names, recipe.method, recipe.summary(), recipe.to_dict(), ppl,
                           tracker.removed() if tracker else None, rounds)
     return out, report
