@@ -44,3 +44,15 @@ def test_bench_writes_json_with_medians_and_ratios(tmp_path, capsys):
     for r in rows:
         assert len(r["runs"]["decode_tok_s"]) == 2 and r["decode_tok_s"] > 0 and r["prefill_ms"] > 0
     assert rows[1]["decode_vs_first"] == round(rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"], 3)
+
+
+def test_pangu_run_never_imports_torch(tmp_path):
+    """`pangu run` (the ONNX Runtime path) must work where torch is not installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pangu_tools.cli import main; rc = main(['run', sys.argv[1], '--prompt-ids', '1 2']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-bundle")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2" and proc.stderr.startswith("pangu run: error:")
