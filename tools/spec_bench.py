@@ -4,8 +4,8 @@ ratios against the plain row.
 
 Prompts (`--spec-prompts`): `held-out` takes the first `--prompt-len` tokens of held-out
 documents (`heldout.jsonl` beside the model folder or its parent, as `pangu train-demo` writes
-it); `quote` takes a passage of such a document followed by a blank line and the passage's
-first 8 tokens again, so that a faithful continuation repeats it (the case prompt lookup is
+it); `quote` takes a passage of such a document (`--new-tokens` + 8 tokens, or fewer to fit the
+context) followed by a blank line and the passage's first 8 tokens again, so that a faithful continuation repeats it (the case prompt lookup is
 for: summaries, code edits); `random` uses random token ids (no tokenizer needed). Greedy
 speculative output equals plain greedy output, so each row decodes the same tokens.
 """
@@ -58,7 +58,9 @@ def bench_prompts(model: str, cfg: Any, kind: str, prompt_len: int, new_tokens: 
         raise ConfigError(f"--spec-prompts {kind}: expected heldout.jsonl in {model!r} or its parent folder "
                           "(pangu train-demo writes it); use --spec-prompts random for other models")
     tokenizer = tokenizer_for(model)
-    passage = prompt_len if kind == "held-out" else new_tokens + QUOTE_HEAD
+    separator = tokenizer.encode("\n\n")
+    passage = prompt_len if kind == "held-out" else min(new_tokens + QUOTE_HEAD,
+                                                        cfg.max_seq_len - new_tokens - len(separator) - QUOTE_HEAD)
     prompts = []
     for doc in read_documents(docs_file):
         ids = tokenizer.encode(doc.text)
@@ -67,7 +69,7 @@ def bench_prompts(model: str, cfg: Any, kind: str, prompt_len: int, new_tokens: 
         if kind == "held-out":
             prompts.append(ids[:prompt_len])
         else:
-            prompts.append(ids[:passage] + tokenizer.encode("\n\n") + ids[:QUOTE_HEAD])
+            prompts.append(ids[:passage] + separator + ids[:QUOTE_HEAD])
         if len(prompts) == count:
             return prompts
     raise ConfigError(f"--spec-prompts {kind}: {docs_file} has {len(prompts)} documents of at least "

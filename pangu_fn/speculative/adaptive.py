@@ -41,7 +41,7 @@ class AdaptiveK:
     timed: bool = True
     cost: float | None = None  # drafting one token, in plain steps (None: spec_init fills in Drafter.cost)
     overhead: float = 0.15  # timed=False: fixed = 1 + overhead
-    memory: float = 0.7  # weight of the past in the decayed counts and means
+    memory: float = 0.9  # weight of the past in the decayed counts and means
     probe_every: int = 8
     accepted: float = 1.6
     examined: float = 2.0

@@ -149,7 +149,7 @@ def spec_step(target: Model, drafter: Drafter, state: SpecState, sampling: Sampl
             state.seen.scatter_(1, nxt[:, None], True)
         new_lengths = n + 1
         host = torch.stack([torch.zeros_like(n), torch.zeros_like(n), state.limits - new_lengths, nxt], 1).tolist()
-        state = replace(state, lengths=new_lengths, last=nxt[:, None], target_cache=cache.with_lengths(n))
+        state = replace(state, lengths=new_lengths, last=nxt[:, None], target_cache=cache.with_lengths(n), draft=draft)
     else:
         counts = torch.full_like(n, k) if counts is None else counts
         counts = torch.minimum(counts, state.limits - n - 1)  # never pass a row's max_new_tokens
