@@ -186,7 +186,7 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
 
 
 def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():
-    ctl = AdaptiveK(k_max=6, timed=False, cost=0.1)
+    ctl = AdaptiveK(k_max=6, timed=False, cost=0.1, memory=0.7)
     assert ctl.choose() == 6  # optimistic prior, cheap drafts
     ctl = replace(ctl, cost=0.3)
     for _ in range(6):  # every draft rejected
