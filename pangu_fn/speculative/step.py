@@ -18,7 +18,7 @@ import torch
 
 from ..cache import KVCache, init_cache
 from ..device import synchronize
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..generate import TokenEvent, check_prompts
 from ..model import forward
 from ..sampling import SamplingParams, penalize, probabilities, sample
@@ -78,6 +78,9 @@ def spec_init(target: Model, drafter: Drafter, prompts: Sequence[Sequence[int]],
     params, cfg = target
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise InputError(f"speculative: expected an int draft length k >= 1, found {k!r}")
+    if isinstance(drafter, (str, tuple)):
+        raise ConfigError(f"spec_init: expected a Drafter object, found {drafter!r:.40}; "
+                          "make one with pangu_fn.speculative.make_drafter")
     drafter.check(target)
     if adaptive is True:
         adaptive = AdaptiveK(k_max=k)
