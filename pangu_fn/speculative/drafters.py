@@ -64,7 +64,7 @@ class Drafter(Protocol):
         """The state of only the given rows (finished rows leave the batch)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds tensors
 class DraftModel:
     """A separate, smaller model with the target's vocabulary (e.g. the demo draft). Its state
     is its own KVCache holding each row's tokens but the last (one fewer after a step that
