@@ -24,8 +24,8 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
     assert err <= rel * ref.abs().max().item(), f"max error {err} vs max |ref| {ref.abs().max().item()}"
 
 
-def inputs(k: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(2, 3, k, generator=GEN).to(dtype)
+def inputs(k: int, n: int, dtype: torch.dtype, rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, rows, k, generator=GEN).to(dtype)
     bias = (0.1 * torch.randn(n, generator=GEN)).to(dtype)
     return x, bias
 
@@ -43,6 +43,8 @@ def test_int8_kernels_equal_dequantize_then_matmul(n, k):
         assert torch.equal(y, direct)
     fp32 = leaf.astype(torch.float32)  # the dequantize-then-matmul path (any device)
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
+    x, _ = inputs(k, n, torch.bfloat16, rows=100)  # 200 rows: dequantize once, bf16 matmul
+    assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
 
 
 @pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (40, 256, 64, False), (200, 128, 128, True),
@@ -58,6 +60,8 @@ def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym):
     fp32 = leaf.astype(torch.float32)
     assert fp32.cpu_kernel_data is None
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
+    x, _ = inputs(k, n, torch.bfloat16, rows=100)  # 200 rows: dequantize once, bf16 matmul
+    assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
 
 
 def test_int4_leaf_keeps_one_copy_and_rebuilds_its_canonical_data():

@@ -38,7 +38,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def to_matmul_nbits(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """Codes `[N, K]` (0..15) -> MatMulNBits data `[N, K/G, G/2]` uint8."""
     n, k = codes.shape
-    return pack_nibbles(codes.reshape(n, k // group_size, group_size))
+    return pack_nibbles(codes.reshape(n, k // group_size, group_size)).contiguous()
 
 
 def from_matmul_nbits(qdata: torch.Tensor) -> torch.Tensor:
@@ -61,20 +61,30 @@ def cpu_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
 def _unpack_layout(packed: torch.Tensor, n: int, k: int, block: int, split: bool) -> torch.Tensor:
     """Rows come in blocks of `block` (a final shorter block holds adjacent row pairs). In a
     full block with `split`, byte j of column k holds rows j (low) and j + block/2 (high);
-    otherwise byte j holds rows 2j (low) and 2j + 1 (high)."""
+    otherwise byte j holds rows 2j (low) and 2j + 1 (high). The bytes are first transposed to
+    `[rows/2, k]`, then split into nibbles four bytes at a time (int32 words, k % 4 == 0)."""
     flat = packed.reshape(-1)
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
     full = n // block
-    parts = []
     if full:
-        b = flat[: full * k * block // 2].view(full, k, block // 2)
-        lo, hi = b & 0x0F, b >> 4
-        rows = torch.cat((lo, hi), -1) if split else torch.stack((lo, hi), -1).flatten(-2)
-        parts.append(rows.transpose(1, 2).reshape(full * block, k))
+        b = flat[: full * k * block // 2].view(full, k, block // 2).transpose(1, 2).contiguous()
+        rows = out[: full * block].view(full, 2, block // 2, k) if split else \
+            out[: full * block].view(full, block // 2, 2, k).transpose(1, 2)
+        _split_nibbles(b, rows[:, 0], rows[:, 1])
     tail = n - full * block
     if tail:
-        b = flat[full * k * block // 2:].view(k, tail // 2)
-        parts.append(torch.stack((b & 0x0F, b >> 4), -1).flatten(-2).t())
-    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        b = flat[full * k * block // 2:].view(k, tail // 2).t().contiguous()  # [tail/2, k]
+        rows = out[full * block:].view(tail // 2, 2, k)
+        _split_nibbles(b, rows[:, 0], rows[:, 1])
+    return out
+
+
+def _split_nibbles(b: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+    """low = b & 15, high = b >> 4 for uint8 `b [..., k]` (contiguous), written into the uint8
+    views `low` / `high` (contiguous last dim), as int32 words."""
+    words = b.view(torch.int32)
+    torch.bitwise_and(words, 0x0F0F0F0F, out=low.view(torch.int32))
+    torch.bitwise_and(words >> 4, 0x0F0F0F0F, out=high.view(torch.int32))
 
 
 def cpu_layout_known() -> bool:

@@ -69,9 +69,10 @@ def int4_codes(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
 
 def int4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     dtype: torch.dtype) -> torch.Tensor:
-    """Values `[N, K]` of codes `[N, K]` with group scales / zero points `[N, K/G]`."""
+    """Values `[N, K]` in `dtype` of codes `[N, K]` with group scales / zero points `[N, K/G]`:
+    `(code - zero) * scale`, one rounding (code - zero is an exact small integer)."""
     n, k = codes.shape
     blocks = scales.shape[1]
-    z = 8.0 if zeros is None else zeros.float()[..., None]
-    w = (codes.view(n, blocks, k // blocks).float() - z) * scales.float()[..., None]
-    return w.reshape(n, k).to(dtype)
+    zero = 8 if zeros is None else zeros.to(dtype)[..., None]
+    w = (codes.view(n, blocks, k // blocks).to(dtype) - zero) * scales.to(dtype)[..., None]
+    return w.view(n, k)

@@ -130,7 +130,10 @@ class Int8Weight(_Leaf):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight `[N, K]` in `dtype` (default: the compute dtype)."""
-        return (self.qdata.float() * self.scales.float()[:, None]).to(dtype or self.compute_dtype)
+        dtype = dtype or self.compute_dtype
+        if dtype == self.scales.dtype:  # one pass: int8 * scale, promoted and rounded once
+            return torch.mul(self.qdata, self.scales[:, None])
+        return (self.qdata.float() * self.scales.float()[:, None]).to(dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.int8_linear(self, x, bias)
@@ -192,7 +195,7 @@ class Int4Weight(_Leaf):
         self.keep_qdata = keep_qdata
         self.shape = torch.Size((n, blocks * group_size))
         self.compute_dtype = scales.dtype
-        self._qdata: torch.Tensor | None = qdata
+        self._qdata: torch.Tensor | None = qdata.contiguous()
         self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cpu_tried = False
         self._npu: tuple | None = None
