@@ -95,6 +95,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
+        tmp.chmod(0o644)
     plt.close(fig)
 
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     with atomic_file(out / "pruning_sweep.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.chmod(0o644)
     plot(result, out / "pruning_sweep.png")
     table = markdown(result)
     print(table)
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         head, rest = text.split(BEGIN, 1)
         with atomic_file(doc) as tmp:
             tmp.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+            tmp.chmod(0o644)
     return 0
 
 
