@@ -69,9 +69,11 @@ class PruneReport:
                  (f"scope: {len(self.tensors)} tensors, {s['numel_before']:,} -> {s['numel']:,} weights, "
                  f"{s['zeros']:,} zeros (sparsity {s['sparsity']:.2%}), reduction vs dense {s['reduction']:.2%}")]
         by_block: dict[str, list[str]] = {}
+        any_zeros = s["zeros"] > 0  # structured pruning alone leaves no zeros: show widths only
         for t in self.tensors:
             prefix, linear = _split(t["name"])
-            by_block.setdefault(prefix, []).append(f"{linear} {t['sparsity']:6.2%}".strip())
+            cell = f"{linear} {t['sparsity']:6.2%}".strip() if any_zeros else ""
+            by_block.setdefault(prefix, []).append(cell)
         for prefix, cells in by_block.items():
             widths = ""
             if self.removed and prefix in self.removed:
@@ -79,7 +81,7 @@ class PruneReport:
                 widths = (f"  heads {r['heads_before']}->{r['heads_after']} "
                           f"(kv {r['kv_heads_before']}->{r['kv_heads_after']}), "
                           f"ffn {r['ffn_before']}->{r['ffn_after']}")
-            lines.append(f"  {prefix:<16} " + "  ".join(cells) + widths)
+            lines.append((f"  {prefix:<16} " + "  ".join(c for c in cells if c) + widths).rstrip())
         lines.append("whole model: " + ", ".join(f"{k} {v['sparsity']:.2%} of {v['numel']:,}"
                                                  for k, v in self.groups.items()))
         p, nz, b = self.parameters, self.nonzero_parameters, self.bytes
