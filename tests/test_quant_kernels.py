@@ -64,6 +64,17 @@ def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym):
     assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
 
 
+def test_many_rows_dequantize_a_large_weight_in_chunks():
+    """Prefill-sized inputs run dequantize-then-matmul, DEQUANTIZE_CHUNK weight rows at a time."""
+    w = torch.randn(4100, 64, generator=GEN)
+    bias = (0.1 * torch.randn(4100, generator=GEN)).bfloat16()
+    x = torch.randn(1, 130, 64, generator=GEN).bfloat16()
+    for leaf in (quantize_int8(w, torch.bfloat16), quantize_int4(w, 32, False, torch.bfloat16)):
+        assert leaf.linear(x[:, :1], bias).shape == (1, 1, 4100)  # one row: the kernel path
+        assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
+        assert torch.equal(leaf.dequantize(rows=slice(4096, 4100)), leaf.dequantize()[4096:])
+
+
 def test_int4_leaf_keeps_one_copy_and_rebuilds_its_canonical_data():
     w = torch.randn(64, 128, generator=GEN)
     canonical = quantize_int4(w, 32, False, torch.float32)  # no CPU pack: holds qdata

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 # running a bf16 matmul beats the weight-only kernels, whose time grows with every row
 # (3072x768, one thread, 128 rows: int8 kernel 8.0 ms vs 3.6 ms; int4 kernel 7.0 vs 5.2 ms).
 DEQUANTIZE_ROWS = {"int8": 32, "int4": 128}
+DEQUANTIZE_CHUNK = 4096  # weight rows dequantized at once (a multiple of the int4 PACK_ROWS)
 
 
 def tracing() -> bool:
@@ -52,7 +53,7 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         return _add_bias(y, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)
-    return F.linear(x, w.dequantize(x.dtype), bias)
+    return dequantized_linear(w, x, bias)
 
 
 def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,7 +71,20 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         return _add_bias(y, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)
-    return F.linear(x, w.dequantize(x.dtype), bias)
+    return dequantized_linear(w, x, bias)
+
+
+def dequantized_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` with the weight dequantized to x's dtype, `DEQUANTIZE_CHUNK` output rows at a
+    time, so that no more than that many rows of float weight exist at once (a quantized
+    50257-row head would otherwise briefly need its full bf16 copy)."""
+    n = w.shape[0]
+    if n <= DEQUANTIZE_CHUNK:
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    parts = [F.linear(x, w.dequantize(x.dtype, slice(r0, min(r0 + DEQUANTIZE_CHUNK, n))),
+                      None if bias is None else bias[r0:r0 + DEQUANTIZE_CHUNK])
+             for r0 in range(0, n, DEQUANTIZE_CHUNK)]
+    return torch.cat(parts, dim=-1)
 
 
 def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -128,12 +128,13 @@ class Int8Weight(_Leaf):
     def device(self) -> torch.device:
         return self.qdata.device
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight `[N, K]` in `dtype` (default: the compute dtype)."""
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight `[N, K]` (or its `rows`) in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.compute_dtype
-        if dtype == self.scales.dtype:  # one pass: int8 * scale, promoted and rounded once
-            return torch.mul(self.qdata, self.scales[:, None])
-        return (self.qdata.float() * self.scales.float()[:, None]).to(dtype)
+        q, s = self.qdata[rows], self.scales[rows]
+        if dtype == s.dtype:  # one pass: int8 * scale, promoted and rounded once
+            return torch.mul(q, s[:, None])
+        return (q.float() * s.float()[:, None]).to(dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.int8_linear(self, x, bias)
@@ -245,12 +246,15 @@ class Int4Weight(_Leaf):
             self._prepare_cpu()
         return self._cpu
 
-    def codes(self) -> torch.Tensor:
-        """Codes `[N, K]` uint8 (0..15)."""
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Codes `[N, K]` uint8 (0..15), or those of `rows` (a step-1 slice whose start is a
+        multiple of 64, the CPU packer's row block, when only the CPU pack is held)."""
         if self._qdata is not None:
-            return from_matmul_nbits(self._qdata)
+            return from_matmul_nbits(self._qdata[rows])
         n, k = self.shape
-        return cpu_unpack(self._cpu[0], n + (-n % CPU_ROW_MULTIPLE), k)[:n]
+        r0, r1, _ = rows.indices(n)
+        end = n + (-n % CPU_ROW_MULTIPLE) if r1 == n else r1  # the last rows come with their padding
+        return cpu_unpack(self._cpu[0][r0:end], end - r0, k)[: r1 - r0]
 
     @property
     def qdata(self) -> torch.Tensor:
@@ -265,9 +269,10 @@ class Int4Weight(_Leaf):
     def device(self) -> torch.device:
         return self.scales.device
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight `[N, K]` in `dtype` (default: the compute dtype)."""
-        return int4_dequantize(self.codes(), self.scales, self.zero_points, dtype or self.compute_dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight `[N, K]` (or its `rows`, see `codes`) in `dtype` (default: the compute dtype)."""
+        zeros = None if self.zero_points is None else self.zero_points[rows]
+        return int4_dequantize(self.codes(rows), self.scales[rows], zeros, dtype or self.compute_dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.int4_linear(self, x, bias)
