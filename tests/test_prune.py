@@ -231,3 +231,13 @@ def test_pruned_tree_saves_and_loads(tmp_path):
     loaded, _cfg2 = pf.load(pf.save(tmp_path / "m", out, cfg))
     for name, t in flatten(out).items():
         assert torch.equal(get(loaded, name), t), name
+
+
+def test_wanda_on_an_untied_input_embedding_is_refused():
+    params, cfg = random_model("tiny-gpt", tie_embeddings=False)
+    with pytest.raises(ConfigError, match="not used as a linear"):
+        prune(params, PruneRecipe("wanda", 0.5, tensors=("embeddings",), calib_samples=2, calib_seq_len=16),
+              calib_for(cfg), cfg=cfg)
+    out, _ = prune(params, PruneRecipe("wanda", 0.5, tensors=("head",), calib_samples=2, calib_seq_len=16),
+                   calib_for(cfg), cfg=cfg)
+    assert int((out["lm_head"]["weight"] == 0).sum()) == count_for(0.5, out["lm_head"]["weight"].numel())
