@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_model
 
 import pangu_fn as pf
 from pangu_fn.errors import ConfigError
@@ -13,8 +14,6 @@ from pangu_fn.params import layer_sizes
 from pangu_fn.prune import PruneRecipe, prune
 from pangu_fn.prune.scope import get, scope_names
 from pangu_fn.speculative import speculative_generate
-
-from helpers import random_model
 
 # different widths per layer: block 0 loses a KV group (2 query heads), block 2 the other one,
 # block 1 keeps its heads and loses a third of its FFN neurons

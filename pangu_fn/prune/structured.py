@@ -12,8 +12,8 @@ model computes exactly what the dense model computes with those units zeroed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
