@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  parameters {info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)")
     for dtype, n in info["bytes_by_dtype"].items():
         print(f"  {dtype}: {n / 2**20:.1f} MiB")
-    uniform = all(w == info["layers"][0] for w in info["layers"])
-    if not uniform:
-        print("  per-layer widths (pruned): " + ", ".join(f"{w['heads']}h/{w['ffn']}" for w in info["layers"]))
+    as_config = {"heads": c.num_heads, "kv_heads": c.num_kv_heads, "ffn": c.intermediate_size}
+    if any(w != as_config for w in info["layers"]):  # structurally pruned: the shapes are the truth
+        print("  per-layer widths (heads/kv heads/ffn, pruned): "
+              + ", ".join(f"{w['heads']}/{w['kv_heads']}/{w['ffn']}" for w in info["layers"]))
     return 0
 
