@@ -22,9 +22,6 @@ from pangu_fn.tokenizer import load_tokenizer
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 CARD_ROW = re.compile(r"^\| `([^`]+)` \| ([\d,]+) \| `([0-9a-f]{64})` \|$", re.MULTILINE)
 
-pytestmark = pytest.mark.skipif(not (DEMO / "README.md").is_file(), reason="demo models not built")
-
-
 @pytest.fixture(scope="module")
 def card() -> str:
     return (DEMO / "README.md").read_text()

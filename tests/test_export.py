@@ -235,7 +235,6 @@ def demo_bundle(shared_dir: Path) -> tuple[Path, dict, pf.ModelConfig]:
     return path, params, cfg
 
 
-@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason=f"the demo model is not trained yet ({DEMO})")
 def test_demo_text_in_text_out(shared_dir):
     """The trained demo model (openPangu family, SentencePiece tokenizer) through the runtime:
     text in, the same greedy text out as pangu_fn, with the tokenizer carried by the bundle."""

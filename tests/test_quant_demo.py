@@ -22,10 +22,6 @@ from pangu_fn.tokenizer import load_tokenizer
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 CALIB_WINDOWS = 16  # of 256 tokens, from the training documents' pydoc topics
 
-pytestmark = pytest.mark.skipif(not (DEMO / "target" / "config.json").is_file() or not (DEMO / "heldout.jsonl").is_file(),
-                                reason="the demo model (models/demo/target, heldout.jsonl) is not committed yet")
-
-
 @pytest.fixture(scope="module")
 def demo():
     params, cfg = pf.load(DEMO / "target")

@@ -17,10 +17,6 @@ from pangu_fn.speculative import DraftModel, SpecStats, speculative_generate
 from pangu_fn.tokenizer import load_tokenizer
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
-pytestmark = pytest.mark.skipif(not (DEMO / "target").is_dir() or not (DEMO / "draft").is_dir(),
-                                reason="the demo models are not built (pangu train-demo)")
-
-
 @pytest.fixture(scope="module")
 def demo():
     target = pf.load(DEMO / "target", dtype="fp32")

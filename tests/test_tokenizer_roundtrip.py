@@ -16,22 +16,17 @@ from pangu_fn.tokenizer import load_tokenizer
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 SPACE_MARK = "\u2581"  # SentencePiece's space marker: decodes as a space (documented limitation)
 
-needs_demo = pytest.mark.skipif(not (DEMO / "target" / "tokenizer.model").is_file(), reason="demo models not built")
-
-
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(DEMO / "target")
 
 
-@needs_demo
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(alphabet=st.characters(exclude_characters=SPACE_MARK, exclude_categories=("Cs",)), max_size=80))
 def test_any_text_round_trips(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
-@needs_demo
 @pytest.mark.parametrize("text", [
     "def f(x):\n    return x  # two spaces\n\n\ttab\r\n",
     "  leading and trailing  ",
@@ -44,7 +39,6 @@ def test_examples_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
-@needs_demo
 def test_unseen_characters_fall_back_to_bytes(tok):
     ids = tok.encode("\U0001F9EA")  # a test-tube emoji: not a piece, four UTF-8 bytes
     assert [tok.sp.id_to_piece(i) for i in ids] == ["<0xF0>", "<0x9F>", "<0xA7>", "<0xAA>"]
@@ -52,7 +46,6 @@ def test_unseen_characters_fall_back_to_bytes(tok):
     assert tok.decode(tok.encode(f"a{SPACE_MARK}b")) == "a b"  # the one character that does not round-trip
 
 
-@needs_demo
 def test_committed_tokenizer_is_reproducible_on_the_same_python(tok):
     m = json.loads((DEMO / "metrics.json").read_text())
     if m["python"] != data.python_version():
