@@ -90,9 +90,9 @@ def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
 
     with torch.inference_mode():
         cache = init_cache(params, cfg, B, T + max_new_tokens)
-        logits, cache = forward(params, cfg, tokens, cache)
+        logits, cache = forward(params, cfg, tokens, cache, logits_index=lengths_t - 1)
         cache = cache.with_lengths(lengths_t)
-        last = logits[torch.arange(B, device=device), lengths_t - 1]
+        last = logits[:, 0]
 
     active = [True] * B
     for step in range(max_new_tokens):

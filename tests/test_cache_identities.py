@@ -128,3 +128,13 @@ def test_repetition_penalty_discourages_seen_tokens():
     seen = torch.tensor([[True, False, False, False]])
     sp = pf.SamplingParams(repetition_penalty=1.2)
     assert sample(logits, sp, seen=seen).item() == 1  # 2.0 / 1.2 < 1.9
+
+
+def test_logits_index_selects_one_position_per_row(family_model):
+    params, cfg = family_model
+    toks = tokens_for(cfg, (3, 8), 11)
+    full, _ = pf.forward(params, cfg, toks)
+    index = torch.tensor([7, 2, 5])
+    some, _ = pf.forward(params, cfg, toks, logits_index=index)
+    assert some.shape == (3, 1, cfg.vocab_size)
+    assert (some[:, 0] - full[torch.arange(3), index]).abs().max().item() < 1e-5

@@ -237,8 +237,7 @@ def materialise(source: Source, device: str | torch.device | None = None,
     validate(params, source.cfg)
     if dtype is not None:
         params = astype(params, parse_dtype(dtype))
-    if device is not None:
-        params = to_device(params, device)
+    params = to_device(params, device or "cpu")  # also lays weights out for decoding there
     return params, source.cfg
 
 
