@@ -5,6 +5,7 @@ Shapes: B batch, T new tokens, S attended positions, H hidden, D head_dim.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -76,12 +77,30 @@ def activation(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(positions: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[B, 1, T, D]` for integer `positions [B, T]` (non-interleaved halves, as LLaMA)."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
-    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos, sin `[B, 1, T, D]` for integer `positions [B, T]` (non-interleaved halves, as LLaMA).
+    Traced graphs compute them; eager calls gather rows of a table made once per
+    (theta, D, context, device, dtype), which saves a dozen small ops per decode step."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        cos, sin = _rope_from_positions(positions, cfg.rope_theta, cfg.head_dim)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    cos, sin = _rope_table(cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, positions.device, dtype)
+    return cos[positions][:, None], sin[positions][:, None]
+
+
+def _rope_from_positions(positions: torch.Tensor, theta: float, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
+    freqs = positions[..., None].float() * inv_freq  # [..., D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(theta: float, d: int, max_len: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[max_len, D]` (computed in fp32 exactly as `_rope_from_positions`, then cast)."""
+    with torch.inference_mode(False), torch.no_grad():
+        cos, sin = _rope_from_positions(torch.arange(max_len, device=device), theta, d)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

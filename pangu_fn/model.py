@@ -64,7 +64,8 @@ def _check_tokens(tokens: torch.Tensor, cfg: ModelConfig) -> None:
         raise InputError(f"forward: expected integer tokens [B, T], found {tokens.dtype} {list(tokens.shape)}")
     if tokens.numel() == 0:
         raise InputError(f"forward: expected at least one token, found shape {list(tokens.shape)}")
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = torch.aminmax(tokens)
+    lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= cfg.vocab_size:
         bad = lo if lo < 0 else hi
         raise InputError(f"forward: token id {bad} outside the vocabulary [0, {cfg.vocab_size})")
