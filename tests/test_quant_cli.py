@@ -75,7 +75,7 @@ def test_bench_scheme_rows_with_ratios_and_rss(tmp_path):
     assert [r["engine"] for r in rows] == ["pangu-fn", "pangu-fn bf16", "pangu-fn int8", "pangu-fn int4"]
     assert rows[0]["dtype"] == "float32" and all(r["dtype"] == "bfloat16" for r in rows[1:])
     for r in rows[1:]:
-        assert r["decode_vs_first"] == pytest.approx(r["decode_tok_s"] / rows[0]["decode_tok_s"], rel=1e-2)
+        assert r["decode_vs_first"] == pytest.approx(r["decode_tok_s"] / rows[0]["decode_tok_s"], rel=1e-2, abs=1e-3)
         assert r["rss"]["weights_mb"] == pytest.approx(r["weight_mb"], abs=0.1)
         assert r["rss"]["run_peak_mb"] > 0
     assert rows[3]["weight_mb"] < rows[2]["weight_mb"] < rows[1]["weight_mb"]
