@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..evaluate import perplexity
-from ..params import Params, validate
+from ..params import Params, decode_layout, validate
 from .recipe import PruneRecipe
 from .report import PruneReport, build_report
 from .schedule import iterative
@@ -50,6 +50,7 @@ def prune(params: Params, recipe: PruneRecipe, calib: Any = None, *, cfg: ModelC
         out = structured_step(params, cfg, recipe, recipe.heads, recipe.ffn, tracker, calib, progress)
     else:
         out, tracker, rounds = iterative(params, cfg, recipe, calib, eval_ids, eval_seq_len, progress)
+    out = decode_layout(out)  # sliced or masked tensors come out row-major
 
     ppl = None
     if ppl_before is not None:  # the last round of an iterative run has measured it already
