@@ -127,9 +127,13 @@ def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: "Context",
         q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
     if kv is not None:
         key_buf, value_buf = kv
-        index = ctx.positions[:, None, :, None].expand(B, k.shape[1], T, d)
-        key_buf.scatter_(2, index, k)
-        value_buf.scatter_(2, index, v)
+        if ctx.write_at is not None:  # every row at the same length: a plain slice copy
+            key_buf[:, :, ctx.write_at:ctx.write_at + T] = k
+            value_buf[:, :, ctx.write_at:ctx.write_at + T] = v
+        else:
+            index = ctx.positions[:, None, :, None].expand(B, k.shape[1], T, d)
+            key_buf.scatter_(2, index, k)
+            value_buf.scatter_(2, index, v)
         k, v = key_buf[:, :, : ctx.kv_len], value_buf[:, :, : ctx.kv_len]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
                                          enable_gqa=q.shape[1] != k.shape[1])
@@ -154,8 +158,11 @@ def block(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: "Context",
 class Context:
     """What every block of one forward call shares: positions `[B, T]`, RoPE tables, and the
     attention mask over `kv_len` key positions (`mask` None and `causal` set when a plain
-    causal or full mask is exact, which lets SDPA pick its fastest kernel)."""
+    causal or full mask is exact, which lets SDPA pick its fastest kernel). `write_at` is the
+    common cache length when every row has the same one (eager only): new keys and values
+    are then copied into a slice instead of scattered."""
 
     def __init__(self, positions: torch.Tensor, kv_len: int, mask: torch.Tensor | None,
-                 causal: bool, rope: Any) -> None:
+                 causal: bool, rope: Any, write_at: int | None = None) -> None:
         self.positions, self.kv_len, self.mask, self.causal, self.rope = positions, kv_len, mask, causal, rope
+        self.write_at = write_at

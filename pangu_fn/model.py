@@ -79,10 +79,10 @@ def _context(cfg: ModelConfig, tokens: torch.Tensor, cache: KVCache | None,
     if cache is None:
         if not tracing and T > cfg.max_seq_len:
             raise InputError(f"forward: {T} tokens exceed the context length {cfg.max_seq_len}")
-        positions, kv_len, mask, causal = steps.expand(B, T), T, None, True
+        positions, kv_len, mask, causal, write_at = steps.expand(B, T), T, None, True, None
     else:
         positions = cache.lengths[:, None] + steps
-        kv_len, mask, causal = cache.max_len, None, False
+        kv_len, mask, causal, write_at = cache.max_len, None, False, None
         if tracing:
             mask = _mask(positions, kv_len)
         else:
@@ -94,12 +94,13 @@ def _context(cfg: ModelConfig, tokens: torch.Tensor, cache: KVCache | None,
                                  f"{kv_len} positions; the cache holds {cache.max_len} and the context "
                                  f"length is {cfg.max_seq_len}")
             uniform = min(lengths) == max(lengths)
+            write_at = lengths[0] if uniform else None
             if uniform and lengths[0] == 0:
                 causal = True  # a fresh prefill: plain causal attention over the T new tokens
             elif not (uniform and T == 1):  # one new token after equal lengths sees everything
                 mask = _mask(positions, kv_len)
     rope = rope_tables(positions, cfg, dtype) if cfg.positions == "rope" else None
-    return Context(positions, kv_len, mask, causal, rope)
+    return Context(positions, kv_len, mask, causal, rope, write_at)
 
 
 def _mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
