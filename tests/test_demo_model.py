@@ -127,20 +127,24 @@ def test_greedy_generation_is_stable_and_equals_no_cache_argmax(models, metrics)
 
 def test_demo_command_runs_end_to_end(models, capsys):
     from pangu_tools.cli import main
-    from pangu_tools.demo import STAGES
+    from pangu_tools.demo import stages
 
     assert main(["demo", "--max-new-tokens", "6", "--repeats", "1", "--heldout-tokens", "1024",
                  "--prompt", "The for statement"]) == 0
     out = capsys.readouterr().out
-    assert "The for statement" in out and f"{len(STAGES)} stage(s)" in out
+    assert "The for statement" in out and f"{len(stages())} stages" in out
     report = out[out.index("stage "):]
+    for name in ("pytorch (eager)", "quantized int8", "quantized int4 gptq g64", "pruned 25% structured",
+                 "speculative, draft model", "speculative, prompt lookup", "onnx + pangu_runtime"):
+        assert f"\n{name} " in report, name
+    assert "6/6 greedy" in report  # speculative decoding and the ONNX runtime reproduce the fp32 tokens
     row = next(line for line in report.splitlines() if line.startswith("pytorch"))
     target, tcfg, *_, held = models
     assert f" {perplexity(target, tcfg, held[:1024]):.2f} " in row
 
 
 def test_demo_text_stream_waits_for_whole_characters(models):
-    from pangu_tools.demo import TextStream
+    from pangu_tools.common import TextStream
 
     tok = models[4]
     text = "naïve 日本語 🙂 done"

@@ -71,3 +71,19 @@ def tokenizer_for(spec: str) -> Any:
         raise ConfigError(f"--prompt needs a tokenizer, and {spec!r} has none beside it; "
                           "pass token ids with --prompt-ids")
     return load_tokenizer(spec)
+
+
+class TextStream:
+    """Turns a growing list of token ids into the newly completed text, holding back an
+    incomplete UTF-8 sequence (byte-fallback pieces) until its last byte arrives."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new

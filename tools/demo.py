@@ -1,9 +1,10 @@
 """`pangu demo` (= `make demo`): the trained demo model writes text, then a one-table report.
 
-The demo is the ordered list `STAGES`. A stage is a small function `stage(ctx) -> Row` that
-shows its own progress and returns one report row (name, parameters, size, held-out
+The demo is the ordered list `stages()`. A stage is a small function `stage(ctx) -> list[Row]`
+that shows its own progress and returns its report rows (name, parameters, size, held-out
 perplexity, prefill ms, decode tokens/s, acceptance, parity, notes). A feature joins the demo
-by appending one stage (quantization, pruning, speculative decoding, ONNX export + runtime);
+by appending one stage (the quantization, pruning, speculative and ONNX stages live in
+`demo_stages.py`);
 it finds the baseline model, tokenizer, prompt and held-out tokens in `ctx`, the rows so far
 in `ctx.rows`, and may leave values for later stages in `ctx.extras`. `measure_speed` and
 `heldout_perplexity` give every stage the same yardsticks.
@@ -98,25 +99,9 @@ def measure_speed(ctx: Context, engine: Any) -> tuple[float, float]:
     return m["prefill_ms"], m["decode_tok_s"]
 
 
-class TextStream:
-    """Turns a growing list of token ids into the newly completed text, holding back an
-    incomplete UTF-8 sequence (byte-fallback pieces) until its last byte arrives."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-
 # -- stages ------------------------------------------------------------------------------------
 
-def pytorch_stage(ctx: Context) -> Row:
+def pytorch_stage(ctx: Context) -> list[Row]:
     """Eager PyTorch: the demo target writes text, then its speed and held-out perplexity.
 
     Streams a continuation of the prompt, times prefill and decode with `measure_speed` and
@@ -124,6 +109,8 @@ def pytorch_stage(ctx: Context) -> Row:
     import pangu_fn as pf
 
     from .bench import pangu_engine
+
+    from .common import TextStream
 
     text = TextStream(ctx.tokenizer)
     print(f"\n{ctx.tokenizer.decode(ctx.prompt_ids)}", end="", flush=True)
@@ -134,11 +121,16 @@ def pytorch_stage(ctx: Context) -> Row:
     print(f"\n[{len(text.tokens)} tokens, stopped at {'end of document' if finish == 'eos' else 'the token limit'}]\n")
     prefill_ms, tok_s = measure_speed(ctx, pangu_engine(ctx.params, ctx.cfg))
     ppl = heldout_perplexity(ctx, ctx.params, ctx.cfg, "pytorch held-out perplexity")
-    return Row("pytorch (eager)", pf.count_params(ctx.params), stored_bytes(ctx.model_dir / "target"), ppl,
-               prefill_ms, tok_s, notes="bf16 weights, fp32 compute")
+    stored = stored_bytes(ctx.model_dir / "target")
+    return [Row("pytorch (eager)", pf.count_params(ctx.params), pf.nbytes(ctx.params), ppl, prefill_ms, tok_s,
+                parity="reference", notes=f"fp32 compute; stored as bf16 ({stored / 1e6:.1f} MB)")]
 
 
-STAGES: list[Callable[[Context], Row]] = [pytorch_stage]
+def stages() -> list[Callable[[Context], list[Row]]]:
+    """The demo's stages in order."""
+    from .demo_stages import export_stage, prune_stage, quantize_stage, speculative_stage
+
+    return [pytorch_stage, quantize_stage, prune_stage, speculative_stage, export_stage]
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -174,7 +166,7 @@ def format_report(rows: list[Row]) -> str:
     def cell(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = ["stage", "params", "size MB", "held-out ppl", "prefill ms", "decode tok/s", "acceptance", "parity", "notes"]
+    head = ["stage", "params", "weights MB", "held-out ppl", "prefill ms", "decode tok/s", "acceptance", "parity", "notes"]
     body = [[r.stage, cell(r.params and r.params / 1e6, ".2f") + ("M" if r.params else ""),
              cell(r.size_bytes and r.size_bytes / 1e6, ".2f"), cell(r.perplexity, ".2f"), cell(r.prefill_ms, ".1f"),
              cell(r.tokens_per_s, ".0f"), cell(r.acceptance, ".1%"), r.parity or "-", r.notes] for r in rows]
@@ -191,11 +183,12 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     ctx = load_context(args)
+    todo = stages()
     print(f"pangu demo: {ctx.model_dir / 'target'} ({ctx.cfg.family} family, {ctx.cfg.num_layers} layers, "
-          f"vocab {ctx.cfg.vocab_size}); {len(ctx.heldout_ids):,} held-out tokens; {len(STAGES)} stage(s)")
-    for i, stage in enumerate(STAGES, 1):
-        print(f"\n[{i}/{len(STAGES)}] {stage.__name__}: {(stage.__doc__ or '').split(chr(10))[0]}", flush=True)
-        ctx.rows.append(stage(ctx))
+          f"vocab {ctx.cfg.vocab_size}); {len(ctx.heldout_ids):,} held-out tokens; {len(todo)} stages")
+    for i, stage in enumerate(todo, 1):
+        print(f"\n[{i}/{len(todo)}] {stage.__name__}: {(stage.__doc__ or '').split(chr(10))[0]}", flush=True)
+        ctx.rows.extend(stage(ctx))
     print(f"\n{format_report(ctx.rows)}\n\n{time.perf_counter() - start:.0f} s in all")
     if args.json_out:
         write_json([asdict(r) for r in ctx.rows], args.json_out)

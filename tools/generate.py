@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .common import add_model_args, parse_prompt_ids, resolve_model, tokenizer_for, write_json
+from .common import TextStream, add_model_args, parse_prompt_ids, resolve_model, tokenizer_for, write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,17 +53,15 @@ def run(args: argparse.Namespace) -> int:
                                     k=args.k, adaptive=args.adaptive, stats=stats)
 
     completions = [pf.Completion([], "length") for _ in prompts]
-    shown = ""
+    text = TextStream(tokenizer) if tokenizer and len(prompts) == 1 else None
     start = time.perf_counter()
     for ev in events:
         completions[ev.row].tokens.append(ev.token)
         if ev.finish_reason:
             completions[ev.row].finish_reason = ev.finish_reason
         if args.stream and not args.json:
-            if tokenizer and len(prompts) == 1:  # print the text's new suffix (pieces merge across tokens)
-                text = tokenizer.decode(completions[0].tokens)
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+            if text is not None:
+                print(text.push(ev.token), end="", flush=True)
             else:
                 print(f"[{ev.row}] {ev.token}" if len(prompts) > 1 else ev.token, flush=True)
     elapsed = time.perf_counter() - start
