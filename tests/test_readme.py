@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 # Benchmarks run shortened and on a tiny shape here (the README shows the real command).
 SHORTEN = {"bench": ["--repeats", "1", "--warmup", "0", "--new-tokens", "4", "--prompt-len", "8"]}
 SMALLER = {"gpt2-small": "tiny-gpt"}
@@ -37,6 +38,7 @@ def pangu_lines() -> list[str]:
 def test_python_example_then_cli_examples(tmp_path):
     code = "\n".join(blocks("python"))
     assert "pf.generate" in code
+    (tmp_path / "models").symlink_to(ROOT / "models")  # the examples run from a clone's root
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
     assert (tmp_path / "out" / "tiny" / "config.json").is_file()
     lines = pangu_lines()
@@ -51,4 +53,4 @@ def test_python_example_then_cli_examples(tmp_path):
         if "--json" in argv and argv[argv.index("--json") + 1:][:1] in ([], ["--stream"]):
             json.loads(proc.stdout)
     bench = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert [r["engine"] for r in bench["results"]] == ["pangu-fn", "transformers"]
+    assert [r["engine"] for r in bench["results"]][:2] == ["pangu-fn", "transformers"]
