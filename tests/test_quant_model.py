@@ -21,6 +21,7 @@ from pangu_fn.quant import (
     quantize_int4,
 )
 from pangu_fn.quant.gptq import gptq_int4
+from pangu_fn.quant.packing import cpu_layout_known
 from pangu_fn.tree import flatten
 
 RECIPES = {
@@ -81,6 +82,18 @@ def test_quantized_embedding_rows_equal_dequantized_rows():
         assert torch.equal(leaf.embedding(tokens), leaf.dequantize()[tokens])
     i8 = Int8Weight(torch.randint(-127, 128, (40, 64), dtype=torch.int8), torch.rand(40))
     assert torch.equal(i8.embedding(tokens), i8.dequantize()[tokens])
+
+
+def test_int4_embedding_from_the_cpu_pack_alone():
+    """A tied int4 head whose canonical codes were dropped for the CPU pack: the lookup unpacks
+    only the row blocks it needs (full blocks and the short tail) and gives the same rows."""
+    w = torch.randn(200, 64, generator=torch.Generator().manual_seed(1))
+    leaf = quantize_int4(w, 32, True, torch.bfloat16)
+    expected = leaf.dequantize()
+    leaf.linear(torch.randn(1, 64, dtype=torch.bfloat16))  # builds the CPU pack
+    assert (leaf._qdata is None) == cpu_layout_known()
+    tokens = torch.tensor([[0, 199, 63, 64, 65], [127, 128, 191, 192, 7]])
+    assert torch.equal(leaf.embedding(tokens), expected[tokens])
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-head-int4", "bf16"])

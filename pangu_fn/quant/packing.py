@@ -92,6 +92,15 @@ def cpu_layout_known() -> bool:
     return _cpu_layout() is not None
 
 
+def cpu_row_block() -> int:
+    """Rows per block of this machine's packed layout: slices of a packed weight start at
+    multiples of it (needs `cpu_layout_known()`)."""
+    layout = _cpu_layout()
+    if layout is None:
+        raise RuntimeError("cpu_row_block: this machine's int4 pack layout is not known")
+    return layout[0]
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_layout() -> tuple[int, bool] | None:
     """Which known layout torch's packer uses here: found by packing a probe (two full

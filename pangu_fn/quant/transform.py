@@ -33,10 +33,11 @@ def head_name(params: Params) -> str:
     return "lm_head" if "lm_head" in params else "tok_embed"
 
 
-def quantize(params: Params, recipe: QuantRecipe, cfg: ModelConfig | None = None,
+def quantize(params: Params, recipe: QuantRecipe | str, cfg: ModelConfig | None = None,
              calib: torch.Tensor | None = None, progress: bool = False,
              hessians: dict[str, torch.Tensor] | None = None) -> Params:
-    """A new tree quantized by `recipe` (the input is untouched).
+    """A new tree quantized by `recipe` (the input is untouched); a scheme name such as
+    `"int8"` stands for `QuantRecipe(scheme="int8")`.
 
     Block linears become `Int8Weight` / `Int4Weight` leaves (or stay float where the recipe
     keeps them); the LM head too if `recipe.head` asks; every other float leaf is cast to
@@ -48,6 +49,10 @@ def quantize(params: Params, recipe: QuantRecipe, cfg: ModelConfig | None = None
     Raises ConfigError for a tree that already holds quantized leaves, patterns that match
     no linear, a group size that does not divide a layer's input width, or gptq without
     calibration data."""
+    if isinstance(recipe, str):
+        recipe = QuantRecipe(scheme=recipe)
+    if not isinstance(recipe, QuantRecipe):
+        raise ConfigError(f"quantize: expected a QuantRecipe or a scheme name, found {type(recipe).__name__}")
     flat = flatten(params)
     already = [n for n, leaf in flat.items() if not isinstance(leaf, torch.Tensor)]
     if already:
@@ -86,7 +91,7 @@ def quantize(params: Params, recipe: QuantRecipe, cfg: ModelConfig | None = None
         else:
             hessian = hessians.get(linear) if choice == "gptq" else None
             out[name] = quantize_int4(leaf, recipe.group_size, recipe.symmetric, dtype,
-                                      hessian=hessian, damp=recipe.damp, keep_qdata=embedding)
+                                      hessian=hessian, damp=recipe.damp)
     return unflatten(out)
 
 

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from ..errors import FormatError, ShapeError
 from ..io.leaves import register_leaf
 from . import kernels
-from .packing import CPU_ROW_MULTIPLE, cpu_layout_known, cpu_pack, cpu_unpack, from_matmul_nbits, to_matmul_nbits
+from .packing import (
+    CPU_ROW_MULTIPLE,
+    cpu_layout_known,
+    cpu_pack,
+    cpu_row_block,
+    cpu_unpack,
+    from_matmul_nbits,
+    to_matmul_nbits,
+)
 from .rtn import int4_dequantize
 
 PACK_ROWS = 256  # rows per packing chunk: a multiple of the packer's row block (32 or 64)
@@ -177,7 +185,7 @@ class Int4Weight(_Leaf):
 
     On the CPU with bf16 compute the leaf holds the CPU kernel's packed copy instead of
     `qdata` (rebuilt on demand, e.g. for saving) when that layout is invertible here, unless
-    `keep_qdata` (set for a quantized tied embedding, whose rows are looked up by token)."""
+    `keep_qdata`. A tied embedding's token lookup unpacks only the row blocks it needs."""
 
     kind = "int4"
 
@@ -278,9 +286,16 @@ class Int4Weight(_Leaf):
         return kernels.int4_linear(self, x, bias)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rows `tokens` of the weight, `[..., K]` in the compute dtype (tied embeddings)."""
+        """Rows `tokens` of the weight, `[..., K]` in the compute dtype (tied embeddings).
+        When only the CPU pack is held, just the row blocks the tokens fall in are unpacked."""
         flat = tokens.reshape(-1)
-        codes = from_matmul_nbits(self.qdata[flat])
+        if self._qdata is not None:
+            codes = from_matmul_nbits(self._qdata[flat])
+        else:
+            block, n = cpu_row_block(), self.shape[0]
+            starts = (flat // block * block).tolist()
+            blocks = {s: self.codes(slice(s, min(s + block, n))) for s in set(starts)}
+            codes = torch.stack([blocks[s][t - s] for t, s in zip(flat.tolist(), starts)])
         zeros = None if self.zero_points is None else self.zero_points[flat]
         rows = int4_dequantize(codes, self.scales[flat], zeros, self.compute_dtype)
         return rows.view(*tokens.shape, self.shape[1])
