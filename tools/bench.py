@@ -8,7 +8,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import ort_bench, quant_bench, spec_bench
 from .common import add_model_args, resolve_model, write_json
@@ -40,17 +41,27 @@ Engine = Callable[[list[int], int], tuple[float, list[float]]]
 
 def measure(engine: Engine, prompt: list[int], new_tokens: int, repeats: int, warmup: int) -> dict[str, Any]:
     """Median prefill ms and decode tokens/s over `repeats` runs after `warmup` runs."""
-    prefill, decode = [], []
+    return measure_interleaved([engine], prompt, new_tokens, repeats, warmup)[0]
+
+
+def measure_interleaved(engines: list[Engine], prompt: list[int], new_tokens: int, repeats: int,
+                        warmup: int) -> list[dict[str, Any]]:
+    """`measure` for several engines taking turns (each runs once per repeat), so that a slow
+    spell of the machine hits them alike. One result per engine, in order."""
+    prefill: list[list[float]] = [[] for _ in engines]
+    decode: list[list[float]] = [[] for _ in engines]
     for i in range(warmup + repeats):
-        start, stamps = engine(prompt, new_tokens)
-        if i < warmup:
-            continue
-        prefill.append((stamps[0] - start) * 1e3)
-        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return {"prefill_ms": round(statistics.median(prefill), 2),
-            "decode_tok_s": round(statistics.median(decode), 2),
-            "ms_per_token": round(1e3 / statistics.median(decode), 3),
-            "runs": {"prefill_ms": [round(x, 2) for x in prefill], "decode_tok_s": [round(x, 2) for x in decode]}}
+        for j, engine in enumerate(engines):
+            start, stamps = engine(prompt, new_tokens)
+            if i < warmup:
+                continue
+            prefill[j].append((stamps[0] - start) * 1e3)
+            decode[j].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return [{"prefill_ms": round(statistics.median(p), 2),
+             "decode_tok_s": round(statistics.median(d), 2),
+             "ms_per_token": round(1e3 / statistics.median(d), 3),
+             "runs": {"prefill_ms": [round(x, 2) for x in p], "decode_tok_s": [round(x, 2) for x in d]}}
+            for p, d in zip(prefill, decode)]
 
 
 def pangu_engine(params: Any, cfg: Any, **stream_kw: Any) -> Engine:
@@ -147,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
-    rows += ort_bench.bundle_rows(params, cfg, args, prompt, measure)
+    rows += ort_bench.bundle_rows(params, cfg, args, prompt)
     base = rows[0]
     hf_row = next((r for r in rows if r["engine"] == "transformers"), None)
     for row in rows:

@@ -9,7 +9,9 @@ Rows, for each `--bundle-scheme` (fp32, int4):
   size and symmetry), run by a numpy loop that feeds `present` back as `past` each step.
 - `onnxruntime-genai`: our bundle run by onnxruntime-genai's own loop (when installed).
 
-All sessions use `--threads` intra-op threads. PanGu-α has no transformers layout, so it gets
+All sessions use `--threads` intra-op threads. The three engines of a scheme run in a child
+process that never imports torch (as `pangu run` does) and take turns (each decodes once per
+repeat), so a slow spell of the machine hits them alike. PanGu-α has no transformers layout, so it gets
 no baseline row.
 """
 
@@ -40,8 +42,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="--bundle int4 rows: MatMulNBits accuracy_level for ours and the baseline (4 = int8 activations)")
 
 
-def bundle_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int],
-                measure: Callable[..., dict[str, Any]]) -> list[dict[str, Any]]:
+def bundle_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int]) -> list[dict[str, Any]]:
     """The rows described in the module docstring ([] without --bundle)."""
     if args.bundle is None:
         return []
@@ -54,12 +55,11 @@ def bundle_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[in
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.bundle) if args.bundle else Path(tmp)
         for scheme in wanted:
-            rows += _scheme_rows(params, cfg, args, prompt, measure, scheme, root / f"bundle-{scheme}", Path(tmp))
+            rows += _scheme_rows(params, cfg, args, prompt, scheme, root / f"bundle-{scheme}", Path(tmp))
     return rows
 
 
-def _scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], measure: Callable[..., Any],
-                 scheme: str, folder: Path, tmp: Path) -> list[dict[str, Any]]:
+def _scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], scheme: str, folder: Path, tmp: Path) -> list[dict[str, Any]]:
     from pangu_export import export_bundle
 
     import pangu_fn as pf
@@ -72,28 +72,62 @@ def _scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[i
                                           head="int4", compute_dtype="fp32"))
     print(f"bench: exporting the {scheme} bundle to {folder} ...", file=sys.stderr, flush=True)
     export_bundle(tree, cfg, folder, "ort", accuracy_level=args.accuracy_level)
-    n_args = (prompt, args.new_tokens, args.repeats, args.warmup)
-    rows = []
-    print(f"bench: pangu-runtime {scheme} ...", file=sys.stderr, flush=True)
-    rows.append({"engine": f"pangu-runtime {scheme}", "dtype": scheme, "bundle": str(folder),
-                 **measure(runtime_engine(folder, args.threads), *n_args)})
+    job: dict[str, Any] = {"scheme": scheme, "bundle": str(folder), "threads": args.threads, "prompt": prompt,
+                           "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup}
     if cfg.family != "alpha":
         print(f"bench: onnx plain loop {scheme} (export, fusions) ...", file=sys.stderr, flush=True)
-        baseline = plain_onnx_model(params, cfg, tmp / f"plain-{scheme}", scheme, args)
-        rows.append({"engine": f"onnx plain loop {scheme}", "dtype": scheme,
-                     **measure(plain_engine(baseline, cfg, args.threads), *n_args)})
+        job["baseline"] = str(plain_onnx_model(params, cfg, tmp / f"plain-{scheme}", scheme, args))
+        job["cache"] = [cfg.num_layers, cfg.num_kv_heads, cfg.head_dim]
+    job["genai_copy"] = str(tmp / f"genai-{scheme}")
+    names, results = _measure_in_child(job)
+    kept = {"bundle": str(folder)} if args.bundle else {}  # a temporary folder is not worth recording
+    rows = [{"engine": name, "dtype": scheme, **(kept if i == 0 else {}), **result}
+            for i, (name, result) in enumerate(zip(names, results))]
+    ours = rows[0]["decode_tok_s"]
+    for row in rows[1:]:
+        row["runtime_decode_vs_this"] = round(ours / row["decode_tok_s"], 3)
+    return rows
+
+
+def _measure_in_child(job: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Time the ONNX Runtime engines in a fresh Python process that never imports torch, as
+    `pangu run` runs: in this process torch's thread pools, once used, slowed the runtime's
+    loop by about 10% (and not the others)."""
+    import subprocess
+
+    print(f"bench: ONNX Runtime engines ({job['scheme']}) in a torch-free process, taking turns ...",
+          file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "pangu_tools.ort_bench", json.dumps(job)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: the ONNX Runtime child process failed: {done.stderr.strip()[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    sys.stderr.write(done.stderr)
+    return out["names"], out["results"]
+
+
+def _child(job: dict[str, Any]) -> None:
+    """The child's side of `_measure_in_child`: build the engines, time them, print JSON."""
+    from types import SimpleNamespace
+
+    from .bench import measure_interleaved
+
+    scheme, threads = job["scheme"], job["threads"]
+    engines = {f"pangu-runtime {scheme}": runtime_engine(Path(job["bundle"]), threads)}
+    if "baseline" in job:
+        layers, kv_heads, head_dim = job["cache"]
+        shape = SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
+        engines[f"onnx plain loop {scheme}"] = plain_engine(Path(job["baseline"]), shape, threads)
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         print("bench: onnxruntime-genai is not installed; no genai row", file=sys.stderr)
     else:
-        print(f"bench: onnxruntime-genai {scheme} ...", file=sys.stderr, flush=True)
-        rows.append({"engine": f"onnxruntime-genai {scheme}", "dtype": scheme,
-                     **measure(genai_engine(folder, tmp / f"genai-{scheme}", args.threads), *n_args)})
-    ours = rows[0]["decode_tok_s"]
-    for row in rows[1:]:
-        row["runtime_decode_vs_this"] = round(ours / row["decode_tok_s"], 3)
-    return rows
+        engines[f"onnxruntime-genai {scheme}"] = genai_engine(Path(job["bundle"]), Path(job["genai_copy"]), threads)
+    results = measure_interleaved(list(engines.values()), job["prompt"], job["new_tokens"], job["repeats"],
+                                  job["warmup"])
+    assert "torch" not in sys.modules, "the ONNX Runtime engines must run without torch"
+    print(json.dumps({"names": list(engines), "results": results}))
 
 
 def runtime_engine(folder: Path, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
@@ -255,3 +289,7 @@ def genai_engine(folder: Path, copy: Path, threads: int) -> Callable[[list[int],
         return start, stamps
 
     return run
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
