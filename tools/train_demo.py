@@ -230,6 +230,21 @@ def write_card(folder: Path) -> None:
     (folder / "README.md").write_text(model_card(json.loads((folder / "metrics.json").read_text()), hashes))
 
 
+def reruns_text(reruns: list[dict[str, Any]]) -> str:
+    """The card's table of later reruns of the recipe (`metrics.json` "reruns"), if any."""
+    if not reruns:
+        return ""
+    rows = "\n".join(f"| `{r['command']}` | {r['seconds']:.0f} s | {r['target_heldout_ppl']:.2f} | "
+                     f"{r['draft_heldout_ppl']:.2f} | {r['greedy_agreement']:.1%} | {r['note']} |" for r in reruns)
+    return f"""
+Reruns of the recipe (same Python, torch and corpus; figures as in Results):
+
+| command | wall time | target held-out ppl | draft held-out ppl | greedy agreement | note |
+|---|---|---|---|---|---|
+{rows}
+"""
+
+
 def model_card(m: dict[str, Any], hashes: list[tuple[str, int, str]]) -> str:
     """The model card: data, sizes, training, results, reproduction, file hashes."""
     c, t, d, a = m["corpus"], m["target"], m["draft"], m["args"]
@@ -312,9 +327,12 @@ pangu train-demo --out models/demo
 ```
 
 with the defaults (seed {a["seed"]}). The same Python version and torch build give the same corpus and
-the same tokenizer; the weights depend on floating-point kernels, so another machine gives close
-but not bit-identical weights and figures.
-
+the same tokenizer (byte for byte). The weights do not reproduce: the loss curve depends on the
+order of floating-point sums (thread count, kernels, machine), a difference in the fourth digit
+of the loss after a few dozen steps grows, and at this learning rate the end point moves by more
+than the figures' precision. The committed files are the reference; `train-demo` reproduces the
+recipe.
+{reruns_text(m.get("reruns", []))}
 ## Files ({total:,} bytes without this card)
 
 | file | bytes | sha256 |
