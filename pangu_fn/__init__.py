@@ -12,18 +12,26 @@ from .params import astype, init_params, to_device, validate
 from .prune import PruneRecipe, PruneReport, prune  # the function shadows the subpackage's name
 from .quant import QuantRecipe, quantize
 from .sampling import SamplingParams
-from .speculative import (AdaptiveK, DraftModel, PromptLookup, SelfDraft, SpecStats, spec_init, spec_step,
-                          speculative_generate, speculative_stream)
+from .speculative import (
+    AdaptiveK,
+    DraftModel,
+    PromptLookup,
+    SelfDraft,
+    SpecStats,
+    spec_init,
+    spec_step,
+    speculative_generate,
+    speculative_stream,
+)
 from .tree import count_params, nbytes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "Completion", "ConfigError", "FormatError", "InputError", "KVCache", "ModelConfig",
-    "PanguError", "PruneRecipe", "PruneReport", "QuantRecipe", "SamplingParams", "ShapeError", "TokenEvent",
-    "astype", "count_params",
-    "device_info", "empty_cache", "forward", "generate", "init_cache", "init_params", "load",
-    "memory_stats", "nbytes", "prune", "quantize", "save", "select_device", "stream", "synchronize", "to_device", "validate",
-    "AdaptiveK", "DraftModel", "PromptLookup", "SelfDraft", "SpecStats", "spec_init", "spec_step",
-    "speculative_generate", "speculative_stream",
+    "PRESETS", "AdaptiveK", "Completion", "ConfigError", "DraftModel", "FormatError", "InputError", "KVCache",
+    "ModelConfig", "PanguError", "PromptLookup", "PruneRecipe", "PruneReport", "QuantRecipe", "SamplingParams",
+    "SelfDraft", "ShapeError", "SpecStats", "TokenEvent", "astype", "count_params", "device_info", "empty_cache",
+    "forward", "generate", "init_cache", "init_params", "load", "memory_stats", "nbytes", "prune", "quantize",
+    "save", "select_device", "spec_init", "spec_step", "speculative_generate", "speculative_stream", "stream",
+    "synchronize", "to_device", "validate",
 ]

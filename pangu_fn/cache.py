@@ -33,7 +33,7 @@ class KVCache:
         """S_max: the number of positions each buffer can hold."""
         return self.keys[0].shape[2]
 
-    def with_lengths(self, lengths: torch.Tensor | list[int]) -> "KVCache":
+    def with_lengths(self, lengths: torch.Tensor | list[int]) -> KVCache:
         """The same buffers with new per-row lengths (rollback or ragged-prefill fix-up).
         Shares (does not copy) the buffers."""
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.lengths.device)
@@ -42,17 +42,17 @@ class KVCache:
                              f"found {tuple(lengths.shape)}")
         return KVCache(self.keys, self.values, lengths)
 
-    def rollback(self, n: torch.Tensor | list[int]) -> "KVCache":
+    def rollback(self, n: torch.Tensor | list[int]) -> KVCache:
         """Drop the last `n[b]` positions of each row (by length only; buffers are shared)."""
         n = torch.as_tensor(n, dtype=torch.int64, device=self.lengths.device)
         return self.with_lengths(self.lengths - n)
 
-    def select_rows(self, rows: torch.Tensor | list[int]) -> "KVCache":
+    def select_rows(self, rows: torch.Tensor | list[int]) -> KVCache:
         """A cache holding copies of only the given rows (for dropping finished rows)."""
         idx = torch.as_tensor(rows, dtype=torch.int64, device=self.lengths.device)
         return KVCache([k[idx] for k in self.keys], [v[idx] for v in self.values], self.lengths[idx])
 
-    def clone(self) -> "KVCache":
+    def clone(self) -> KVCache:
         return KVCache([k.clone() for k in self.keys], [v.clone() for v in self.values],
                        self.lengths.clone())
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -68,7 +69,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -82,7 +83,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -91,11 +92,11 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig: expected a JSON object, found {type(d).__name__}")
         return cls.from_dict(d)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         """A named preset (see `PRESETS`); raises ConfigError for an unknown name."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -110,16 +111,16 @@ class ModelConfig:
 def _gpt(**kw: Any) -> ModelConfig:
     """Seed GPT-style / PanGu-α: pre-LayerNorm, GELU MLP with biases, learned positions."""
     h, heads = kw["hidden_size"], kw["num_heads"]
-    base = dict(family="gpt", num_kv_heads=heads, head_dim=h // heads, intermediate_size=4 * h,
-                vocab_size=40000, max_seq_len=1024, bos_token_id=9, eos_token_id=9, pad_token_id=6)
+    base = {"family": "gpt", "num_kv_heads": heads, "head_dim": h // heads, "intermediate_size": 4 * h,
+            "vocab_size": 40000, "max_seq_len": 1024, "bos_token_id": 9, "eos_token_id": 9, "pad_token_id": 6}
     return ModelConfig(**{**base, **kw})
 
 
 def _openpangu(**kw: Any) -> ModelConfig:
     """openPangu-Embedded: pre-RMSNorm, SwiGLU without bias, RoPE, GQA, bias on q/k/v/o."""
-    base = dict(family="openpangu", norm="rmsnorm", mlp="swiglu", activation="silu",
-                positions="rope", mlp_bias=False, attn_bias=True, vocab_size=153376,
-                max_seq_len=32768, bos_token_id=1, eos_token_id=45892, pad_token_id=0)
+    base = {"family": "openpangu", "norm": "rmsnorm", "mlp": "swiglu", "activation": "silu",
+            "positions": "rope", "mlp_bias": False, "attn_bias": True, "vocab_size": 153376,
+            "max_seq_len": 32768, "bos_token_id": 1, "eos_token_id": 45892, "pad_token_id": 0}
     return ModelConfig(**{**base, **kw})
 
 

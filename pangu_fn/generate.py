@@ -7,8 +7,8 @@ so every row decodes at its own position.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -64,7 +64,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_to
 
 
 def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           sampling: SamplingParams = SamplingParams(), seed: int = 0,
+           sampling: SamplingParams = SamplingParams(), seed: int = 0,  # noqa: B008 (frozen)
            eos_token_ids: Iterable[int] | None = None) -> Iterator[TokenEvent]:
     """Yield TokenEvents as they are produced, step by step across rows.
 
@@ -115,7 +115,7 @@ def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             sampling: SamplingParams = SamplingParams(), seed: int = 0,
+             sampling: SamplingParams = SamplingParams(), seed: int = 0,  # noqa: B008 (frozen)
              eos_token_ids: Iterable[int] | None = None) -> list[Completion]:
     """New tokens for each prompt (a list of token-id lists of any lengths), with the reason
     each stopped. Same arguments and semantics as `stream`."""

@@ -110,7 +110,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: "Context",
+def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context,
               kv: tuple[torch.Tensor, torch.Tensor] | None,
               query_input: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head / grouped-query attention of `x [B, T, H]` -> `[B, T, H]`.
@@ -147,7 +147,7 @@ def mlp(p: Params, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
     return linear(activation(linear(x, p["up"]), cfg), p["down"])
 
 
-def block(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: "Context",
+def block(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context,
           kv: tuple[torch.Tensor, torch.Tensor] | None,
           query_input: torch.Tensor | None = None) -> torch.Tensor:
     """One pre-norm transformer block: `x + attn(norm(x))`, then `+ mlp(norm(.))`."""

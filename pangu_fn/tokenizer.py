@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import ClassVar, Protocol
 
 from .errors import ConfigError, FormatError
 
@@ -93,7 +94,7 @@ class PanguAlphaTokenizer(SentencePieceTokenizer):
     end-of-document piece `<eod>` is the eos id and `<pad>` the pad id (looked up in the model:
     the released piece table is not documented), unless a tokenizer_config.json says otherwise."""
 
-    DEFAULT_PIECES = {"eos": "<eod>", "pad": "<pad>"}
+    DEFAULT_PIECES: ClassVar[dict[str, str]] = {"eos": "<eod>", "pad": "<pad>"}
 
     def __init__(self, path: str | Path) -> None:
         try:
@@ -128,7 +129,7 @@ class HFTokenizer:
         self.path = Path(path)
         try:
             self.tok = _Tok.from_file(str(self.path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on bad JSON)
             raise FormatError(f"{self.path}: not a tokenizers JSON file: {e}") from None
         self.vocab_size = self.tok.get_vocab_size()
         special = _special_tokens(self.path.parent)

@@ -6,7 +6,8 @@ Dotted names address leaves: `blocks.3.attn.q.weight`. Integer path parts are li
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import FAMILIES, random_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -8,6 +8,7 @@ import torch
 import pangu_fn as pf
 from pangu_fn.tree import map_with_names
 
+
 def redraw_vectors(params: dict, seed: int = 0) -> dict:
     """A copy with every bias ~ N(0, 0.1), every norm weight ~ 1 + N(0, 0.1), and every matrix
     rescaled to std 1/sqrt(fan_in) (embeddings: std 1), so that each part of the network

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+from helpers import random_model
 
 import pangu_fn as pf
-from helpers import random_model
 
 
 def layer_norm(x, w, b, eps):
@@ -33,7 +33,7 @@ def reference_block(p, x, heads, eps, query_source=None):
     h = layer_norm(x, p["attn_norm"]["weight"], p["attn_norm"]["bias"], eps)
     q = dense(h if query_source is None else query_source, p["attn"]["q"])
     k, v = dense(h, p["attn"]["k"]), dense(h, p["attn"]["v"])
-    split = lambda t: t.view(T, heads, d).transpose(0, 1)  # noqa: E731
+    split = lambda t: t.view(T, heads, d).transpose(0, 1)
     scores = split(q) @ split(k).transpose(1, 2) / math.sqrt(d)
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     attn = (scores.softmax(-1) @ split(v)).transpose(0, 1).reshape(T, -1)

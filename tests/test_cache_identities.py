@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
 from pangu_fn.sampling import filter_logits, sample
-from helpers import FAMILIES, random_model
 
 
 def tokens_for(cfg, shape, seed=0):

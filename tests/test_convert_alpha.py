@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
+from helpers import random_model
+from mindspore_bytes import tensor_value, value, with_crc
 from safetensors.torch import save_file
 
 import pangu_fn as pf
-from helpers import random_model
-from mindspore_bytes import tensor_value, value, with_crc
 from pangu_fn.io.checkpoint import open_source
 from pangu_fn.tree import flatten
 

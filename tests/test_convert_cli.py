@@ -9,16 +9,16 @@ import struct
 
 import pytest
 import torch
+from helpers import random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mindspore_bytes import tensor_value, value, with_crc
+from pangu_tools.cli import main
 
 import pangu_fn as pf
-from helpers import random_model
-from mindspore_bytes import tensor_value, value, with_crc
 from pangu_fn.errors import FormatError
 from pangu_fn.io.safetensors_io import read_header
 from pangu_fn.tree import flatten
-from pangu_tools.cli import main
 
 
 def same(a, b) -> bool:
@@ -50,12 +50,12 @@ def test_round_trips_through_mindspore_and_gpt_pangu(alpha_folder, tmp_path, cap
 
 
 def test_cast_and_shard(alpha_folder, tmp_path, capsys):
-    src, params, cfg = alpha_folder
+    src, params, _cfg = alpha_folder
     assert main(["convert", str(src), str(tmp_path / "bf"), "--dtype", "bf16", "--shard-size", "100KB",
                  "--verify"]) == 0
     index = json.loads((tmp_path / "bf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
-    p, c = pf.load(tmp_path / "bf")
+    p, _c = pf.load(tmp_path / "bf")
     assert {t.dtype for t in flatten(p).values()} == {torch.bfloat16}
     assert same(p, pf.astype(params, torch.bfloat16))
     diff = float(capsys.readouterr().out.rsplit(":", 1)[1])
@@ -133,7 +133,7 @@ def test_hostile_safetensors_header(tmp_path, capsys):
 def test_pt_needing_arbitrary_unpickling(tmp_path, capsys):
     import argparse
 
-    params, cfg = random_model("tiny-gpt")
+    params, _cfg = random_model("tiny-gpt")
     torch.save({"model": flatten(params), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "train.pt")
     code, err = run_cli(capsys, str(tmp_path / "train.pt"), str(tmp_path / "out"), "--config", "tiny-gpt")
     assert code == 2 and len(err) == 1
@@ -222,7 +222,7 @@ def test_fuzzed_safetensors_raise_only_format_error(tmp_path, data):
     f.write_bytes(data)
     try:
         st_file = SafetensorsFile(f)
-        for name in st_file.keys():
+        for name in st_file.keys():  # noqa: SIM118  (keys() only, not a mapping)
             st_file.get(name)
     except FormatError:
         pass

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import random_model
+from pangu_tools.cli import main
 
 import pangu_fn as pf
-from helpers import random_model
 from pangu_fn.io.hf import save_hf
 from pangu_fn.tree import flatten
-from pangu_tools.cli import main
 
 CASES = [("tiny-gpt", {}, transformers.GPT2LMHeadModel),
          ("tiny-gpt", {"tie_embeddings": False, "activation": "gelu"}, transformers.GPT2LMHeadModel),

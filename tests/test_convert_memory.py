@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from mindspore_bytes import tensor_value
 
 HIDDEN, VOCAB, SEQ, LAYERS = 1024, 16384, 1024, 5  # 1024 hidden: the 350M shape, 16 heads known
@@ -93,7 +92,7 @@ def test_peak_memory_is_one_tensor(tmp_path):
     size, largest = build_checkpoint(tmp_path / "big.ckpt")
     assert size > 300 * MIB
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "big.ckpt"), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["code"] == 0

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
-from helpers import FAMILIES, random_model
 
 
 def test_select_device_order_and_errors():

@@ -19,8 +19,7 @@ from pangu_runtime import Session
 from test_export import shared_bundle, shared_dir  # noqa: F401  (shared_dir is a fixture)
 
 import pangu_fn as pf
-
-import pangu_fn.quant as quant
+from pangu_fn import quant
 
 PROMPTS = [[5, 17, 42, 9, 5, 17, 42, 9, 5], [3, 88], [100, 7, 7, 61, 200, 33]]
 # int4 with zero points, the MLP down projections int8, the tied head / embedding int8

@@ -5,22 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import redraw_hf
 
 import pangu_fn as pf
 from pangu_fn.io.hf import config_from_hf, hf_to_flat
 from pangu_fn.tree import unflatten
 
-from helpers import redraw_hf
-
-GPT2_SHAPES = [dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=96),
-               dict(vocab_size=1000, n_embd=96, n_layer=3, n_head=6, n_positions=128, activation_function="gelu"),
-               dict(vocab_size=257, n_embd=48, n_layer=1, n_head=2, n_positions=64, n_inner=80)]
-LLAMA_SHAPES = [dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, tie_word_embeddings=False),
-                dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
-                     num_key_value_heads=1, tie_word_embeddings=True, rope_theta=4e6),
-                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, head_dim=48, tie_word_embeddings=False, rope_theta=500.0)]
+GPT2_SHAPES = [{"vocab_size": 300, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 96},
+               {"vocab_size": 1000, "n_embd": 96, "n_layer": 3, "n_head": 6, "n_positions": 128, "activation_function": "gelu"},
+               {"vocab_size": 257, "n_embd": 48, "n_layer": 1, "n_head": 2, "n_positions": 64, "n_inner": 80}]
+LLAMA_SHAPES = [{"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "tie_word_embeddings": False},
+                {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 6,
+                     "num_key_value_heads": 1, "tie_word_embeddings": True, "rope_theta": 4e6},
+                {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "head_dim": 48, "tie_word_embeddings": False, "rope_theta": 500.0}]
 
 
 def hf_model(kind: str, shape: dict, seed: int) -> transformers.PreTrainedModel:

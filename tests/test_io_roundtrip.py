@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
 from pangu_fn.errors import FormatError
 from pangu_fn.tree import flatten
-from helpers import FAMILIES, random_model
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mindspore_bytes import array_of, decode, field, tensor_bytes, tensor_value, value, varint, with_crc
+
 from pangu_fn.errors import FormatError
 from pangu_fn.io.mindspore import CheckpointReader, write_checkpoint
 

@@ -11,12 +11,17 @@ import sys
 
 import jinja2
 import pytest
+from helpers import random_model
+from pangu_tools.cli import main
 
 import pangu_fn as pf
-from helpers import random_model
-from pangu_fn.tokenizer import (HFTokenizer, PanguAlphaTokenizer, SentencePieceTokenizer, load_tokenizer,
-                                openpangu_chat_prompt)
-from pangu_tools.cli import main
+from pangu_fn.tokenizer import (
+    HFTokenizer,
+    PanguAlphaTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    openpangu_chat_prompt,
+)
 
 TEXT = ["你好 世界 再见 朋友", "hello world 你好", "今天 天气 很 好", "我们 一起 学习 模型", "系统 用户 助手 工具 方法"]
 # openPangu-Embedded's tokenizer_config.json chat_template (the model's published config)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
+from helpers import random_model
 
 import pangu_fn as pf
-from helpers import random_model
 from pangu_fn.errors import FormatError
 from pangu_fn.tree import flatten
 

@@ -109,7 +109,6 @@ def pytorch_stage(ctx: Context) -> list[Row]:
     import pangu_fn as pf
 
     from .bench import pangu_engine
-
     from .common import TextStream
 
     text = TextStream(ctx.tokenizer)

@@ -121,10 +121,10 @@ def export_stage(ctx: Context) -> list[Row]:
     `pangu_runtime` against the eager fp32 model."""
     import numpy as np
     import torch
-
-    import pangu_fn as pf
     from pangu_export import export_bundle
     from pangu_runtime import Session
+
+    import pangu_fn as pf
 
     from .ort_bench import runtime_engine
 

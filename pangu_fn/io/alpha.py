@@ -14,8 +14,9 @@ to 40064, and `vocab_size` then is 40064 (ids >= 40000 are padding the tokenizer
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -199,7 +200,7 @@ def open_gpt_pangu(folder: Path, d: Mapping[str, Any], hint: ModelConfig | None 
     """A gpt_pangu folder (`config.json` + `.bin` or `.safetensors`, sharded or not). The
     stored `lm_head.weight` is dropped when it equals `transformer.wte.weight` (tied)."""
     files = WeightFiles(folder)
-    refs = {n: files.ref(n) for n in files.keys()}
+    refs = {n: files.ref(n) for n in files.keys()}  # noqa: SIM118  (keys() only, not a mapping)
     base = hint or gpt_pangu_config(d)
     layers = _count_blocks(list(refs), "transformer.h.") - 1
     if layers < 1:

@@ -14,9 +14,10 @@ state dicts (`io/torch_pt.py`). Each opens into a `Source` (config + lazy tensor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ def _open_ours(path: Path, hint: ModelConfig | None) -> Source:
     _check_version(d, path)
     cfg = ModelConfig.from_dict(d["config"])
     files = WeightFiles(path)
-    refs = {name: files.ref(name) for name in files.keys()}
+    refs = {name: files.ref(name) for name in files.keys()}  # noqa: SIM118  (keys() only, not a mapping)
     return Source(path, FORMAT, cfg, refs, leaves=d.get("leaves", {}), folder=path)
 
 

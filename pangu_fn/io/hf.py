@@ -6,8 +6,9 @@ config -> our flat names and ModelConfig, and back (so transformers loads what w
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -174,7 +175,7 @@ def _llama_state(flat: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         sd[f"{dst}.input_layernorm.weight"] = flat[f"{src}.attn_norm.weight"]
         sd[f"{dst}.post_attention_layernorm.weight"] = flat[f"{src}.mlp_norm.weight"]
         for name, leaf in flat.items():
-            if name.startswith(f"{src}.attn.") or name.startswith(f"{src}.mlp."):
+            if name.startswith((f"{src}.attn.", f"{src}.mlp.")):
                 _, _, group, p, kind = name.split(".")
                 sd[f"{dst}.{'self_attn' if group == 'attn' else 'mlp'}.{p}_proj.{kind}"] = leaf
     sd["model.norm.weight"] = flat["final_norm.weight"]

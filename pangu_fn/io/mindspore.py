@@ -24,9 +24,10 @@ from __future__ import annotations
 import binascii
 import math
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import torch
 
@@ -113,7 +114,7 @@ class CheckpointReader:
         self.path = Path(path)
         try:
             self.size = self.path.stat().st_size
-            self._f: BinaryIO = open(self.path, "rb")
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115  (closed by close() / __exit__)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror or e}") from None
         self.crc: int | None = None
@@ -151,7 +152,7 @@ class CheckpointReader:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:  # noqa: PYI034  (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -221,7 +222,7 @@ class CheckpointReader:
                 raise FormatError(f"{self.path}: tensor {e.name!r} (offset {e.offset}): dims {list(e.dims)} of "
                                   f"{e.type_name} need {want} bytes, found {e.nbytes}")
 
-    def _value(self, cur: "_Cursor", start: int, end: int) -> Entry:
+    def _value(self, cur: _Cursor, start: int, end: int) -> Entry:
         entry = Entry(name="", dims=(), type_name="", offset=start)
         have_tensor = False
         while cur.pos < end:
@@ -248,7 +249,7 @@ class CheckpointReader:
             raise FormatError(f"{self.path}: offset {start}: tensor {entry.name!r} has no tensor field")
         return entry
 
-    def _tensor(self, cur: "_Cursor", entry: Entry, end: int, outer: int) -> None:
+    def _tensor(self, cur: _Cursor, entry: Entry, end: int, outer: int) -> None:
         if end > outer:
             cur.overrun(outer, entry.name, "TensorProto")
         dims: list[int] = []

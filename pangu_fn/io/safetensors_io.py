@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO
 
 import torch
 
@@ -47,7 +48,7 @@ def read_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, Tensor
     path = Path(path)
     own = f is None
     try:
-        f = f or open(path, "rb")
+        f = f or open(path, "rb")  # noqa: SIM115  (closed below when this call opened it)
         size = path.stat().st_size
     except OSError as e:
         raise FormatError(f"{path}: cannot open: {e.strerror or e}") from None
@@ -133,7 +134,7 @@ class SafetensorsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._f: BinaryIO = open(self.path, "rb")
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115  (closed by close() / __exit__)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror or e}") from None
         self.infos, self.metadata = read_header(self.path, self._f)
@@ -179,8 +180,7 @@ def write_safetensors(path: Path, plan: Sequence[tuple[str, torch.dtype, tuple[i
             t = get(name)
             if tuple(t.shape) != tuple(shape):
                 raise FormatError(f"{path.name}: tensor {name} has shape {list(t.shape)}, planned {list(shape)}")
-            for chunk in tensor_chunks(t, dtype):
-                f.write(chunk)
+            f.writelines(tensor_chunks(t, dtype))
             if on_tensor is not None:
                 on_tensor(name, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
 

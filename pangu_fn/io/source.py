@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -35,11 +36,11 @@ class TensorRef:
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
-    def transposed(self) -> "TensorRef":
+    def transposed(self) -> TensorRef:
         return TensorRef(self.shape[::-1], self.dtype, lambda: self.read().t())
 
     @staticmethod
-    def of(t: torch.Tensor) -> "TensorRef":
+    def of(t: torch.Tensor) -> TensorRef:
         return TensorRef(tuple(t.shape), t.dtype, lambda: t)
 
 
@@ -107,7 +108,7 @@ class WeightFiles:
                 raise FormatError(f"{self.folder}: expected .safetensors or pytorch_model.bin weights "
                                   "(or an index of shards), found none")
             for f in files:
-                for name in self._handle(f).keys():
+                for name in self._handle(f).keys():  # noqa: SIM118  (keys() only, not a mapping)
                     if name in self._file_of:
                         raise FormatError(f"{self.folder}: tensor {name} appears in both "
                                           f"{self._file_of[name].name} and {f.name}")
@@ -202,14 +203,14 @@ def config_from_shapes(family: str, shapes: dict[str, tuple[int, ...]], hint: Mo
     if family == "openpangu" and (hint is None or hint.family != family):
         raise FormatError(f"{source}: a RoPE/SwiGLU (openPangu) state dict needs a config for RoPE theta and "
                           "epsilon; put a config.json beside it or pass --config")
-    changes: dict[str, Any] = dict(
-        family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        head_dim=head_dim, num_kv_heads=shapes.get("blocks.0.attn.k.weight", (q_rows,))[0] // head_dim,
-        intermediate_size=shapes["blocks.0.mlp.up.weight"][0] if "blocks.0.mlp.up.weight" in shapes else hidden * 4,
-        query_layer=any(n.startswith("query_layer.") for n in shapes),
-        tie_embeddings="lm_head.weight" not in shapes,
-        attn_bias="blocks.0.attn.q.bias" in shapes, mlp_bias="blocks.0.mlp.up.bias" in shapes,
-        norm="layernorm" if "final_norm.bias" in shapes else "rmsnorm")
+    changes: dict[str, Any] = {
+        "family": family, "vocab_size": vocab, "hidden_size": hidden, "num_layers": layers, "num_heads": heads,
+        "head_dim": head_dim, "num_kv_heads": shapes.get("blocks.0.attn.k.weight", (q_rows,))[0] // head_dim,
+        "intermediate_size": shapes["blocks.0.mlp.up.weight"][0] if "blocks.0.mlp.up.weight" in shapes else hidden * 4,
+        "query_layer": any(n.startswith("query_layer.") for n in shapes),
+        "tie_embeddings": "lm_head.weight" not in shapes,
+        "attn_bias": "blocks.0.attn.q.bias" in shapes, "mlp_bias": "blocks.0.mlp.up.bias" in shapes,
+        "norm": "layernorm" if "final_norm.bias" in shapes else "rmsnorm"}
     if "pos_embed.weight" in shapes:
         changes["max_seq_len"] = shapes["pos_embed.weight"][0]
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

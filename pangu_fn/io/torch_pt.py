@@ -51,11 +51,11 @@ MLP = r"(?:mlp|ffn|feed_forward|feedforward|output)"
 CONV1D = {"c_attn", "c_fc", "c_proj", "mapping", "projection"}  # names whose matrices are stored [in, out]
 
 TOP_RULES = [
-    (rf"{EMB}(?:wte|tok_embed|tok_embeddings|token_embedding|token_embeddings|embed_tokens|word_embeddings?|"
-     rf"word_embedding)\.{LEAF}", "tok_embed"),
+    ((rf"{EMB}(?:wte|tok_embed|tok_embeddings|token_embedding|token_embeddings|embed_tokens|word_embeddings?|"
+     rf"word_embedding)\.{LEAF}"), "tok_embed"),
     (rf"{EMB}(?:wpe|pos_embed|pos_embedding|position_embeddings?|positional_embedding)\.{LEAF}", "pos_embed"),
-    (rf"(?:wqe|query_embed|top_query_embedding|top_query_embeddings|topQueryEmbedding\.top_query_embeddings)"
-     rf"\.{LEAF}", "query_embed"),
+    ((rf"(?:wqe|query_embed|top_query_embedding|top_query_embeddings|topQueryEmbedding\.top_query_embeddings)"
+     rf"\.{LEAF}"), "query_embed"),
     (rf"(?:ln_f|final_norm|norm|final_layernorm|final_layer_norm|ln_final|norm_f|layernorm)\.{LEAF}", "final_norm"),
     (rf"(?:lm_head|head|output_layer|embed_out)\.{LEAF}", "lm_head"),
 ]
@@ -97,7 +97,7 @@ def load_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         raise FormatError(f"{path}: needs arbitrary unpickling, which pangu-fn refuses ({detail}); on a machine "
                           "you trust, re-save only the weights: torch.save(torch.load(f, weights_only=False)"
                           "['model'], 'weights.pt')") from None
-    except Exception as e:  # torch.load raises many types on hostile bytes (struct.error, KeyError, ...)
+    except Exception as e:  # noqa: BLE001  (torch.load raises many types on hostile bytes)
         first = str(e).splitlines()[0] if str(e) else ""
         raise FormatError(f"{path}: not a readable torch.save file: {type(e).__name__}: {first}") from None
     if not isinstance(obj, dict):

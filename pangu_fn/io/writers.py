@@ -7,8 +7,8 @@ rename), streams one tensor at a time, so memory stays about one tensor.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
