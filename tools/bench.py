@@ -1,6 +1,5 @@
 """`pangu bench`: prefill latency and batch-1 decode speed, medians of repeats, with ratios
-against the first row (the baseline) measured in the same run. The main rows (ours, transformers,
-a pruned copy, the quantized trees) take turns, one decode each per repeat."""
+against the first row (the baseline) measured in the same run."""
 
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ def measure(engine: Engine, prompt: list[int], new_tokens: int, repeats: int, wa
 def measure_interleaved(engines: list[Engine], prompt: list[int], new_tokens: int, repeats: int,
                         warmup: int) -> list[dict[str, Any]]:
     """`measure` for several engines taking turns (each runs once per repeat), so that a slow
-    spell of the machine hits them alike (its speed drifts by up to 25% within an hour here).
-    One result per engine, in order."""
+    spell of the machine hits them alike. One result per engine, in order."""
     prefill: list[list[float]] = [[] for _ in engines]
     decode: list[list[float]] = [[] for _ in engines]
     for i in range(warmup + repeats):
@@ -154,18 +152,11 @@ def run(args: argparse.Namespace) -> int:
     if args.prune_structured:
         name, engine, pruned_info = pruned_engine(params, cfg, args.prune_structured)
         engines.append((name, engine))
-    rows = [{"engine": name, "dtype": dtype} for name, _ in engines]
-    quantized = quant_bench.scheme_trees(params, args)
-    rows += [row for row, _ in quantized]
-    engines += [(row["engine"], pangu_engine(tree, cfg)) for row, tree in quantized]
-    print(f"bench: {', '.join(name for name, _ in engines)}, taking turns ...", file=sys.stderr, flush=True)
-    timed = measure_interleaved([e for _, e in engines], prompt, args.new_tokens, args.repeats, args.warmup)
-    for row, result in zip(rows, timed):
-        row.update(result)
-    if not args.no_rss:
-        for row, tree in quantized:
-            row["rss"] = quant_bench.rss_probe(tree, cfg, prompt, args.new_tokens, args.threads)
-    del quantized
+    rows = []
+    for name, engine in engines:
+        print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
+        rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
+    rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)
     base = rows[0]

@@ -1,7 +1,6 @@
 """`pangu bench --scheme ...`: the same weights quantized in the same run, one row per scheme
-(all trees built first, then timed in turns with the other rows of the run), with each
-quantized model's peak RSS measured in a fresh process (`python -m pangu_tools.quant_bench
-FOLDER ...`, Linux `/proc` counters)."""
+(built, measured and freed in turn), with each quantized model's peak RSS measured in a
+fresh process (`python -m pangu_tools.quant_bench FOLDER ...`, Linux `/proc` counters)."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,23 +45,33 @@ def recipe(scheme: str, args: argparse.Namespace) -> Any:
     return QuantRecipe(scheme, group_size=args.group_size, symmetric=not args.asym, head=args.quant_head)
 
 
-def scheme_trees(params: Any, args: argparse.Namespace) -> list[tuple[dict[str, Any], Any]]:
-    """One (row head, quantized tree) per `--scheme`: the row's engine name, dtype, recipe and
-    stored / resident weight bytes; the caller times the trees and adds `rss_row`."""
+def scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int],
+                measure: Callable[..., dict[str, Any]], engine: Callable[[Any, Any], Any]) -> list[dict[str, Any]]:
+    """One result row per `--scheme`: decode / prefill speed, stored and resident weight bytes
+    and (unless --no-rss) the peak RSS of a process that loads and runs the quantized model."""
+    import gc
+
     import pangu_fn as pf
     from pangu_fn.quant import quantize
     from pangu_fn.quant.report import resident_nbytes
 
-    out = []
+    rows = []
     for scheme in schemes(args.scheme):
         r = recipe(scheme, args)
         print(f"bench: quantizing to {r.summary()} ...", file=sys.stderr, flush=True)
         tree = quantize(params, r)
+        resident = resident_nbytes(tree)
         row = {"engine": f"pangu-fn {scheme}", "dtype": str(pf.cache.compute_dtype(tree)).replace("torch.", ""),
-               "recipe": r.describe(), "weight_mb": round(pf.nbytes(tree) / 2**20, 2),
-               "resident_mb": round(resident_nbytes(tree) / 2**20, 2)}
-        out.append((row, tree))
-    return out
+               "recipe": r.describe(),
+               "weight_mb": round(pf.nbytes(tree) / 2**20, 2), "resident_mb": round(resident / 2**20, 2)}
+        print(f"bench: pangu-fn {scheme} ({row['dtype']}) ...", file=sys.stderr, flush=True)
+        row.update(measure(engine(tree, cfg), prompt, args.new_tokens, args.repeats, args.warmup))
+        if not args.no_rss:
+            row["rss"] = rss_probe(tree, cfg, prompt, args.new_tokens, args.threads)
+        rows.append(row)
+        del tree
+        gc.collect()
+    return rows
 
 
 # glibc raises its mmap threshold after large frees, after which freed buffers stay in the heap
