@@ -181,6 +181,15 @@ def test_calibration_records_the_inputs_each_linear_sees():
     assert isinstance(q["blocks"][1]["mlp"]["down"]["weight"], Int4Weight)
 
 
+def test_a_scheme_name_stands_for_its_default_recipe():
+    params, _ = random_model("tiny-gpt")
+    by_name, by_recipe = quantize(params, "int8"), quantize(params, QuantRecipe("int8"))
+    assert isinstance(by_name["blocks"][0]["mlp"]["down"]["weight"], Int8Weight)
+    for a, b in zip(flatten(by_name).values(), flatten(by_recipe).values()):
+        assert type(a) is type(b)
+        assert torch.equal(*(x if isinstance(x, torch.Tensor) else x.dequantize() for x in (a, b)))
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda p: quantize(p, QuantRecipe("int3")), "unknown quantization scheme"),
     (lambda p: quantize(p, QuantRecipe("int4", group_size=48)), "group_size"),
@@ -190,6 +199,8 @@ def test_calibration_records_the_inputs_each_linear_sees():
     (lambda p: quantize(p, QuantRecipe("int8", keep=("*.dwon",))), "matches no linear"),
     (lambda p: quantize(p, QuantRecipe("int8", overrides=(("*.down", "int2"),))), "expected a choice"),
     (lambda p: quantize(p, QuantRecipe("bf16", head="int8")), "whole tree"),
+    (lambda p: quantize(p, "int3"), "unknown quantization scheme"),
+    (lambda p: quantize(p, {"scheme": "int8"}), "expected a QuantRecipe or a scheme name"),
 ])
 def test_bad_recipes_raise_config_errors(make, match):
     params, _ = random_model("tiny-gpt")
