@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 REFERENCE_PROMPT = "A context manager is an object that"
 REFERENCE_TOKENS = 32
+SHARD_SIZE = 6 * 2**20  # committed files stay under 8 MB each
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -172,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
     # 4. save, reload what was saved, measure it, write the card
     out = Path(args.out)
     with atomic_dir(out) as tmp:
-        pf.save(tmp / "target", pf.astype(target, torch.bfloat16), tcfg, extra_files={"tokenizer.model": sp_bytes})
-        pf.save(tmp / "draft", pf.astype(draft, torch.bfloat16), dcfg, extra_files={"tokenizer.model": sp_bytes})
+        pf.save(tmp / "target", pf.astype(target, torch.bfloat16), tcfg, shard_size=SHARD_SIZE,
+                extra_files={"tokenizer.model": sp_bytes})
+        pf.save(tmp / "draft", pf.astype(draft, torch.bfloat16), dcfg, shard_size=SHARD_SIZE,
+                extra_files={"tokenizer.model": sp_bytes})
         data.write_documents(tmp / "heldout.jsonl", held_docs)
         target, tcfg = pf.load(tmp / "target", dtype="fp32")
         draft, dcfg = pf.load(tmp / "draft", dtype="fp32")
@@ -264,7 +267,7 @@ mean something. They write English in the style of Python's documentation; they 
 | `target/` | {t["layers"]} | {a["hidden"]} | {a["heads"]} ({a["kv_heads"]}) | {a["ffn"]} | {t["parameters"]:,} | {a["context"]} |
 | `draft/` | {d["layers"]} | {a["hidden"]} | {a["heads"]} ({a["kv_heads"]}) | {a["ffn"]} | {d["parameters"]:,} | {a["context"]} |
 
-Weights are stored in bf16 (`model.safetensors`); every figure below was computed in fp32 from
+Weights are stored in bf16 (safetensors, in shards of at most 6 MiB); every figure below was computed in fp32 from
 the stored bf16 weights (`pangu_fn.load(path, dtype="fp32")`). Both folders hold the same
 `tokenizer.model` and a `config.json` whose bos / eos / pad ids ({m["tokenizer"]["bos_id"]} / \
 {m["tokenizer"]["eos_id"]} / {m["tokenizer"]["pad_id"]}) are the tokenizer's.
