@@ -21,8 +21,9 @@ def linear(x: torch.Tensor, p: Params) -> torch.Tensor:
     w, b = p["weight"], p.get("bias")
     if not isinstance(w, torch.Tensor):
         return w.linear(x, b)
-    if _split_k_parts(x, w) > 1:
-        return _split_k_linear(x, w, b)
+    parts = _split_k_parts(x, w)
+    if parts > 1:
+        return _split_k_linear(x, w, b, parts)
     return F.linear(x, w, b)
 
 
@@ -48,9 +49,8 @@ def _split_k_parts(x: torch.Tensor, w: torch.Tensor) -> int:
     return parts
 
 
-def _split_k_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _split_k_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, parts: int) -> torch.Tensor:
     """`x @ W.T + b` as the sum over `parts` K-slices, one batched matmul (one slice a thread)."""
-    parts = _split_k_parts(x, w)
     k, n = w.shape[1], w.shape[0]
     rows = x.reshape(-1, parts, k // parts).transpose(0, 1)  # [parts, M, K/parts]
     y = torch.bmm(rows, w.t().view(parts, k // parts, n)).sum(0)  # [M, N]

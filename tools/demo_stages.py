@@ -91,25 +91,16 @@ def speculative_stage(ctx: Context) -> list[Row]:
     import pangu_fn as pf
     from pangu_fn.speculative import SpecStats
 
-    from .bench import measure
+    from .spec_bench import spec_engine
 
     draft = pf.load(ctx.model_dir / "draft", dtype="fp32")
     rows = []
     for name, drafter, k in (("speculative, draft model", draft, 4), ("speculative, prompt lookup", "lookup", 4)):
         stats = SpecStats()
-
-        def engine(prompt: list[int], n: int, drafter: Any = drafter, k: int = k, stats: SpecStats = stats) -> Any:
-            import time
-
-            start = time.perf_counter()
-            stamps = [time.perf_counter() for _ in pf.speculative_stream(
-                ctx.params, ctx.cfg, [prompt], n, eos_token_ids=(), drafter=drafter, k=k, stats=stats)]
-            return start, stamps
-
-        m = measure(engine, ctx.prompt_ids, ctx.max_new_tokens, ctx.repeats, warmup=1)
+        prefill_ms, tok_s = measure_speed(ctx, spec_engine(ctx.params, ctx.cfg, drafter, k, False, stats))
         tokens = pf.speculative_generate(ctx.params, ctx.cfg, [ctx.prompt_ids], ctx.max_new_tokens,
                                          eos_token_ids=(), drafter=drafter, k=k)[0].tokens
-        rows.append(Row(name, pf.count_params(ctx.params), None, None, m["prefill_ms"], m["decode_tok_s"],
+        rows.append(Row(name, pf.count_params(ctx.params), None, None, prefill_ms, tok_s,
                         acceptance=stats.acceptance_rate, parity=greedy_parity(ctx, tokens), notes=f"K={k}"))
     return rows
 
