@@ -87,7 +87,8 @@ def export_bundle(params: Params, cfg: ModelConfig, out: str | Path, target: str
                                  "accuracy_level": accuracy_level}
             manifest["inputs"], manifest["outputs"] = graph.inputs, graph.outputs
             manifest["cache"] = {**cache, "layout": graph.layout, "past": "past_key_values.%d.key|value",
-                                 "present": "present.%d.key|value"}
+                                 "present": "present.%d.key|value",
+                                 "share_buffer": graph.fusions.get("group_query_attention", 0) == len(heads)}
             if static:
                 model = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
                 problems = ascend.check_ascend(model)

@@ -2,6 +2,15 @@
 
 Generic rewrites keyed on ops (no knowledge of the model):
 
+- `group_query_attention`: a MultiHeadAttention whose key / value are cache writes
+  `ScatterElements(Pad(past), positions, new)` becomes one GroupQueryAttention over the new
+  keys / values and the past. Its semantics are the graph's: row b's new tokens take the
+  slots from its first position on (`seqlens_k = last position`) and see every slot up to
+  their own position, which is all the positional mask said; `present` is `past + new` as
+  before, or, when the caller binds `present` to the `past` buffer (a `[B, H, max_len, D]`
+  buffer), the new entries are written into it in place and nothing is copied.
+  `total_sequence_length` is the graph input `attention_mask`'s length (past + new).
+  ONNX Runtime's CPU kernel takes more than one new token after a past only for batch 1.
 - `bnsh_attention_kv`: MultiHeadAttention accepts key / value as `[B, N, S, H]`; the fusion
   feeds them as `Reshape(Transpose(cache, [0, 2, 1, 3]))`, which copies the whole cache every
   call. The cache tensor is fed directly instead.
@@ -18,6 +27,7 @@ Generic rewrites keyed on ops (no knowledge of the model):
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -27,10 +37,113 @@ MSFT = "com.microsoft"
 
 def optimize(model: ir.Model) -> dict[str, int]:
     """Apply the rewrites in place; returns how often each fired."""
-    counts = {"bnsh_attention_kv": bnsh_attention_kv(model.graph),
+    counts = {"group_query_attention": group_query_attention(model.graph),
+              "bnsh_attention_kv": bnsh_attention_kv(model.graph),
               "uniform_kv_concat": uniform_kv_concat(model.graph),
               "merge_parallel_matmuls": merge_parallel_matmuls(model.graph)}
     return {k: v for k, v in counts.items() if v}
+
+
+def group_query_attention(graph: ir.Graph) -> int:
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask is None:
+        return 0
+    lengths: dict[int, tuple[ir.Value, ir.Value]] = {}  # per position index: seqlens_k, total
+    fired = 0
+    for node in list(graph):
+        if node.op_type != "MultiHeadAttention" or node.domain != MSFT:
+            continue
+        ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+        if len(node.inputs) > 8 or any(v is not None for v in (ins[3], ins[4], ins[6], ins[7])):
+            continue  # a packed bias, a key padding mask or MHA's own past: not our pattern
+        caches = [None if v is None else _repeated_source(_bnsh_source(v) or v) for v in ins[1:3]]
+        writes = [None if v is None or v.producer() is None else _padded_scatter(v.producer()) for v in caches]
+        if any(w is None for w in writes) or writes[0][2] is not writes[1][2]:
+            continue
+        if not all(v.is_graph_output() for v in caches):
+            continue
+        past_k, past_v = writes[0][1], writes[1][1]
+        kv_heads = past_k.shape[1] if past_k.shape is not None and len(past_k.shape) == 4 else None
+        if not isinstance(kv_heads, int):
+            continue
+        index = writes[0][2]
+        if id(index) not in lengths:
+            lengths[id(index)] = _gqa_lengths(graph, node, index, mask, f"gqa_lengths{len(lengths)}")
+        seqlens, total = lengths[id(index)]
+        new_k, new_v = (_bsd(graph, node, w[3]) for w in writes)
+        attrs = {"num_heads": node.attributes["num_heads"], "kv_num_heads": ir.AttrInt64("kv_num_heads", kv_heads)}
+        if "scale" in node.attributes:
+            attrs["scale"] = node.attributes["scale"]
+        gqa = ir.Node(MSFT, "GroupQueryAttention", [ins[0], new_k, new_v, past_k, past_v, seqlens, total],
+                      attrs, num_outputs=3, name=f"{node.name}_gqa")
+        graph.insert_before(node, gqa)
+        for old, new in zip([node.outputs[0], *caches], gqa.outputs):
+            name, type_, shape = old.name, old.type, old.shape
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            old.name = f"{name}_replaced"
+            new.name, new.type, new.shape = name, type_, shape
+        graph.remove(node, safe=True)
+        fired += 1
+    if fired:
+        _remove_unused(graph)
+    return fired
+
+
+def _repeated_source(value: ir.Value) -> ir.Value:
+    """X when `value` repeats X's heads for grouped-query attention,
+    `Reshape(Expand(Unsqueeze(X, 2)))` (SDPA's `enable_gqa`); else `value`."""
+    reshape = value.producer()
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
+        return value
+    expand = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
+    if expand is None or expand.op_type != "Expand" or expand.domain:
+        return value
+    unsqueeze = expand.inputs[0].producer() if expand.inputs[0] is not None else None
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze.domain:
+        return value
+    axes = unsqueeze.inputs[1].const_value if len(unsqueeze.inputs) > 1 and unsqueeze.inputs[1] is not None else None
+    if axes is None or axes.numpy().reshape(-1).tolist() != [2]:
+        return value
+    return unsqueeze.inputs[0]
+
+
+def _gqa_lengths(graph: ir.Graph, before: ir.Node, index: ir.Value, mask: ir.Value,
+                 tag: str) -> tuple[ir.Value, ir.Value]:
+    """GroupQueryAttention's `seqlens_k [B]` (each row's last new position, from the scatter's
+    `index [B, H, T, D]`) and `total_sequence_length` (attention_mask's length), as int32."""
+    def const(x: Any) -> ir.Value:
+        return _initializer(graph, np.array(x, np.int64), f"{tag}_const{len(graph.initializers)}")
+
+    last = ir.Node("", "Gather", [index, const(-1)], {"axis": ir.AttrInt64("axis", 2)})  # [B, H, D]
+    row = ir.Node("", "Gather", [last.outputs[0], const(0)], {"axis": ir.AttrInt64("axis", 2)})  # [B, H]
+    col = ir.Node("", "Gather", [row.outputs[0], const(0)], {"axis": ir.AttrInt64("axis", 1)})  # [B]
+    seqlens = ir.Node("", "Cast", [col.outputs[0]], {"to": ir.AttrInt64("to", ir.DataType.INT32)})
+    width = ir.Node("", "Shape", [mask], {"start": ir.AttrInt64("start", 1), "end": ir.AttrInt64("end", 2)})
+    scalar = ir.Node("", "Squeeze", [width.outputs[0], const([0])])
+    total = ir.Node("", "Cast", [scalar.outputs[0]], {"to": ir.AttrInt64("to", ir.DataType.INT32)})
+    nodes = [last, row, col, seqlens, width, scalar, total]
+    for i, n in enumerate(nodes):
+        n.outputs[0].name = f"{tag}_{i}"
+    graph.insert_before(before, nodes)
+    return seqlens.outputs[0], total.outputs[0]
+
+
+def _bsd(graph: ir.Graph, before: ir.Node, new: ir.Value) -> ir.Value:
+    """`new [B, H, T, D]` as `[B, T, H*D]`: the projection it was reshaped from when there is
+    one (`Transpose(Reshape(x), [0, 2, 1, 3])`), else a Transpose and a Reshape."""
+    transpose = new.producer()
+    if (transpose is not None and transpose.op_type == "Transpose" and not transpose.domain
+            and list(transpose.attributes["perm"].as_ints()) == [0, 2, 1, 3]):
+        reshape = transpose.inputs[0].producer()
+        if reshape is not None and reshape.op_type == "Reshape" and not reshape.domain:
+            source = reshape.inputs[0]
+            if source is not None and source.shape is not None and len(source.shape) == 3:
+                return source
+    back = ir.Node("", "Transpose", [new], {"perm": ir.AttrInt64s("perm", [0, 2, 1, 3])})
+    flat = ir.Node("", "Reshape", [back.outputs[0], _initializer(graph, np.array([0, 0, -1], np.int64),
+                                                                  f"{new.name}_bsd_shape")])
+    graph.insert_before(before, [back, flat])
+    return flat.outputs[0]
 
 
 def bnsh_attention_kv(graph: ir.Graph) -> int:

@@ -8,6 +8,10 @@ a row back is lowering its length, as in `pangu_fn.cache.KVCache`.
 - `GrowingCache` (target ort): the graph maps `past [B,H,P,D]` to `present [B,H,P+T,D]`. Two
   flat buffers per tensor are used in turn: past is read from one and present written into
   the other, each a prefix view of capacity `B*H*max_len*D`.
+- `SharedCache` (target ort, graphs whose attention is GroupQueryAttention, manifest
+  `cache.share_buffer`): one `[B,H,max_len,D]` buffer per tensor is bound as both past and
+  present; the graph writes the T new entries of each row at its positions in place, so
+  nothing is copied per token and rolling back needs no compaction.
 - `StaticCache` (target ascend): fixed `[B,H,S,D]` buffers are the graph's past input; the
   graph returns only the T new entries, which are written into the buffers at the positions.
 """
@@ -62,6 +66,44 @@ class GrowingCache:
         for i in range(len(self.shapes)):
             self._view(1 - self.side, i, keep)[...] = self._view(self.side, i, self.filled)[:, :, :keep]
         self.side, self.filled = 1 - self.side, keep
+
+
+class SharedCache:
+    def __init__(self, past: list[str], present: list[str], heads: list[int], head_dim: int,
+                 dtype: np.dtype, batch: int, max_len: int) -> None:
+        self.past, self.present, self.dtype = past, present, np.dtype(dtype)
+        self.buffers = [np.zeros((batch, h, max_len, head_dim), self.dtype) for h in heads for _ in (0, 1)]
+        self.max_len = max_len
+        self.lengths = np.zeros(batch, np.int64)
+        self._io: Any = None  # the binding of all rows, made once: the buffers never move
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def filled(self) -> int:
+        return int(self.lengths.max())
+
+    def binding(self, session: Any, T: int, rows: slice = slice(None)) -> Any:
+        """An IO binding of `session` with each buffer (its `rows`) bound as the past and the
+        present of a call with T tokens; the caller binds the other inputs and outputs."""
+        if self.filled + T > self.max_len:
+            raise GenerationError(f"cache: {self.filled} filled + {T} new positions exceed its "
+                                  f"capacity {self.max_len}")
+        if rows == slice(None) and self._io is not None:
+            return self._io
+        io = session.io_binding()
+        for buf, name, out in zip(self.buffers, self.past, self.present):
+            view = buf[rows]
+            io.bind_input(name, "cpu", 0, self.dtype, list(view.shape), view.ctypes.data)
+            io.bind_output(out, "cpu", 0, self.dtype, list(view.shape), view.ctypes.data)
+        if rows == slice(None):
+            self._io = io
+        return io
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
 
 
 class StaticCache:

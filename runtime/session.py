@@ -18,14 +18,14 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleFormatError, GenerationError
-from .kv import GrowingCache, StaticCache
+from .kv import GrowingCache, SharedCache, StaticCache
 from .lookup import PromptLookup, draft_tokens
 from .manifest import load_manifest, safe_path
 from .sampling import SamplingParams, draw, filter_logits, penalize, sample, softmax
 from .tokenizer import BundleTokenizer
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
-Cache = GrowingCache | StaticCache
+Cache = GrowingCache | SharedCache | StaticCache
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ class Session:
                                       f"found {batch_size} prompts")
             batch_size, max_len = c["batch_size"], c["max_len"]
             return StaticCache(past, present, c["kv_heads"], c["head_dim"], self.kv_dtype, batch_size, max_len)
-        return GrowingCache(past, present, c["kv_heads"], c["head_dim"], self.kv_dtype, batch_size, max_len)
+        kind = SharedCache if c.get("share_buffer") else GrowingCache
+        return kind(past, present, c["kv_heads"], c["head_dim"], self.kv_dtype, batch_size, max_len)
 
     def forward(self, tokens: np.ndarray, cache: Cache) -> np.ndarray:
         """Logits `[B, T, V]` (float32) for `tokens [B, T]`; row b's tokens take positions
@@ -133,24 +134,41 @@ class Session:
         run_T = self._run_length(T)
         if run_T != T:  # static graphs run at their compiled lengths: pad on the right
             tokens = np.concatenate([tokens, np.zeros((B, run_T - T), np.int64)], axis=1)
-        io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", tokens)
-        positions = np.ascontiguousarray(cache.lengths[:, None] + np.arange(run_T), dtype=np.int64)
-        io.bind_cpu_input("position_ids", positions)
-        if self.layout == "growing":
-            io.bind_cpu_input("attention_mask", np.ones((B, cache.filled + run_T), np.int64))
-        cache.bind(io, run_T)
         need = B * run_T * self.vocab_size
         if self._logits.size < need:
             self._logits = np.empty(need, self.logits_dtype)
         logits = self._logits[:need].reshape(B, run_T, self.vocab_size)
-        io.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(io)
+        positions = np.ascontiguousarray(cache.lengths[:, None] + np.arange(run_T), dtype=np.int64)
+        if isinstance(cache, SharedCache) and B > 1 and T > 1 and cache.filled:
+            # GroupQueryAttention on the CPU takes several new tokens after a past only for
+            # batch 1: one call per row, on that row's slice of the buffers
+            for b in range(B):
+                self._run(tokens[b:b + 1], positions[b:b + 1], logits[b:b + 1], cache, slice(b, b + 1))
+        else:
+            self._run(tokens, positions, logits, cache, slice(None))
         if isinstance(cache, StaticCache):
             cache.advance(run_T, keep=T)
         else:
             cache.advance(run_T)
         return logits[:, :T].astype(np.float32)
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray, logits: np.ndarray, cache: Cache,
+             rows: slice) -> None:
+        """One graph call for `tokens [b, T]` at `positions`, writing `logits [b, T, V]`."""
+        B, T = tokens.shape
+        if isinstance(cache, SharedCache):
+            io = cache.binding(self.session, T, rows)
+            width = int(positions[:, -1].max()) + 1
+        else:
+            io = self.session.io_binding()
+            cache.bind(io, T)
+            width = cache.filled + T
+        io.bind_cpu_input("input_ids", tokens)
+        io.bind_cpu_input("position_ids", positions)
+        if self.layout == "growing":
+            io.bind_cpu_input("attention_mask", np.ones((B, width), np.int64))
+        io.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(io)
 
     def _run_length(self, T: int) -> int:
         """The sequence length a call with T tokens runs at (static bundles: the smallest

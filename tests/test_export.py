@@ -103,6 +103,47 @@ def test_ort_greedy_64_tokens_ragged(shared_dir, family):
     assert [c.tokens for c in lookup] == [c.tokens for c in want]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_is_group_query_attention_and_runs_without_shared_buffers(shared_dir, family):
+    """The graph's attention is one GroupQueryAttention per cached block (the runtime binds past
+    and present to one buffer); a plain optimum-style loop that feeds `present` back as `past`
+    (no shared buffer, ragged rows at their own positions) still reproduces forward."""
+    import onnxruntime as ort
+
+    params, cfg = random_model(family)
+    path = ort_bundle(shared_dir, family)
+    m = json.loads((path / "manifest.json").read_text())
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert m["cache"]["share_buffer"] and ops.count("GroupQueryAttention") == len(m["cache"]["kv_heads"])
+    assert "MultiHeadAttention" not in ops and "If" not in ops and "ScatterElements" not in ops
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    B, T, heads = len(PROMPTS), max(map(len, PROMPTS)), m["cache"]["kv_heads"]
+    lengths = np.array([len(p) for p in PROMPTS])
+    tokens = np.zeros((B, T), np.int64)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, : len(p)] = p
+    past = [np.zeros((B, h, 0, cfg.head_dim), np.float32) for h in heads for _ in (0, 1)]
+    positions = np.arange(T)[None].repeat(B, 0)
+    ref_cache = pf.init_cache(params, cfg, B, T + 8)
+    with torch.no_grad():
+        ref, ref_cache = pf.forward(params, cfg, torch.from_numpy(tokens), ref_cache)
+        ref_cache = ref_cache.with_lengths(lengths.tolist())
+        ref = ref[torch.arange(B), torch.from_numpy(lengths) - 1].numpy()
+        for step in range(8):
+            feeds = {"input_ids": tokens, "position_ids": positions,
+                     "attention_mask": np.ones((B, past[0].shape[2] + tokens.shape[1]), np.int64)}
+            feeds.update(zip(m["inputs"][3:], past))
+            logits, *past = session.run(None, feeds)
+            got = logits[np.arange(B), lengths - 1] if step == 0 else logits[:, -1]
+            assert np.abs(got - ref).max() <= 1e-4
+            tokens = ref.argmax(-1)[:, None]
+            positions = lengths[:, None].copy()
+            lengths = lengths + 1
+            ref, ref_cache = pf.forward(params, cfg, torch.from_numpy(tokens), ref_cache)
+            ref = ref[:, -1].numpy()
+
+
 def test_eos_and_finish_reasons_match_generate(shared_dir):
     params, cfg = random_model("tiny-gpt")
     s = Session(ort_bundle(shared_dir, "tiny-gpt"))
