@@ -23,3 +23,5 @@ def test_bench_bundle_rows_and_ratios(tmp_path):
         for other in rows[first + 1: first + 3]:
             assert other["runtime_decode_vs_this"] == pytest.approx(ours["decode_tok_s"] / other["decode_tok_s"],
                                                                     rel=1e-2, abs=1e-3)
+            assert other["runtime_decode_vs_this_per_repeat"] == pytest.approx(
+                [a / b for a, b in zip(ours["runs"]["decode_tok_s"], other["runs"]["decode_tok_s"])], rel=1e-2, abs=1e-3)

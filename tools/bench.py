@@ -45,14 +45,16 @@ def measure(engine: Engine, prompt: list[int], new_tokens: int, repeats: int, wa
 
 
 def measure_interleaved(engines: list[Engine], prompt: list[int], new_tokens: int, repeats: int,
-                        warmup: int) -> list[dict[str, Any]]:
+                        warmup: int, rotate: bool = False) -> list[dict[str, Any]]:
     """`measure` for several engines taking turns (each runs once per repeat), so that a slow
-    spell of the machine hits them alike. One result per engine, in order."""
+    spell of the machine hits them alike; with `rotate`, repeat i starts with engine i (mod n).
+    One result per engine, in order."""
     prefill: list[list[float]] = [[] for _ in engines]
     decode: list[list[float]] = [[] for _ in engines]
     for i in range(warmup + repeats):
-        for j, engine in enumerate(engines):
-            start, stamps = engine(prompt, new_tokens)
+        first = i % len(engines) if rotate else 0
+        for j in [*range(first, len(engines)), *range(first)]:
+            start, stamps = engines[j](prompt, new_tokens)
             if i < warmup:
                 continue
             prefill[j].append((stamps[0] - start) * 1e3)

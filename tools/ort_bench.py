@@ -9,9 +9,13 @@ Rows, for each `--bundle-scheme` (fp32, int4):
   size and symmetry), run by a numpy loop that feeds `present` back as `past` each step.
 - `onnxruntime-genai`: our bundle run by onnxruntime-genai's own loop (when installed).
 
-All sessions use `--threads` intra-op threads. The three engines of a scheme run in a child
-process that never imports torch (as `pangu run` does) and take turns (each decodes once per
-repeat), so a slow spell of the machine hits them alike. PanGu-α has no transformers layout, so it gets
+All sessions use `--threads` intra-op threads. The engines take turns (each decodes once per
+repeat, the order rotating), so a slow spell of the machine hits them alike, and every turn runs
+in a fresh process that never imports torch (as `pangu run` does), holds only that engine, warms
+it up (`--warmup` runs, at least one) and times one generation. One process per engine matters:
+with several sessions alive in one process, the one created first decoded 5-12% slower than
+the same bundle opened second (measured with two sessions of one bundle), and in a process that
+had run torch the runtime was about 10% slower. PanGu-α has no transformers layout, so it gets
 no baseline row.
 """
 
@@ -86,49 +90,76 @@ def _scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[i
     ours = rows[0]["decode_tok_s"]
     for row in rows[1:]:
         row["runtime_decode_vs_this"] = round(ours / row["decode_tok_s"], 3)
+        pairs = zip(rows[0]["runs"]["decode_tok_s"], row["runs"]["decode_tok_s"])  # the same repeat
+        row["runtime_decode_vs_this_per_repeat"] = [round(a / b, 3) for a, b in pairs]
     return rows
 
 
 def _measure_in_child(job: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Time the ONNX Runtime engines in a fresh Python process that never imports torch, as
-    `pangu run` runs: in this process torch's thread pools, once used, slowed the runtime's
-    loop by about 10% (and not the others)."""
+    """Time the ONNX Runtime engines of `job` in turns, each turn in a fresh torch-free process
+    (see the module docstring)."""
+    from .bench import measure_interleaved
+
+    scheme = job["scheme"]
+    kinds = {f"pangu-runtime {scheme}": "pangu-runtime"}
+    if "baseline" in job:
+        kinds[f"onnx plain loop {scheme}"] = "plain"
+    if _genai_installed():
+        kinds[f"onnxruntime-genai {scheme}"] = "genai"
+        _genai_copy(Path(job["bundle"]), Path(job["genai_copy"]), job["threads"])
+    else:
+        print("bench: onnxruntime-genai is not installed; no genai row", file=sys.stderr)
+    print(f"bench: ONNX Runtime engines ({scheme}), each turn in a fresh torch-free process ...",
+          file=sys.stderr, flush=True)
+
+    def engine(kind: str) -> Callable[[list[int], int], tuple[float, list[float]]]:
+        def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+            return _run_child({**job, "engine": kind, "prompt": prompt, "new_tokens": n})
+        return run
+
+    names = list(kinds)
+    engines = [engine(kind) for kind in kinds.values()]
+    results = measure_interleaved(engines, job["prompt"], job["new_tokens"], job["repeats"], 0, rotate=True)
+    return names, results
+
+
+def _run_child(job: dict[str, Any]) -> tuple[float, list[float]]:
     import subprocess
 
-    print(f"bench: ONNX Runtime engines ({job['scheme']}) in a torch-free process, taking turns ...",
-          file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, "-m", "pangu_tools.ort_bench", json.dumps(job)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench: the ONNX Runtime child process failed: {done.stderr.strip()[-2000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    sys.stderr.write(done.stderr)
-    return out["names"], out["results"]
+    return out["start"], out["stamps"]
 
 
 def _child(job: dict[str, Any]) -> None:
-    """The child's side of `_measure_in_child`: build the engines, time them, print JSON."""
+    """The child's side of `_run_child`: build one engine, warm it up, time one generation
+    and print its start time and token timestamps as JSON."""
     from types import SimpleNamespace
 
-    from .bench import measure_interleaved
-
-    scheme, threads = job["scheme"], job["threads"]
-    engines = {f"pangu-runtime {scheme}": runtime_engine(Path(job["bundle"]), threads)}
-    if "baseline" in job:
+    kind, threads = job["engine"], job["threads"]
+    if kind == "pangu-runtime":
+        engine = runtime_engine(Path(job["bundle"]), threads)
+    elif kind == "plain":
         layers, kv_heads, head_dim = job["cache"]
         shape = SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
-        engines[f"onnx plain loop {scheme}"] = plain_engine(Path(job["baseline"]), shape, threads)
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        print("bench: onnxruntime-genai is not installed; no genai row", file=sys.stderr)
+        engine = plain_engine(Path(job["baseline"]), shape, threads)
     else:
-        engines[f"onnxruntime-genai {scheme}"] = genai_engine(Path(job["bundle"]), Path(job["genai_copy"]), threads)
-    results = measure_interleaved(list(engines.values()), job["prompt"], job["new_tokens"], job["repeats"],
-                                  job["warmup"])
+        engine = genai_engine(Path(job["genai_copy"]))
+    for _ in range(max(1, job["warmup"])):
+        engine(job["prompt"], job["new_tokens"])
+    start, stamps = engine(job["prompt"], job["new_tokens"])
     if "torch" in sys.modules:
         raise RuntimeError("bench: the ONNX Runtime engines imported torch; they must run without it")
-    print(json.dumps({"names": list(engines), "results": results}))
+    print(json.dumps({"start": start, "stamps": stamps}))
+
+
+def _genai_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
 def runtime_engine(folder: Path, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
@@ -267,14 +298,18 @@ def plain_engine(path: Path, cfg: Any, threads: int) -> Callable[[list[int], int
     return run
 
 
-def genai_engine(folder: Path, copy: Path, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
-    """onnxruntime-genai's own loop on a copy of the bundle (its config given our thread count)."""
-    import onnxruntime_genai as og
-
+def _genai_copy(folder: Path, copy: Path, threads: int) -> None:
+    """A copy of the bundle for onnxruntime-genai, its config given our thread count."""
     shutil.copytree(folder, copy, dirs_exist_ok=True)
     config = json.loads((copy / "genai_config.json").read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     (copy / "genai_config.json").write_text(json.dumps(config))
+
+
+def genai_engine(copy: Path) -> Callable[[list[int], int], tuple[float, list[float]]]:
+    """onnxruntime-genai's own loop on the bundle copy made by `_genai_copy`."""
+    import onnxruntime_genai as og
+
     model = og.Model(str(copy))
 
     def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
