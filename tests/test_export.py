@@ -186,6 +186,9 @@ def test_fp16_and_bf16_exports(tmp_path):
             ref, _ = pf.forward(half, cfg, torch.tensor([prompt]))
             ref = ref[0].float().numpy()
             assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()  # fp16 rounding, not a bug
+    ref, got = step_logits(half, cfg, s, PROMPTS, 6)  # decode steps through the shared fp16 cache
+    for r, g in zip(ref, got):
+        assert np.abs(g - r.astype(np.float32)).max() <= 0.05 * np.abs(r.astype(np.float32)).max()
     m = export_bundle(params, cfg, tmp_path / "bf16", "ort", dtype="bf16", progress=False, ort_fusions=False)
     graph = onnx.load(str(tmp_path / "bf16" / "model.onnx"))
     onnx.checker.check_model(graph, full_check=True)  # valid at opset 18 (the fusions add ORT-only ops)
