@@ -144,6 +144,19 @@ def test_attention_is_group_query_attention_and_runs_without_shared_buffers(shar
             ref = ref[:, -1].numpy()
 
 
+def test_bundle_without_fusions_runs_on_growing_buffers(tmp_path):
+    """`--no-fusions` keeps the plain attention and the cache write: no shared buffer, the
+    runtime alternates two growing buffers (and compacts them after lookup rejections)."""
+    params, cfg = random_model("tiny-gpt")
+    m = export_bundle(params, cfg, tmp_path / "plain", "ort", progress=False, ort_fusions=False, genai=False)
+    assert m["cache"]["share_buffer"] is False
+    s = Session(tmp_path / "plain")
+    want = pf.generate(params, cfg, PROMPTS, 24, eos_token_ids=())
+    assert [c.tokens for c in s.generate(PROMPTS, 24, eos_token_ids=())] == [c.tokens for c in want]
+    lookup = s.generate(PROMPTS, 24, eos_token_ids=(), lookup=PromptLookup(num_draft=4))
+    assert [c.tokens for c in lookup] == [c.tokens for c in want]
+
+
 def test_eos_and_finish_reasons_match_generate(shared_dir):
     params, cfg = random_model("tiny-gpt")
     s = Session(ort_bundle(shared_dir, "tiny-gpt"))
