@@ -158,15 +158,14 @@ class Session:
         B, T = tokens.shape
         if isinstance(cache, SharedCache):
             io = cache.binding(self.session, T, rows)
-            width = int(positions[:, -1].max()) + 1
         else:
             io = self.session.io_binding()
             cache.bind(io, T)
-            width = cache.filled + T
         io.bind_cpu_input("input_ids", tokens)
         io.bind_cpu_input("position_ids", positions)
-        if self.layout == "growing":
-            io.bind_cpu_input("attention_mask", np.ones((B, width), np.int64))
+        if self.layout == "growing":  # past + new; GroupQueryAttention takes it as the total length
+            past = int(positions[:, 0].max()) if isinstance(cache, SharedCache) else cache.filled
+            io.bind_cpu_input("attention_mask", np.ones((B, past + T), np.int64))
         io.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(io)
 
