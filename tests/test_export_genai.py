@@ -40,6 +40,7 @@ def test_genai_greedy_equals_generate(shared_dir, family):  # noqa: F811
     bundle = ort_bundle(shared_dir, family)
     config = json.loads((bundle / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == cfg.num_blocks
+    assert config["search"]["past_present_share_buffer"] is True  # one KV buffer, written in place
     want = pf.generate(params, cfg, [PROMPT], 32)[0].tokens
     assert genai_greedy(bundle, PROMPT, 32) == want
 
