@@ -92,19 +92,21 @@ def group_query_attention(graph: ir.Graph) -> int:
 def _repeated_source(value: ir.Value) -> ir.Value:
     """X when `value` repeats X's heads for grouped-query attention,
     `Reshape(Expand(Unsqueeze(X, 2)))` (SDPA's `enable_gqa`); else `value`."""
-    reshape = value.producer()
-    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
+    reshape = _made_by(value, "Reshape")
+    expand = _made_by(reshape.inputs[0], "Expand") if reshape else None
+    unsqueeze = _made_by(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsqueeze is None or len(unsqueeze.inputs) < 2 or unsqueeze.inputs[1] is None:
         return value
-    expand = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
-    if expand is None or expand.op_type != "Expand" or expand.domain:
-        return value
-    unsqueeze = expand.inputs[0].producer() if expand.inputs[0] is not None else None
-    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze.domain:
-        return value
-    axes = unsqueeze.inputs[1].const_value if len(unsqueeze.inputs) > 1 and unsqueeze.inputs[1] is not None else None
+    axes = unsqueeze.inputs[1].const_value
     if axes is None or axes.numpy().reshape(-1).tolist() != [2]:
         return value
     return unsqueeze.inputs[0]
+
+
+def _made_by(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    """The node computing `value` when it is a standard-domain `op_type`, else None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and not node.domain else None
 
 
 def _gqa_lengths(graph: ir.Graph, before: ir.Node, index: ir.Value, mask: ir.Value,
@@ -131,14 +133,12 @@ def _gqa_lengths(graph: ir.Graph, before: ir.Node, index: ir.Value, mask: ir.Val
 def _bsd(graph: ir.Graph, before: ir.Node, new: ir.Value) -> ir.Value:
     """`new [B, H, T, D]` as `[B, T, H*D]`: the projection it was reshaped from when there is
     one (`Transpose(Reshape(x), [0, 2, 1, 3])`), else a Transpose and a Reshape."""
-    transpose = new.producer()
-    if (transpose is not None and transpose.op_type == "Transpose" and not transpose.domain
-            and list(transpose.attributes["perm"].as_ints()) == [0, 2, 1, 3]):
-        reshape = transpose.inputs[0].producer()
-        if reshape is not None and reshape.op_type == "Reshape" and not reshape.domain:
-            source = reshape.inputs[0]
-            if source is not None and source.shape is not None and len(source.shape) == 3:
-                return source
+    transpose = _made_by(new, "Transpose")
+    if transpose is not None and list(transpose.attributes["perm"].as_ints()) == [0, 2, 1, 3]:
+        reshape = _made_by(transpose.inputs[0], "Reshape")
+        source = reshape.inputs[0] if reshape is not None else None
+        if source is not None and source.shape is not None and len(source.shape) == 3:
+            return source
     back = ir.Node("", "Transpose", [new], {"perm": ir.AttrInt64s("perm", [0, 2, 1, 3])})
     flat = ir.Node("", "Reshape", [back.outputs[0], _initializer(graph, np.array([0, 0, -1], np.int64),
                                                                   f"{new.name}_bsd_shape")])
@@ -165,11 +165,9 @@ def bnsh_attention_kv(graph: ir.Graph) -> int:
 
 def _bnsh_source(value: ir.Value) -> ir.Value | None:
     """X when `value` is Reshape(Transpose(X, perm=[0, 2, 1, 3]), [*, *, N*H]) with X 4-D."""
-    reshape = value.producer()
-    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
-        return None
-    transpose = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
-    if transpose is None or transpose.op_type != "Transpose" or transpose.domain:
+    reshape = _made_by(value, "Reshape")
+    transpose = _made_by(reshape.inputs[0], "Transpose") if reshape else None
+    if transpose is None:
         return None
     perm = transpose.attributes.get("perm")
     source = transpose.inputs[0]
