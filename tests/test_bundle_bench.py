@@ -25,3 +25,12 @@ def test_bench_bundle_rows_and_ratios(tmp_path):
                                                                     rel=1e-2, abs=1e-3)
             assert other["runtime_decode_vs_this_per_repeat"] == pytest.approx(
                 [a / b for a, b in zip(ours["runs"]["decode_tok_s"], other["runs"]["decode_tok_s"])], rel=1e-2, abs=1e-3)
+
+
+def test_bench_worker_that_fails_reports_its_error(tmp_path):
+    from pangu_tools.ort_bench import _Worker
+
+    job = {"engine": "pangu-runtime", "bundle": str(tmp_path / "missing"), "threads": 1, "prompt": [1, 2],
+           "new_tokens": 2, "warmup": 1}
+    with pytest.raises(RuntimeError, match="child process failed.*missing"):
+        _Worker(job)

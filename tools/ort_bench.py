@@ -9,14 +9,15 @@ Rows, for each `--bundle-scheme` (fp32, int4):
   size and symmetry), run by a numpy loop that feeds `present` back as `past` each step.
 - `onnxruntime-genai`: our bundle run by onnxruntime-genai's own loop (when installed).
 
-All sessions use `--threads` intra-op threads. The engines take turns (each decodes once per
-repeat, the order rotating), so a slow spell of the machine hits them alike, and every turn runs
-in a fresh process that never imports torch (as `pangu run` does), holds only that engine, warms
-it up (`--warmup` runs, at least one) and times one generation. One process per engine matters:
-with several sessions alive in one process, the one created first decoded 5-12% slower than
-the same bundle opened second (measured with two sessions of one bundle), and in a process that
-had run torch the runtime was about 10% slower. PanGu-α has no transformers layout, so it gets
-no baseline row.
+All sessions use `--threads` intra-op threads. Each engine lives in its own process, started
+fresh, that never imports torch (as `pangu run` does) and holds only that engine; it warms up
+(`--warmup` runs, at least one) and then times one generation each time it is asked. The
+engines take turns (each decodes once per repeat, who goes first rotating), so a slow spell of
+the machine, which here lasts seconds and moves decode speed by up to 30%, hits them alike.
+One process per engine matters: with several sessions alive in one process, the one created
+first decoded 5-12% slower than the same bundle opened second (measured with two sessions of
+one bundle), and in a process that had run torch the runtime was about 10% slower. PanGu-α has
+no transformers layout, so it gets no baseline row.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[i
 
 
 def _measure_in_child(job: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Time the ONNX Runtime engines of `job` in turns, each turn in a fresh torch-free process
+    """Time the ONNX Runtime engines of `job` in turns, each in its own torch-free process
     (see the module docstring)."""
     from .bench import measure_interleaved
 
@@ -109,34 +110,59 @@ def _measure_in_child(job: dict[str, Any]) -> tuple[list[str], list[dict[str, An
         _genai_copy(Path(job["bundle"]), Path(job["genai_copy"]), job["threads"])
     else:
         print("bench: onnxruntime-genai is not installed; no genai row", file=sys.stderr)
-    print(f"bench: ONNX Runtime engines ({scheme}), each turn in a fresh torch-free process ...",
+    print(f"bench: ONNX Runtime engines ({scheme}), each in its own torch-free process ...",
           file=sys.stderr, flush=True)
-
-    def engine(kind: str) -> Callable[[list[int], int], tuple[float, list[float]]]:
-        def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
-            return _run_child({**job, "engine": kind, "prompt": prompt, "new_tokens": n})
-        return run
-
-    names = list(kinds)
-    engines = [engine(kind) for kind in kinds.values()]
-    results = measure_interleaved(engines, job["prompt"], job["new_tokens"], job["repeats"], 0, rotate=True)
-    return names, results
-
-
-def _run_child(job: dict[str, Any]) -> tuple[float, list[float]]:
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-m", "pangu_tools.ort_bench", json.dumps(job)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench: the ONNX Runtime child process failed: {done.stderr.strip()[-2000:]}")
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    return out["start"], out["stamps"]
+    workers = []
+    try:
+        for kind in kinds.values():  # started one after another: each loads ~the model's size
+            workers.append(_Worker({**job, "engine": kind}))
+        results = measure_interleaved(workers, job["prompt"], job["new_tokens"], job["repeats"], 0, rotate=True)
+    finally:
+        for worker in workers:
+            worker.close()
+    return list(kinds), results
 
 
-def _child(job: dict[str, Any]) -> None:
-    """The child's side of `_run_child`: build one engine, warm it up, time one generation
-    and print its start time and token timestamps as JSON."""
+class _Worker:
+    """One engine in a child process (`python -m pangu_tools.ort_bench JOB`), called like an
+    `Engine`: each call asks the child for one timed generation."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        import subprocess
+
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close(); a pipe could stall the child)
+        self._proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.ort_bench", json.dumps(job)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._reply()  # ready: built and warmed up
+
+    def __call__(self, prompt: list[int], n: int) -> tuple[float, list[float]]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": n}) + "\n")
+        self._proc.stdin.flush()
+        out = self._reply()
+        return out["start"], out["stamps"]
+
+    def _reply(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait()
+            self._stderr.seek(0)
+            said = self._stderr.read().strip().splitlines()
+            self._stderr.close()
+            raise RuntimeError(f"bench: the ONNX Runtime child process failed: {said[-1] if said else f'exit code {code}'}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait()
+        self._stderr.close()
+
+
+def _serve(job: dict[str, Any]) -> None:
+    """The child's side of `_Worker`: build one engine, warm it up, then for each request line
+    time one generation and print its start time and token timestamps as JSON."""
     from types import SimpleNamespace
 
     kind, threads = job["engine"], job["threads"]
@@ -150,10 +176,13 @@ def _child(job: dict[str, Any]) -> None:
         engine = genai_engine(Path(job["genai_copy"]))
     for _ in range(max(1, job["warmup"])):
         engine(job["prompt"], job["new_tokens"])
-    start, stamps = engine(job["prompt"], job["new_tokens"])
     if "torch" in sys.modules:
         raise RuntimeError("bench: the ONNX Runtime engines imported torch; they must run without it")
-    print(json.dumps({"start": start, "stamps": stamps}))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        start, stamps = engine(request["prompt"], request["new_tokens"])
+        print(json.dumps({"start": start, "stamps": stamps}), flush=True)
 
 
 def _genai_installed() -> bool:
@@ -328,4 +357,4 @@ def genai_engine(copy: Path) -> Callable[[list[int], int], tuple[float, list[flo
 
 
 if __name__ == "__main__":
-    _child(json.loads(sys.argv[1]))
+    _serve(json.loads(sys.argv[1]))
