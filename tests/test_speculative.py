@@ -5,6 +5,7 @@ rejections equal a fresh prefill of the kept tokens, and bad drafters / k get ty
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import pangu_fn as pf
 from pangu_fn.speculative import (
     AdaptiveK,
     DraftModel,
+    LookupFirst,
     Model,
     PromptLookup,
     SelfDraft,
@@ -59,11 +61,13 @@ def drafter_for(name: str, preset: str):
         noisy = tree_map(lambda t: t + 0.05 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t,
                          params)
         return DraftModel(noisy, cfg)
+    if name.startswith("lookup+"):
+        return LookupFirst(drafter_for(name.removeprefix("lookup+"), preset))
     return {"self": SelfDraft(), "self-all": SelfDraft(layers=2), "lookup": PromptLookup()}[name]
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
-@pytest.mark.parametrize("drafter", ["draft", "self", "self-all", "lookup"])
+@pytest.mark.parametrize("drafter", ["draft", "self", "self-all", "lookup", "lookup+draft", "lookup+self"])
 @pytest.mark.parametrize("prompts", [SINGLE, RAGGED], ids=["single", "ragged"])
 def test_greedy_equals_plain_greedy(preset, drafter, prompts):
     params, cfg = flat_model(preset)
@@ -150,6 +154,41 @@ def test_caches_after_rejections_equal_fresh_prefill(preset):
         assert rejected > 0  # the property was exercised on rolled-back positions
 
 
+def test_lookup_first_mixes_rows_and_its_draft_cache_keeps_only_real_tokens():
+    """Row 0 takes (stub) lookup drafts that are the target's own greedy continuation, so they
+    are all accepted; the other rows take a draft model that mostly disagrees with the target.
+    The draft cache must then hold only real tokens (nothing the draft model proposed for row
+    0), and when sampling, q is one-hot on row 0's drafts and the draft model's elsewhere."""
+    params, cfg = flat_model("tiny-openpangu")
+    target = Model(params, cfg)
+    other, _ = flat_model("tiny-openpangu", seed=1)
+    plain = pf.generate(params, cfg, RAGGED[:1], 30, eos_token_ids=())[0].tokens
+    P = len(RAGGED[0])
+
+    class FirstRowLookup(PromptLookup):
+        def propose(self, target, spec, k, sampling, rng):
+            done = int(spec.lengths[0]) - P  # tokens row 0 has generated
+            drafts = torch.zeros(len(spec.lengths), k, dtype=torch.int64)
+            drafts[0] = torch.tensor(plain[done: done + k])
+            return None, drafts, None, (torch.arange(len(spec.lengths)) == 0).long() * k
+
+    drafter = LookupFirst(DraftModel(other, cfg), FirstRowLookup())
+    rng = torch.Generator().manual_seed(0)
+    state, _ = spec_init(target, drafter, RAGGED, 30, pf.SamplingParams(), rng, eos_token_ids=(), k=3)
+    for _ in range(3):
+        state, _, _ = spec_step(target, drafter, state, pf.SamplingParams(), rng)
+        for row in range(len(state.rows)):
+            tokens = state.tokens[row, : int(state.lengths[row])].tolist()
+            assert_cache_equals_prefill(state.draft, row, other, cfg, tokens[: int(state.draft.lengths[row]) + 1])
+    assert state.tokens[0, : int(state.lengths[0])].tolist() == RAGGED[0] + plain[: 1 + 3 * 4]  # all accepted
+
+    sampling = pf.SamplingParams(temperature=1.0)
+    state, _ = spec_init(target, drafter, RAGGED, 30, sampling, rng, eos_token_ids=(), k=3)
+    _, drafts, q, counts = drafter.propose(target, state, 3, sampling, rng)
+    assert torch.equal(q[0], torch.nn.functional.one_hot(drafts[0], cfg.vocab_size).to(q.dtype))
+    assert counts.tolist() == [3] * len(RAGGED) and bool((q[1:].amax(-1) < 1).all())
+
+
 def test_draft_model_with_other_vocabulary_is_a_config_error():
     params, cfg = flat_model("tiny-openpangu")
     dparams, dcfg = flat_model("tiny-openpangu", vocab_size=300)
@@ -166,7 +205,8 @@ def test_bad_k_is_an_input_error(k):
         AdaptiveK(k_max=0)
 
 
-@pytest.mark.parametrize("bad", [SelfDraft(layers=0), SelfDraft(layers=3), PromptLookup(max_ngram=0), "nope", 42])
+@pytest.mark.parametrize("bad", [SelfDraft(layers=0), SelfDraft(layers=3), PromptLookup(max_ngram=0), "nope", 42,
+                                 LookupFirst(PromptLookup()), LookupFirst(SelfDraft(layers=3))])
 def test_bad_drafters_are_config_errors(bad):
     params, cfg = flat_model("tiny-gpt")  # 2 layers
     with pytest.raises(pf.ConfigError):
@@ -183,6 +223,32 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
     assert probs is None and counts.tolist() == [5, 5, 0]
     assert drafts[0].tolist() == [4, 5, 6, 7, 1]  # after the latest earlier "1 2 3"
     assert drafts[1].tolist() == [8, 8, 8, 8, 8]  # "8 8 8" matched one back: the repeat continues
+
+
+def test_lookup_first_runs_the_model_only_when_a_row_does_not_repeat_itself():
+    params, cfg = flat_model("tiny-gpt")
+    calls = []
+
+    class Fallback:  # records its calls and drafts zeros
+        name = "stub"
+
+        def propose(self, target, spec, k, sampling, rng):
+            calls.append(k)
+            return "state", torch.zeros(len(spec.lengths), k, dtype=torch.int64), None, None
+
+    drafter = LookupFirst(Fallback())
+
+    def propose(tokens):
+        n = max(map(len, tokens))
+        spec = SimpleNamespace(tokens=torch.tensor([t + [0] * (n - len(t)) for t in tokens]),
+                               lengths=torch.tensor([len(t) for t in tokens]), draft="state")
+        return drafter.propose(Model(params, cfg), spec, 3, pf.SamplingParams(), None)
+
+    _, drafts, probs, counts = propose([[5, 6, 7, 5, 6], [1, 2, 1, 2]])
+    assert calls == [] and probs is None and drafts.tolist() == [[7, 5, 6], [1, 2, 1]] and counts.tolist() == [3, 3]
+    _, drafts, _, counts = propose([[5, 6, 7, 5, 6], [1, 2, 3, 2]])  # row 2 repeats only a 1-gram
+    assert calls == [3] and drafts.tolist() == [[7, 5, 6], [0, 0, 0]] and counts.tolist() == [3, 3]
+    assert drafter.name == "lookup+stub"
 
 
 def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():

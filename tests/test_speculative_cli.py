@@ -21,7 +21,7 @@ def test_generate_with_each_drafter_prints_plain_greedy_tokens_and_stats(capsys,
     params = pf.init_params(cfg, seed=0)
     draft = pf.save(tmp_path / "draft", params, cfg)  # the target itself: every draft is accepted
     plain = generate_json(capsys)["completions"]
-    for spec in (str(draft), "self", "self:1", "lookup", "lookup:2"):
+    for spec in (str(draft), "self", "self:1", "lookup", "lookup:2", f"lookup+{draft}", "lookup+self:1"):
         out = generate_json(capsys, "--draft", spec, "--k", "3", "--adaptive")
         assert out["completions"] == plain, spec
         stats = out["speculative"]
@@ -35,7 +35,7 @@ def test_generate_draft_errors_exit_2(capsys, tmp_path):
     other = pf.ModelConfig.preset("tiny-openpangu").replace(vocab_size=300)
     path = pf.save(tmp_path / "other", pf.init_params(other), other)
     for extra in (["--draft", "lookup", "--k", "0"], ["--draft", str(path)], ["--draft", "self:9"],
-                  ["--draft", "nowhere"]):
+                  ["--draft", "nowhere"], ["--draft", "lookup+lookup"]):
         assert main(["generate", "--model", "tiny-openpangu", "--prompt-ids", "1 2", *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("pangu generate: error:") and len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ import torch
 
 import pangu_fn as pf
 from pangu_fn.data import read_documents
-from pangu_fn.speculative import DraftModel, SpecStats, speculative_generate
+from pangu_fn.speculative import DraftModel, LookupFirst, SpecStats, speculative_generate
 from pangu_fn.tokenizer import load_tokenizer
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -36,10 +36,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("drafter", ["draft", "self", "lookup"])
+@pytest.mark.parametrize("drafter", ["draft", "self", "lookup", "lookup+draft"])
 def test_demo_greedy_equals_plain_greedy(demo, drafter):
     (params, cfg), draft, prompts = demo
-    drafter = DraftModel(*draft) if drafter == "draft" else drafter
+    drafter = {"draft": DraftModel(*draft), "lookup+draft": LookupFirst(DraftModel(*draft))}.get(drafter, drafter)
     for batch in (prompts[:1], prompts):
         plain = pf.generate(params, cfg, batch, 40)
         for k, adaptive in [(4, False), (6, True)]:

@@ -18,7 +18,7 @@ from helpers import random_model
 
 import pangu_fn as pf
 from pangu_fn.sampling import penalize, probabilities
-from pangu_fn.speculative import DraftModel, PromptLookup, SelfDraft, accept, speculative_generate
+from pangu_fn.speculative import DraftModel, LookupFirst, PromptLookup, SelfDraft, accept, speculative_generate
 from pangu_fn.tree import tree_map
 
 V = 8
@@ -117,6 +117,7 @@ SETTINGS = [
     ("self", pf.SamplingParams(temperature=1.5, top_k=5)),
     ("lookup", pf.SamplingParams(temperature=0.8, top_k=4)),
     ("lookup", pf.SamplingParams(temperature=1.0)),
+    ("lookup+draft", pf.SamplingParams(temperature=1.2, top_k=5)),
 ]
 
 
@@ -124,7 +125,7 @@ SETTINGS = [
 def test_speculative_sampling_matches_plain_sampling(drafter, sp, monkeypatch):
     params, cfg = small_model()
     drafter = {"draft": DraftModel(perturbed(params), cfg), "self": SelfDraft(layers=1),
-               "lookup": PromptLookup()}[drafter]
+               "lookup": PromptLookup(), "lookup+draft": LookupFirst(DraftModel(perturbed(params), cfg))}[drafter]
     expected = exact_joint(params, cfg, sp) * ROWS
     stat, dof = chi_square(sampled_joint(params, cfg, drafter, sp, seed=1), expected)
     bound = chi_square_bound(dof)

@@ -9,12 +9,12 @@ target's distribution (rejection sampling of Leviathan et al. / Chen et al.).
 
 from .accept import greedy_accept, rejection_sample
 from .adaptive import AdaptiveK
-from .drafters import Drafter, DraftModel, Model, PromptLookup, SelfDraft, load_drafter, make_drafter
+from .drafters import Drafter, DraftModel, LookupFirst, Model, PromptLookup, SelfDraft, load_drafter, make_drafter
 from .loop import SpecStats, speculative_generate, speculative_stream
 from .step import SpecState, StepStats, spec_init, spec_step
 
 __all__ = [
-    "AdaptiveK", "DraftModel", "Drafter", "Model", "PromptLookup", "SelfDraft", "SpecState", "SpecStats",
+    "AdaptiveK", "DraftModel", "Drafter", "LookupFirst", "Model", "PromptLookup", "SelfDraft", "SpecState", "SpecStats",
     "StepStats", "greedy_accept", "load_drafter", "make_drafter", "rejection_sample", "spec_init", "spec_step",
     "speculative_generate", "speculative_stream",
 ]

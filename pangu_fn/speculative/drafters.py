@@ -2,9 +2,10 @@
 
 Three kinds share one small protocol (`Drafter`): a separate draft model (`DraftModel`), the
 target's own first N layers with its final norm and head (`SelfDraft`), and n-gram lookup in
-the context (`PromptLookup`, no model). A drafter object holds only fixed things (parameters,
-settings); its per-batch state (a KV cache, or nothing) is an explicit value that `spec_step`
-threads through `SpecState.draft`, rolled back by lengths like the target's cache.
+the context (`PromptLookup`, no model); `LookupFirst` chains lookup in front of a model
+drafter. A drafter object holds only fixed things (parameters, settings); its per-batch state
+(a KV cache, or nothing) is an explicit value that `spec_step` threads through
+`SpecState.draft`, rolled back by lengths like the target's cache.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ..cache import KVCache, init_cache
 from ..config import ModelConfig
@@ -205,6 +207,59 @@ class PromptLookup:
         return None
 
 
+@dataclass(frozen=True, eq=False)  # holds a drafter that may hold tensors
+class LookupFirst:
+    """Prompt lookup first, a model drafter where lookup finds nothing. A row whose context
+    repeats its last `lookup.min_ngram`+ tokens (default 2) takes lookup's drafts; when every
+    running row does, the step drafts at no model cost, otherwise `fallback` drafts for the
+    batch and the other rows take its drafts. The state is the fallback's: a draft model's cache
+    keeps only the real tokens of rows that took lookup's drafts, and a draft model that sat
+    out steps feeds the tokens it missed in its next call (`DraftModel` catches up that way)."""
+
+    fallback: Any
+    lookup: PromptLookup = PromptLookup(max_ngram=3, min_ngram=2)
+
+    @property
+    def name(self) -> str:
+        return f"lookup+{self.fallback.name}"
+
+    def check(self, target: Model) -> None:
+        if isinstance(self.fallback, (PromptLookup, LookupFirst)):
+            raise ConfigError(f"LookupFirst: expected a model drafter as the fallback, found {self.fallback.name!r}")
+        self.lookup.check(target)
+        self.fallback.check(target)
+
+    def cost(self, target: Model) -> float:
+        return self.fallback.cost(target)
+
+    def start(self, target: Model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_len: int) -> Any:
+        return self.fallback.start(target, prompts, prompt_lengths, max_len)
+
+    def propose(self, target: Model, spec: SpecState, k: int, sampling: SamplingParams,
+                rng: torch.Generator | None) -> Proposal:
+        _, looked, _, found = self.lookup.propose(target, spec, k, sampling, rng)
+        if looked.shape[1] and bool((found > 0).all()):
+            return spec.draft, looked, None, found
+        state, drafts, q, counts = self.fallback.propose(target, spec, k, sampling, rng)
+        width = drafts.shape[1]
+        if not looked.shape[1] or not width:
+            return (state, drafts, q, counts) if width or not looked.shape[1] else (state, looked, None, found)
+        use = found > 0  # rows taking lookup's drafts (cut to the fallback's width)
+        drafts = torch.where(use[:, None], looked[:, :width], drafts)
+        if q is not None:
+            q = torch.where(use[:, None, None], F.one_hot(looked[:, :width], q.shape[-1]).to(q.dtype), q)
+        counts = torch.where(use, width, width if counts is None else counts)
+        if isinstance(state, KVCache):  # past the context it holds its own drafts, not lookup's
+            state = state.with_lengths(torch.where(use, torch.minimum(state.lengths, spec.lengths), state.lengths))
+        return state, drafts, q, counts
+
+    def commit(self, state: Any, lengths: torch.Tensor) -> Any:
+        return self.fallback.commit(state, lengths)
+
+    def select_rows(self, state: Any, rows: torch.Tensor) -> Any:
+        return self.fallback.select_rows(state, rows)
+
+
 def make_drafter(spec: Any) -> Drafter:
     """A drafter from `"self"`, `"lookup"`, a `(params, cfg)` pair (a draft model) or a drafter."""
     if isinstance(spec, str):
@@ -223,8 +278,11 @@ def make_drafter(spec: Any) -> Drafter:
 
 def load_drafter(spec: str, device: Any = None, dtype: Any = None) -> Drafter:
     """A drafter from a command-line spec: "self" (a quarter of the target's layers),
-    "self:N" (N layers), "lookup", "lookup:N" (n-grams up to N), or a model folder (a draft
-    model, loaded with `pangu_fn.io.load`). Raises ConfigError for anything else."""
+    "self:N" (N layers), "lookup", "lookup:N" (n-grams up to N), a model folder (a draft
+    model, loaded with `pangu_fn.io.load`), or "lookup+" before a self or folder spec
+    (`LookupFirst`). Raises ConfigError for anything else."""
+    if spec.startswith("lookup+"):
+        return LookupFirst(load_drafter(spec.removeprefix("lookup+"), device, dtype))
     name, _, arg = spec.partition(":")
     if name in ("self", "lookup") and arg:
         try:
@@ -239,7 +297,8 @@ def load_drafter(spec: str, device: Any = None, dtype: Any = None) -> Drafter:
     from ..io import load
 
     if not Path(spec).is_dir():
-        raise ConfigError(f"--draft {spec!r}: expected 'self', 'self:N', 'lookup', 'lookup:N' or a model folder")
+        raise ConfigError(f"--draft {spec!r}: expected 'self', 'self:N', 'lookup', 'lookup:N', a model folder, "
+                          "or 'lookup+' before a self or folder spec")
     params, cfg = load(spec, device=device, dtype=dtype)
     return DraftModel(params, cfg, name=f"draft:{Path(spec).name}")
 
