@@ -135,7 +135,8 @@ def test_demo_command_runs_end_to_end(models, capsys):
     assert "The for statement" in out and f"{len(stages())} stages" in out
     report = out[out.index("stage "):]
     for name in ("pytorch (eager)", "quantized int8", "quantized int4 gptq g64", "pruned 25% structured",
-                 "speculative, draft model", "speculative, prompt lookup", "onnx + pangu_runtime"):
+                 "speculative, draft model", "speculative, prompt lookup", "speculative, lookup + draft",
+                 "onnx + pangu_runtime"):
         assert f"\n{name} " in report, name
     assert "6/6 greedy" in report  # speculative decoding and the ONNX runtime reproduce the fp32 tokens
     row = next(line for line in report.splitlines() if line.startswith("pytorch"))

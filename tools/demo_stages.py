@@ -84,18 +84,20 @@ def prune_stage(ctx: Context) -> list[Row]:
 
 
 def speculative_stage(ctx: Context) -> list[Row]:
-    """Speculative decoding: the demo draft model and prompt lookup propose, the target verifies.
+    """Speculative decoding: the demo draft model, prompt lookup, and lookup in front of the draft
+    model propose, the target verifies.
 
     Greedy output must equal the target's own, token for token; acceptance is accepted over
     drafted tokens."""
     import pangu_fn as pf
-    from pangu_fn.speculative import SpecStats
+    from pangu_fn.speculative import LookupFirst, SpecStats, make_drafter
 
     from .spec_bench import spec_engine
 
-    draft = pf.load(ctx.model_dir / "draft", dtype="fp32")
+    draft = make_drafter(pf.load(ctx.model_dir / "draft", dtype="fp32"))
     rows = []
-    for name, drafter, k in (("speculative, draft model", draft, 4), ("speculative, prompt lookup", "lookup", 4)):
+    for name, drafter, k in (("speculative, draft model", draft, 4), ("speculative, prompt lookup", "lookup", 4),
+                             ("speculative, lookup + draft", LookupFirst(draft), 4)):
         stats = SpecStats()
         prefill_ms, tok_s = measure_speed(ctx, spec_engine(ctx.params, ctx.cfg, drafter, k, False, stats))
         tokens = pf.speculative_generate(ctx.params, ctx.cfg, [ctx.prompt_ids], ctx.max_new_tokens,

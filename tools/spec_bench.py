@@ -92,7 +92,7 @@ def spec_engine(params: Any, cfg: Any, drafter: Any, k: int, adaptive: bool, sta
 def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable[..., dict[str, Any]],
               engine: Callable[..., Any]) -> list[dict[str, Any]]:
     """A plain greedy row and one row per drafter (and adaptive variant) over the same prompts,
-    run round-robin: decode tokens/s (all prompts' tokens over all prompts' decode time, each
+    taking turns prompt by prompt: decode tokens/s (all prompts' tokens over all prompts' decode time, each
     prompt's rate the median of the repeats), acceptance rate, tokens per target call (over
     all runs, warm-up included), and `vs_plain`."""
     if not args.draft:
@@ -110,13 +110,15 @@ def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable
             label = f"speculative {spec} k{'<=' if adaptive else '='}{args.k}"
             info = {"draft": spec, "k": args.k, "adaptive": adaptive}
             candidates.append((label, spec_engine(params, cfg, drafter, args.k, adaptive, stats), stats, info))
-    # round-robin over repeats, so that a busy machine's slow spells hit every row alike
+    # every row decodes each prompt in turn (a fraction of a second each), who goes first
+    # rotating, so that the machine's slow spells, which last seconds, hit every row alike
     runs: dict[str, list[list[dict[str, Any]]]] = {label: [[] for _ in prompts] for label, *_ in candidates}
     total = (args.warmup + args.repeats) * len(candidates) * len(prompts)
     with tqdm(total=total, desc=f"bench: speculative rows ({args.spec_prompts} prompts)", file=sys.stderr) as bar:
         for repeat in range(args.warmup + args.repeats):
-            for label, run, _, _ in candidates:
-                for i, prompt in enumerate(prompts):
+            for i, prompt in enumerate(prompts):
+                first = (repeat * len(prompts) + i) % len(candidates)
+                for label, run, _, _ in candidates[first:] + candidates[:first]:
                     result = measure(run, prompt, args.new_tokens, 1, 0)
                     if repeat >= args.warmup:
                         runs[label][i].append(result)
