@@ -12,6 +12,7 @@ import torch
 from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
+from pangu_fn.quant import DenseWeight, block_linears
 from pangu_fn.speculative import (
     AdaptiveK,
     DraftModel,
@@ -25,7 +26,7 @@ from pangu_fn.speculative import (
     speculative_generate,
     speculative_stream,
 )
-from pangu_fn.tree import tree_map
+from pangu_fn.tree import flatten, tree_map
 
 # repeats in the prompts give prompt lookup something to find
 SINGLE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
@@ -187,6 +188,18 @@ def test_lookup_first_mixes_rows_and_its_draft_cache_keeps_only_real_tokens():
     _, drafts, q, counts = drafter.propose(target, state, 3, sampling, rng)
     assert torch.equal(q[0], torch.nn.functional.one_hot(drafts[0], cfg.vocab_size).to(q.dtype))
     assert counts.tolist() == [3] * len(RAGGED) and bool((q[1:].amax(-1) < 1).all())
+
+
+def test_a_bf16_draft_model_runs_prepacked_and_stays_exact():
+    params, cfg = flat_model("tiny-openpangu")
+    bf16 = pf.astype(drafter_for("draft", "tiny-openpangu").params, "bf16")
+    drafter = DraftModel(bf16, cfg)
+    assert all(isinstance(leaf, torch.Tensor) for leaf in flatten(bf16).values())  # the input is untouched
+    packed = [name for name, leaf in flatten(drafter.params).items() if isinstance(leaf, DenseWeight)]
+    assert len(packed) == len(block_linears(bf16)) + 1 or not torch.backends.mkldnn.is_available()  # + the head
+    plain = pf.generate(params, cfg, RAGGED, 12, eos_token_ids=())
+    spec = speculative_generate(params, cfg, RAGGED, 12, eos_token_ids=(), drafter=drafter, k=3)
+    assert [c.tokens for c in spec] == [c.tokens for c in plain]
 
 
 def test_draft_model_with_other_vocabulary_is_a_config_error():

@@ -76,6 +76,9 @@ class DraftModel:
     cfg: ModelConfig
     name: str = "draft"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", _prepacked(self.params))
+
     def check(self, target: Model) -> None:
         _same_vocab(self.cfg, target.cfg, "draft model")
 
@@ -307,6 +310,22 @@ def load_drafter(spec: str, device: Any = None, dtype: Any = None) -> Drafter:
 # many blocks' worth of time at the small sizes where per-op overhead dominates (measured on
 # the demo shapes: a 1-block draft costs 0.21-0.23 of an 8-block target).
 _FIXED_BLOCKS = 1.0
+
+
+def _prepacked(params: Params) -> Params:
+    """A bf16 CPU draft model's float linears as oneDNN's prepacked leaves (`quantize(params,
+    "bf16")`, a new tree): a draft decodes one row per call, where they run 1.2-2x faster than
+    `F.linear` (the demo draft went from 1.27x to 1.52x its target's plain speed). The draft's
+    numbers only decide what is proposed, never what is kept. Other trees are returned as is."""
+    from ..quant import quantize
+    from ..tree import flatten
+
+    w = params["tok_embed"]["weight"]
+    if not (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"):
+        return params
+    if any(not isinstance(leaf, torch.Tensor) for leaf in flatten(params).values()):
+        return params  # already quantized or prepacked
+    return quantize(params, "bf16")
 
 
 def _relative_cost(params: Params, cfg: ModelConfig, target: Model) -> float:
