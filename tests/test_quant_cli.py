@@ -70,12 +70,15 @@ def test_quantize_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, argv, me
 def test_bench_scheme_rows_with_ratios_and_rss(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-gpt", "--scheme", "bf16,int8", "--scheme", "int4", "--group-size", "32",
-                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--in-turns", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["engine"] for r in rows] == ["pangu-fn", "pangu-fn bf16", "pangu-fn int8", "pangu-fn int4"]
     assert rows[0]["dtype"] == "float32" and all(r["dtype"] == "bfloat16" for r in rows[1:])
     for r in rows[1:]:
         assert r["decode_vs_first"] == pytest.approx(r["decode_tok_s"] / rows[0]["decode_tok_s"], rel=1e-2, abs=1e-3)
+        turns = r["in_turns"]  # timed again, in turns with the unquantized model
+        assert turns["decode_vs_base"] == pytest.approx(turns["decode_tok_s"] / turns["base_decode_tok_s"], rel=1e-2,
+                                                        abs=1e-3)
         assert r["rss"]["weights_mb"] == pytest.approx(r["weight_mb"], abs=0.1)
         # present, not positive: a model this small can fit in heap the warm-up freed (a flake seen under load)
         assert {"load_peak_mb", "run_peak_mb", "run_peak_vs_weights"} <= set(r["rss"])

@@ -1,6 +1,13 @@
 """`pangu bench --scheme ...`: the same weights quantized in the same run, one row per scheme
 (built, measured and freed in turn), with each quantized model's peak RSS measured in a
-fresh process (`python -m pangu_tools.quant_bench FOLDER ...`, Linux `/proc` counters)."""
+fresh process (`python -m pangu_tools.quant_bench FOLDER ...`, Linux `/proc` counters).
+
+Rows are timed one model at a time (a warm-up, then every repeat), as a user decodes. With
+`--in-turns` each row is then timed again taking turns with the unquantized model (the first
+row's), who goes first rotating, and records `in_turns` with the ratio of those interleaved
+medians: immune to the machine's slow drift between rows, but on this CPU alternating models
+also slows the quantized kernels (see docs/benchmarks.md), so it is reported beside the
+one-at-a-time figure, not instead of it."""
 
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-head", default="keep", choices=["keep", "int8", "int4"],
                    help="int8 / int4 rows: LM head kept in bf16 (default) or quantized")
     p.add_argument("--no-rss", action="store_true", help="skip the per-scheme peak-RSS child process")
+    p.add_argument("--in-turns", action="store_true",
+                   help="also time each --scheme row in turns with the unquantized model (field in_turns)")
 
 
 def schemes(values: list[str]) -> list[str]:
@@ -46,14 +55,19 @@ def recipe(scheme: str, args: argparse.Namespace) -> Any:
 
 
 def scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int],
-                measure: Callable[..., dict[str, Any]], engine: Callable[[Any, Any], Any]) -> list[dict[str, Any]]:
-    """One result row per `--scheme`: decode / prefill speed, stored and resident weight bytes
-    and (unless --no-rss) the peak RSS of a process that loads and runs the quantized model."""
+                engine: Callable[[Any, Any], Any]) -> list[dict[str, Any]]:
+    """One result row per `--scheme`: decode / prefill speed (and with --in-turns the ratio in
+    turns with the unquantized model, see the module docstring), stored and resident weight
+    bytes and (unless --no-rss) the peak RSS of a process that loads and runs the quantized model."""
     import gc
 
     import pangu_fn as pf
     from pangu_fn.quant import quantize
     from pangu_fn.quant.report import resident_nbytes
+
+    from .bench import measure_interleaved
+
+    base_engine = engine(params, cfg)
 
     rows = []
     for scheme in schemes(args.scheme):
@@ -65,7 +79,13 @@ def scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[in
                "recipe": r.describe(),
                "weight_mb": round(pf.nbytes(tree) / 2**20, 2), "resident_mb": round(resident / 2**20, 2)}
         print(f"bench: pangu-fn {scheme} ({row['dtype']}) ...", file=sys.stderr, flush=True)
-        row.update(measure(engine(tree, cfg), prompt, args.new_tokens, args.repeats, args.warmup))
+        quantized = engine(tree, cfg)
+        row.update(measure_interleaved([quantized], prompt, args.new_tokens, args.repeats, args.warmup)[0])
+        if args.in_turns:
+            base, this = measure_interleaved([base_engine, quantized], prompt, args.new_tokens, args.repeats,
+                                             args.warmup, rotate=True)
+            row["in_turns"] = {"base_decode_tok_s": base["decode_tok_s"], "decode_tok_s": this["decode_tok_s"],
+                               "decode_vs_base": round(this["decode_tok_s"] / base["decode_tok_s"], 3)}
         if not args.no_rss:
             row["rss"] = rss_probe(tree, cfg, prompt, args.new_tokens, args.threads)
         rows.append(row)
