@@ -245,8 +245,10 @@ class LookupFirst:
             return spec.draft, looked, None, found
         state, drafts, q, counts = self.fallback.propose(target, spec, k, sampling, rng)
         width = drafts.shape[1]
-        if not looked.shape[1] or not width:
-            return (state, drafts, q, counts) if width or not looked.shape[1] else (state, looked, None, found)
+        if not looked.shape[1]:  # no row has a match
+            return state, drafts, q, counts
+        if not width:  # the fallback had no room left to draft
+            return state, looked, None, found
         use = found > 0  # rows taking lookup's drafts (cut to the fallback's width)
         drafts = torch.where(use[:, None], looked[:, :width], drafts)
         if q is not None:
