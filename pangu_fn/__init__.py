@@ -15,6 +15,7 @@ from .sampling import SamplingParams
 from .speculative import (
     AdaptiveK,
     DraftModel,
+    LookupFirst,
     PromptLookup,
     SelfDraft,
     SpecStats,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "AdaptiveK", "Completion", "ConfigError", "DraftModel", "FormatError", "InputError", "KVCache",
-    "ModelConfig", "PanguError", "PromptLookup", "PruneRecipe", "PruneReport", "QuantRecipe", "SamplingParams",
+    "LookupFirst", "ModelConfig", "PanguError", "PromptLookup", "PruneRecipe", "PruneReport", "QuantRecipe", "SamplingParams",
     "SelfDraft", "ShapeError", "SpecStats", "TokenEvent", "astype", "count_params", "device_info", "empty_cache",
     "forward", "generate", "init_cache", "init_params", "load", "memory_stats", "nbytes", "prune", "quantize",
     "save", "select_device", "spec_init", "spec_step", "speculative_generate", "speculative_stream", "stream",

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     for name, engine in engines:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
-    rows += quant_bench.scheme_rows(params, cfg, args, prompt, pangu_engine)
+    rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)
     base = rows[0]

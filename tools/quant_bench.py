@@ -55,7 +55,7 @@ def recipe(scheme: str, args: argparse.Namespace) -> Any:
 
 
 def scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int],
-                engine: Callable[[Any, Any], Any]) -> list[dict[str, Any]]:
+                measure: Callable[..., dict[str, Any]], engine: Callable[[Any, Any], Any]) -> list[dict[str, Any]]:
     """One result row per `--scheme`: decode / prefill speed (and with --in-turns the ratio in
     turns with the unquantized model, see the module docstring), stored and resident weight
     bytes and (unless --no-rss) the peak RSS of a process that loads and runs the quantized model."""
@@ -66,8 +66,6 @@ def scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[in
     from pangu_fn.quant.report import resident_nbytes
 
     from .bench import measure_interleaved
-
-    base_engine = engine(params, cfg)
 
     rows = []
     for scheme in schemes(args.scheme):
@@ -80,9 +78,9 @@ def scheme_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[in
                "weight_mb": round(pf.nbytes(tree) / 2**20, 2), "resident_mb": round(resident / 2**20, 2)}
         print(f"bench: pangu-fn {scheme} ({row['dtype']}) ...", file=sys.stderr, flush=True)
         quantized = engine(tree, cfg)
-        row.update(measure_interleaved([quantized], prompt, args.new_tokens, args.repeats, args.warmup)[0])
+        row.update(measure(quantized, prompt, args.new_tokens, args.repeats, args.warmup))
         if args.in_turns:
-            base, this = measure_interleaved([base_engine, quantized], prompt, args.new_tokens, args.repeats,
+            base, this = measure_interleaved([engine(params, cfg), quantized], prompt, args.new_tokens, args.repeats,
                                              args.warmup, rotate=True)
             row["in_turns"] = {"base_decode_tok_s": base["decode_tok_s"], "decode_tok_s": this["decode_tok_s"],
                                "decode_vs_base": round(this["decode_tok_s"] / base["decode_tok_s"], 3)}
