@@ -120,9 +120,14 @@ def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context,
     positions. `query_input` (PanGu-α's query layer) replaces `x` as the source of queries."""
     B, T, _ = x.shape
     d = cfg.head_dim
-    q = linear(x if query_input is None else query_input, p["q"]).view(B, T, -1, d).transpose(1, 2)
-    k = linear(x, p["k"]).view(B, T, -1, d).transpose(1, 2)
-    v = linear(x, p["v"]).view(B, T, -1, d).transpose(1, 2)
+    if "qkv" in p:  # fused (params.fuse_projections): q has cfg.num_heads heads, k and v the rest
+        q_width = cfg.num_heads * d
+        kv_width = (p["qkv"]["weight"].shape[0] - q_width) // 2
+        q, k, v = linear(x, p["qkv"]).split([q_width, kv_width, kv_width], -1)
+    else:
+        q = linear(x if query_input is None else query_input, p["q"])
+        k, v = linear(x, p["k"]), linear(x, p["v"])
+    q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (q, k, v))
     if ctx.rope is not None:
         q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
     if kv is not None:
@@ -142,6 +147,9 @@ def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context,
 
 def mlp(p: Params, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
     """GELU MLP (up -> act -> down) or SwiGLU (act(gate) * up -> down); `[B, T, H]` in and out."""
+    if "gate_up" in p:  # fused (params.fuse_projections)
+        gate, up = linear(x, p["gate_up"]).chunk(2, -1)
+        return linear(activation(gate, cfg) * up, p["down"])
     if cfg.mlp == "swiglu":
         return linear(activation(linear(x, p["gate"]), cfg) * linear(x, p["up"]), p["down"])
     return linear(activation(linear(x, p["up"]), cfg), p["down"])

@@ -138,3 +138,14 @@ def test_logits_index_selects_one_position_per_row(family_model):
     some, _ = pf.forward(params, cfg, toks, logits_index=index)
     assert some.shape == (3, 1, cfg.vocab_size)
     assert (some[:, 0] - full[torch.arange(3), index]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_is_argmax_with_the_first_of_equal_maxima(dtype):
+    from pangu_fn.sampling import greedy_tokens
+
+    logits = torch.randn(3, 5, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[0, :, 7] = logits[0, :, 250] = 9.0  # ties: both argmax and greedy_tokens pick 7
+    logits[1, 2] = 0.0  # a row that is all ties: index 0
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert greedy_tokens(logits)[0].tolist() == [7] * 5 and greedy_tokens(logits)[1, 2].item() == 0

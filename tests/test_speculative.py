@@ -190,13 +190,15 @@ def test_lookup_first_mixes_rows_and_its_draft_cache_keeps_only_real_tokens():
     assert counts.tolist() == [3] * len(RAGGED) and bool((q[1:].amax(-1) < 1).all())
 
 
-def test_a_bf16_draft_model_runs_prepacked_and_stays_exact():
+def test_a_bf16_draft_model_runs_fused_and_prepacked_and_stays_exact():
     params, cfg = flat_model("tiny-openpangu")
     bf16 = pf.astype(drafter_for("draft", "tiny-openpangu").params, "bf16")
     drafter = DraftModel(bf16, cfg)
     assert all(isinstance(leaf, torch.Tensor) for leaf in flatten(bf16).values())  # the input is untouched
+    assert set(block_linears(drafter.params)[:4]) == {"blocks.0.attn.qkv", "blocks.0.attn.o", "blocks.0.mlp.gate_up",
+                                                      "blocks.0.mlp.down"}
     packed = [name for name, leaf in flatten(drafter.params).items() if isinstance(leaf, DenseWeight)]
-    assert len(packed) == len(block_linears(bf16)) + 1 or not torch.backends.mkldnn.is_available()  # + the head
+    assert len(packed) == 4 * cfg.num_layers + 1 or not torch.backends.mkldnn.is_available()  # + the head
     plain = pf.generate(params, cfg, RAGGED, 12, eos_token_ids=())
     spec = speculative_generate(params, cfg, RAGGED, 12, eos_token_ids=(), drafter=drafter, k=3)
     assert [c.tokens for c in spec] == [c.tokens for c in plain]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sampling import greedy_tokens
+
 
 def greedy_accept(target_logits: torch.Tensor, drafts: torch.Tensor,
                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +20,7 @@ def greedy_accept(target_logits: torch.Tensor, drafts: torch.Tensor,
     `accepted [B]` (the leading drafts equal to the target's argmax) and `next_tokens [B]` (the
     target's argmax after them: a correction, or the bonus token when all were accepted).
     The kept tokens are exactly those plain greedy decoding would produce."""
-    pred = target_logits.argmax(-1)
+    pred = greedy_tokens(target_logits)
     accepted = _leading(drafts == pred[:, :-1], counts)
     return accepted, pred.gather(1, accepted[:, None]).squeeze(1)
 
