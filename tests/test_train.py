@@ -145,3 +145,16 @@ def test_train_demo_command_tiny_end_to_end(tmp_path):
         load_tokenizer(out / "target"), data.read_documents(out / "heldout.jsonl")))
     assert main(["train-demo", "--out", str(tmp_path / "x"), "--seq-len", "300", "--context", "256"]) == 2
     assert not (tmp_path / "x").exists()
+
+    # --draft-only: a new draft from the same target, the rest of the folder kept, the card updated
+    kept = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name, _ in rows if not name.startswith("draft")}
+    assert main(["train-demo", "--out", str(out), "--draft-only", "--draft-steps", "3", "--batch", "4", "--seq-len", "64",
+                 "--eval-every", "0", "--threads", "1"]) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["draft"]["steps"] == 3 and m2["draft"]["draft_only"]["draft_steps"] == 3 and m2["target"] == m["target"]
+    rows2 = re.findall(r"^\| `([^`]+)` \| [\d,]+ \| `([0-9a-f]{64})` \|$", (out / "README.md").read_text(), re.MULTILINE)
+    assert all(hashlib.sha256((out / name).read_bytes()).hexdigest() == digest for name, digest in rows2)
+    assert all(dict(rows2)[name] == digest for name, digest in kept.items() if name != "metrics.json")
+    assert dict(rows2)["draft/model.safetensors"] != dict(rows)["draft/model.safetensors"]
+    assert "--draft-only --draft-steps 3" in (out / "README.md").read_text()
+    assert main(["train-demo", "--out", str(tmp_path / "none"), "--draft-only"]) == 2

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--kl-weight", type=float, default=0.8, help="draft loss: KL share (rest: next-token)")
     p.add_argument("--eval-every", type=int, default=150, help="held-out loss every N steps (0: never)")
+    p.add_argument("--draft-only", action="store_true",
+                   help="keep the target, tokenizer and held-out split already in --out; distil a new draft "
+                        "(--draft-layers, --draft-steps, --kl-weight, --lr, --seed) and update metrics.json and the card")
     p.set_defaults(func=run)
 
 
@@ -76,6 +79,31 @@ def draft_init(target: Any, draft_cfg: Any, seed: int) -> Any:
     params["final_norm"] = {k: v.clone() for k, v in target["final_norm"].items()}
     params["blocks"] = [tree_map(lambda t: t.clone(), b) for b in target["blocks"][:draft_cfg.num_layers]]
     return params
+
+
+def heldout_monitor(cfg: Any, name: str, ids: list[int], eval_len: int, every: int) -> Any:
+    """An `after_step` hook that logs the held-out loss on `ids` every `every` steps (0: never)."""
+    from pangu_fn.evaluate import perplexity
+
+    step = [0]
+
+    def after_step(params: Any) -> None:
+        step[0] += 1
+        if every and step[0] % every == 0:
+            loss = math.log(perplexity(params, cfg, ids, eval_len))
+            tqdm.write(f"{name} step {step[0]}: held-out loss {loss:.3f}", file=sys.stderr)
+    return after_step
+
+
+def distil_draft(target: Any, tcfg: Any, dcfg: Any, train_ids: Any, args: argparse.Namespace,
+                 after_step: Any) -> tuple[Any, list[float]]:
+    """The draft (fp32 params) distilled from `target` on random windows of `train_ids`, and its losses."""
+    from pangu_fn.train import TrainConfig, distillation_loss, random_batches, train
+
+    draft = draft_init(target, dcfg, args.seed)
+    dc = TrainConfig(steps=args.draft_steps, lr=args.lr, warmup=min(50, max(1, args.draft_steps // 10)))
+    return train(draft, dcfg, random_batches(train_ids, args.batch, args.seq_len, args.seed + 1), dc,
+                 loss_fn=distillation_loss(target, tcfg, dcfg, args.kl_weight), after_step=after_step, desc="draft")
 
 
 def spaced_sample(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
@@ -113,10 +141,12 @@ def run(args: argparse.Namespace) -> int:
     from pangu_fn.evaluate import greedy_agreement, perplexity
     from pangu_fn.io.atomic import atomic_dir
     from pangu_fn.tokenizer import load_tokenizer
-    from pangu_fn.train import TrainConfig, distillation_loss, random_batches, train
+    from pangu_fn.train import TrainConfig, random_batches, train
 
     if not 2 <= args.seq_len <= args.context:
         raise pf.InputError(f"train-demo: expected 2 <= --seq-len <= --context ({args.context}), found {args.seq_len}")
+    if args.draft_only:
+        return run_draft_only(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     clock = {"start": time.perf_counter()}
@@ -144,13 +174,7 @@ def run(args: argparse.Namespace) -> int:
     monitor_ids = held_ids[: 32 * eval_len]
 
     def monitor(cfg: Any, name: str) -> Any:
-        step = [0]
-
-        def after_step(params: Any) -> None:
-            step[0] += 1
-            if args.eval_every and step[0] % args.eval_every == 0:
-                log(f"{name} step {step[0]}: held-out loss {math.log(perplexity(params, cfg, monitor_ids, eval_len)):.3f}")
-        return after_step
+        return heldout_monitor(cfg, name, monitor_ids, eval_len, args.eval_every)
 
     # 2. target
     tcfg = demo_config(tok, args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.context)
@@ -163,11 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. draft, distilled from the committed target
     dcfg = demo_config(tok, args.draft_layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.context)
-    draft = draft_init(target, dcfg, args.seed)
-    dc = TrainConfig(steps=args.draft_steps, lr=args.lr, warmup=min(50, max(1, args.draft_steps // 10)))
-    draft, draft_losses = train(draft, dcfg, random_batches(train_ids, args.batch, args.seq_len, args.seed + 1), dc,
-                                loss_fn=distillation_loss(target, tcfg, dcfg, args.kl_weight),
-                                after_step=monitor(dcfg, "draft"), desc="draft")
+    draft, draft_losses = distil_draft(target, tcfg, dcfg, train_ids, args, monitor(dcfg, "draft"))
     clock["draft"] = time.perf_counter()
 
     # 4. save, reload what was saved, measure it, write the card
@@ -226,6 +246,67 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+DRAFT_ARGS = ("draft_layers", "draft_steps", "kl_weight", "lr", "seed", "batch", "seq_len", "threads")
+
+
+def run_draft_only(args: argparse.Namespace) -> int:
+    """`--draft-only`: distil a new draft from the target in `--out` on the same training
+    documents (the corpus rebuilt and split as recorded, checked against `heldout.jsonl`), then
+    replace `draft/` and update the draft's figures in `metrics.json` and the card."""
+    import torch
+
+    import pangu_fn as pf
+    from pangu_fn import data
+    from pangu_fn.evaluate import greedy_agreement, perplexity
+    from pangu_fn.io.atomic import atomic_dir, atomic_file
+    from pangu_fn.tokenizer import load_tokenizer
+
+    out = Path(args.out)
+    if not (out / "metrics.json").is_file() or not (out / "target").is_dir():
+        raise pf.InputError(f"train-demo --draft-only: expected a demo folder with target/ and metrics.json, "
+                            f"found none at {out}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    metrics = json.loads((out / "metrics.json").read_text())
+    recorded = metrics["args"]
+    target, tcfg = pf.load(out / "target", dtype="fp32")
+    tok = load_tokenizer(out / "target")
+    train_docs, held_docs = data.split(data.corpus(docstrings=not recorded["pydoc_only"]), recorded["heldout_fraction"])
+    committed = data.read_documents(out / "heldout.jsonl")
+    if [d.name for d in held_docs] != [d.name for d in committed]:
+        raise pf.InputError(f"train-demo --draft-only: this Python ({data.python_version()}) splits the corpus "
+                            f"into other held-out documents than {out / 'heldout.jsonl'} (Python {metrics['python']})")
+    train_ids = data.token_stream(tok, train_docs)
+    held_ids = data.token_stream(tok, committed).tolist()
+    eval_len = metrics["eval_seq_len"]
+    dcfg = tcfg.replace(num_layers=args.draft_layers)
+    after_step = heldout_monitor(dcfg, "draft", held_ids[: 32 * eval_len], eval_len, args.eval_every)
+    draft, losses = distil_draft(target, tcfg, dcfg, train_ids, args, after_step)
+    trained = time.perf_counter()
+    with atomic_dir(out / "draft") as tmp:
+        pf.save(tmp, pf.astype(draft, torch.bfloat16), dcfg, shard_size=SHARD_SIZE,
+                extra_files={"tokenizer.model": (out / "target" / "tokenizer.model").read_bytes()})
+        draft, dcfg = pf.load(tmp, dtype="fp32")
+        train_sample = spaced_sample(train_ids.tolist(), len(held_ids), eval_len)
+        agreement = greedy_agreement(target, tcfg, draft, dcfg, held_ids, eval_len)
+        metrics["draft"] = {
+            "parameters": pf.count_params(draft), "layers": dcfg.num_layers, "steps": args.draft_steps,
+            "tokens_seen": args.draft_steps * args.batch * args.seq_len,
+            "final_train_loss_50": sum(losses[-50:]) / len(losses[-50:]),
+            "train_ppl": perplexity(draft, dcfg, train_sample, eval_len, progress=True, desc="draft train ppl"),
+            "heldout_ppl": perplexity(draft, dcfg, held_ids, eval_len, progress=True, desc="draft held-out ppl"),
+            "greedy_agreement_heldout": agreement, "seconds": round(trained - start, 1),
+            "draft_only": {key: getattr(args, key) for key in DRAFT_ARGS}}
+    with atomic_file(out / "metrics.json") as tmp_file:
+        tmp_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_card(out)
+    tqdm.write(f"draft: held-out ppl {metrics['draft']['heldout_ppl']:.2f}, greedy agreement with target "
+               f"{agreement:.1%}; {time.perf_counter() - start:.0f} s in all", file=sys.stderr)
+    print(out / "draft")
+    return 0
+
+
 def write_card(folder: Path) -> None:
     """(Re)write `folder/README.md` from its `metrics.json` and the hashes of its other files."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
@@ -248,9 +329,23 @@ Reruns of the recipe (same Python, torch and corpus; figures as in Results):
 """
 
 
+def draft_only_text(settings: dict[str, Any] | None, a: dict[str, Any]) -> str:
+    """The card's note on a draft distilled again by `--draft-only`, if it was."""
+    if not settings:
+        return ""
+    changed = "".join(f" --{key.replace('_', '-')} {value}" for key, value in settings.items()
+                      if key not in ("draft_steps", "threads") and value != a.get(key))
+    return f"""
+The draft was then distilled again from the committed target, on the same training documents:
+`pangu train-demo --out models/demo --draft-only --draft-steps {settings["draft_steps"]}{changed}`
+({settings["threads"]} CPU thread(s)); the draft's figures above are from that run.
+"""
+
+
 def model_card(m: dict[str, Any], hashes: list[tuple[str, int, str]]) -> str:
     """The model card: data, sizes, training, results, reproduction, file hashes."""
     c, t, d, a = m["corpus"], m["target"], m["draft"], m["args"]
+    da = {**a, **d.get("draft_only", {})}  # the draft's settings (a --draft-only run may differ)
     total = sum(size for _, size, _ in hashes)
     rows = "\n".join(f"| `{name}` | {size:,} | `{digest}` |" for name, size, digest in hashes)
     ref = m["reference"]
@@ -295,9 +390,9 @@ Special ids: unk 0, bos 1, eos 2, pad 3.
 
 | | target | draft |
 |---|---|---|
-| steps x batch x window | {t["steps"]} x {a["batch"]} x {a["seq_len"]} | {d["steps"]} x {a["batch"]} x {a["seq_len"]} |
+| steps x batch x window | {t["steps"]} x {a["batch"]} x {a["seq_len"]} | {d["steps"]} x {da["batch"]} x {da["seq_len"]} |
 | tokens seen | {t["tokens_seen"]:,} ({t["tokens_seen"] / c["train_tokens"]:.1f} passes) | {d["tokens_seen"]:,} |
-| loss | next-token cross-entropy | {a["kl_weight"]} x KL(target ‖ draft) + {1 - a["kl_weight"]:.1f} x next-token |
+| loss | next-token cross-entropy | {da["kl_weight"]} x KL(target ‖ draft) + {1 - da["kl_weight"]:.1f} x next-token |
 | start | random (seed {a["seed"]}) | target's embedding, first {d["layers"]} block(s) and final norm |
 | wall time | {t["seconds"]:.0f} s | {d["seconds"]:.0f} s |
 
@@ -335,7 +430,7 @@ order of floating-point sums (thread count, kernels, machine), a difference in t
 of the loss after a few dozen steps grows, and at this learning rate the end point moves by more
 than the figures' precision. The committed files are the reference; `train-demo` reproduces the
 recipe.
-{reruns_text(m.get("reruns", []))}
+{draft_only_text(d.get("draft_only"), a)}{reruns_text(m.get("reruns", []))}
 ## Files ({total:,} bytes without this card)
 
 | file | bytes | sha256 |
