@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pangu_fn.quant  # noqa: F401  (registers torch.ops.pangu.*)
-from pangu_fn.quant import DenseWeight, Int4Weight, quantize_int4, quantize_int8
+from pangu_fn.quant import DenseWeight, Int4Weight, native, quantize_int4, quantize_int8
 from pangu_fn.quant.packing import cpu_pack, cpu_unpack
 
 GEN = torch.Generator().manual_seed(0)
@@ -30,7 +30,7 @@ def inputs(k: int, n: int, dtype: torch.dtype, rows: int = 3) -> tuple[torch.Ten
     return x, bias
 
 
-@pytest.mark.parametrize("n,k", [(96, 64), (40, 48), (24, 24)])
+@pytest.mark.parametrize("n,k", [(96, 64), (40, 48), (24, 24), (300, 96)])
 def test_int8_kernels_equal_dequantize_then_matmul(n, k):
     w = torch.randn(n, k, generator=GEN)
     leaf = quantize_int8(w, torch.bfloat16)
@@ -38,13 +38,41 @@ def test_int8_kernels_equal_dequantize_then_matmul(n, k):
     y = leaf.linear(x, bias)
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
     assert_close(y, reference(leaf, x, bias), 2e-2)  # bf16 output rounding
-    if k % 16 == 0:  # the CPU kernel path: same numbers as calling it directly
+    if k % 32 == 0 and native.int8_kernel() is not None:  # the native kernel: the same numbers
+        direct = native.int8_linear(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
+        assert torch.equal(y, direct)
+    elif k % 16 == 0:  # torch's CPU kernel path: same numbers as calling it directly
         direct = torch._weight_int8pack_mm(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
         assert torch.equal(y, direct)
     fp32 = leaf.astype(torch.float32)  # the dequantize-then-matmul path (any device)
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
     x, _ = inputs(k, n, torch.bfloat16, rows=100)  # 200 rows: dequantize once, bf16 matmul
     assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 31])
+def test_native_int8_kernel_rounds_the_exact_product_once(rows):
+    """The product of bf16 activations and int8 * bf16-scale weights is exact in fp32 term by
+    term; the kernel sums in fp32 and rounds once to bf16, so each output is within a bf16
+    rounding (2^-9 relative) of the fp32 reference, plus fp32 summation error."""
+    if native.int8_kernel() is None:
+        pytest.skip(native.status())
+    n, k = 1000, 768
+    leaf = quantize_int8(torch.randn(n, k, generator=GEN), torch.bfloat16)
+    x = torch.randn(rows, k, generator=GEN).to(torch.bfloat16)
+    y = native.int8_linear(x, leaf.qdata, leaf.scales)
+    ref = reference(leaf, x, None)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert bool(((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-5 * ref.abs().max()).all())
+    assert native.int8_linear(x[:, :760].contiguous(), leaf.qdata[:, :760].contiguous(), leaf.scales) is None  # K % 32
+
+
+def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
+    leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
+    x, bias = inputs(128, 64, torch.bfloat16)
+    monkeypatch.setattr(native, "int8_kernel", lambda: None)
+    direct = torch._weight_int8pack_mm(x.reshape(-1, 128), leaf.qdata, leaf.scales).view(2, 3, 64) + bias
+    assert torch.equal(leaf.linear(x, bias), direct)
 
 
 @pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (40, 256, 64, False), (200, 128, 128, True),

@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import pangu_fn as pf
+    from pangu_fn.quant import native
 
     torch.set_num_threads(args.threads)
     params, cfg, random = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
               "model": args.model, "random_weights": random, "parameters": pf.count_params(params),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "threads": args.threads, "device": pf.device_info(args.device)["name"],
-              "torch": torch.__version__, "python": platform.python_version(),
+              "torch": torch.__version__, "python": platform.python_version(), "kernels": native.status(),
               "peak_rss_mb": round(pf.memory_stats("cpu")["peak_rss"] / 2**20, 1), "results": rows}
     if pruned_info:
         result["pruned"] = pruned_info

@@ -3,7 +3,7 @@
 | where | int8 leaf | int4 leaf | dense bf16 leaf |
 |---|---|---|---|
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
-| CPU, bf16 activations, few rows | `torch._weight_int8pack_mm` | `torch._weight_int4pack_mm_for_cpu` | oneDNN prepacked matmul |
+| CPU, bf16 activations, few rows | `native.int8_linear` (AVX-512, compiled on first use), else `torch._weight_int8pack_mm` | `torch._weight_int4pack_mm_for_cpu` | oneDNN prepacked matmul |
 | CPU, bf16, many rows (`DEQUANTIZE_ROWS`) | dequantize, then bf16 `F.linear` | the same | oneDNN prepacked matmul |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 # From this many rows of activations on (prefill, scoring), dequantizing the weight once and
 # running a bf16 matmul beats the weight-only kernels, whose time grows with every row
@@ -49,7 +51,10 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         return torch.ops.pangu.int8_linear(x, w.qdata, w.scales, bias)
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.scales.dtype == torch.bfloat16
             and k % 16 == 0 and x.numel() < DEQUANTIZE_ROWS["int8"] * k):  # K % 16: other K crash it
-        y = torch._weight_int8pack_mm(_rows(x), w.qdata, w.scales)
+        rows = _rows(x)
+        y = native.int8_linear(rows, w.qdata, w.scales)
+        if y is None:
+            y = torch._weight_int8pack_mm(rows, w.qdata, w.scales)
         return _add_bias(y, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)

@@ -123,7 +123,7 @@ class Int8Weight(_Leaf):
               f"Int8Weight: expected qdata int8 [N, K], found {qdata.dtype} {list(qdata.shape)}")
         _need(scales.shape == (qdata.shape[0],) and scales.is_floating_point(),
               f"Int8Weight: expected float scales [{qdata.shape[0]}], found {scales.dtype} {list(scales.shape)}")
-        self.qdata, self.scales = qdata.contiguous(), scales  # kernels need row-major
+        self.qdata, self.scales = qdata.contiguous(), scales.contiguous()  # kernels need row-major
         self.shape = torch.Size(qdata.shape)
         self.compute_dtype = scales.dtype
         self._npu: tuple | None = None
