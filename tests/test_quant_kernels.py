@@ -38,7 +38,7 @@ def test_int8_kernels_equal_dequantize_then_matmul(n, k):
     y = leaf.linear(x, bias)
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
     assert_close(y, reference(leaf, x, bias), 2e-2)  # bf16 output rounding
-    if k % 32 == 0 and native.library() is not None:  # the native kernel: the same numbers
+    if k % 32 == 0 and native.int8_kernel() is not None:  # the native kernel: the same numbers
         direct = native.int8_linear(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
         assert torch.equal(y, direct)
     elif k % 16 == 0:  # torch's CPU kernel path: same numbers as calling it directly
@@ -55,7 +55,7 @@ def test_native_int8_kernel_rounds_the_exact_product_once(rows):
     """The product of bf16 activations and int8 * bf16-scale weights is exact in fp32 term by
     term; the kernel sums in fp32 and rounds once to bf16, so each output is within a bf16
     rounding (2^-9 relative) of the fp32 reference, plus fp32 summation error."""
-    if native.library() is None:
+    if native.int8_kernel() is None:
         pytest.skip(native.status())
     n, k = 1000, 768
     leaf = quantize_int8(torch.randn(n, k, generator=GEN), torch.bfloat16)
@@ -67,27 +67,10 @@ def test_native_int8_kernel_rounds_the_exact_product_once(rows):
     assert native.int8_linear(x[:, :760].contiguous(), leaf.qdata[:, :760].contiguous(), leaf.scales) is None  # K % 32
 
 
-@pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_native_int4_kernel_rounds_the_exact_product_once(rows, sym):
-    """As for int8: (code - zero) * scale * x is exact in fp32 term by term, so each output is
-    within a bf16 rounding of the fp32 reference, plus fp32 summation error."""
-    if native.library() is None:
-        pytest.skip(native.status())
-    n, k, g = 1000, 768, 64
-    leaf = quantize_int4(torch.randn(n, k, generator=GEN), g, sym, torch.bfloat16)
-    x = torch.randn(rows, k, generator=GEN).to(torch.bfloat16)
-    y = native.int4_linear(x, leaf.qdata, leaf.scales, leaf.zero_points, g)
-    ref = reference(leaf, x, None)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
-    assert bool(((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-5 * ref.abs().max()).all())
-    assert native.int4_linear(x, leaf.qdata, leaf.scales, leaf.zero_points, 16) is None  # G % 32
-
-
 def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
     leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
     x, bias = inputs(128, 64, torch.bfloat16)
-    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "int8_kernel", lambda: None)
     direct = torch._weight_int8pack_mm(x.reshape(-1, 128), leaf.qdata, leaf.scales).view(2, 3, 64) + bias
     assert torch.equal(leaf.linear(x, bias), direct)
 
@@ -97,19 +80,11 @@ def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch
 def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym):
     w = torch.randn(n, k, generator=GEN)
     leaf = quantize_int4(w, g, sym, torch.bfloat16)
+    assert leaf.cpu_kernel_data is not None  # bf16 on the CPU: the packed kernel path
     x, bias = inputs(k, n, torch.bfloat16)
-    ref = reference(leaf, x, bias)
-    if native.library() is not None:  # the native kernel reads the MatMulNBits data as stored
-        y = leaf.linear(x, bias)
-        assert leaf.holds_qdata and y.shape == (2, 3, n) and y.dtype == torch.bfloat16
-        assert_close(y, ref, 2e-2)
-        direct = native.int4_linear(x.reshape(-1, k), leaf.qdata, leaf.scales, leaf.zero_points, g)
-        assert torch.equal(y, direct.view(2, 3, n) + bias)
-    assert leaf.cpu_kernel_data is not None  # bf16 on the CPU: torch's packed kernel path from here on
-    assert not leaf.holds_qdata
     y = leaf.linear(x, bias)
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
-    assert_close(y, ref, 2e-2)
+    assert_close(y, reference(leaf, x, bias), 2e-2)
     fp32 = leaf.astype(torch.float32)
     assert fp32.cpu_kernel_data is None
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)

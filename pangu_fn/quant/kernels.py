@@ -3,7 +3,7 @@
 | where | int8 leaf | int4 leaf | dense bf16 leaf |
 |---|---|---|---|
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
-| CPU, bf16 activations, few rows | `native.int8_linear` (AVX-512, compiled on first use), else `torch._weight_int8pack_mm` | `native.int4_linear` on the MatMulNBits data, else `torch._weight_int4pack_mm_for_cpu` | oneDNN prepacked matmul |
+| CPU, bf16 activations, few rows | `native.int8_linear` (AVX-512, compiled on first use), else `torch._weight_int8pack_mm` | `torch._weight_int4pack_mm_for_cpu` | oneDNN prepacked matmul |
 | CPU, bf16, many rows (`DEQUANTIZE_ROWS`) | dequantize, then bf16 `F.linear` | the same | oneDNN prepacked matmul |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
@@ -66,13 +66,9 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
-    few_rows = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() < DEQUANTIZE_ROWS["int4"] * k
-    if few_rows and w.holds_qdata and w.compute_dtype == torch.bfloat16 and not tracing():
-        y = native.int4_linear(_rows(x), w.qdata, w.scales, w.zero_points, w.group_size)
-        if y is not None:
-            return _add_bias(y, bias).view(*x.shape[:-1], n)
-    cpu = w.cpu_kernel_data if few_rows else None
-    if cpu is not None:
+    cpu = w.cpu_kernel_data
+    if (cpu is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and x.numel() < DEQUANTIZE_ROWS["int4"] * k):
         packed, scales_and_zeros = cpu
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), packed, w.group_size, scales_and_zeros)
         if y.shape[-1] != n:  # rows padded to a multiple of 16 for the packer

@@ -200,9 +200,7 @@ class Int4Weight(_Leaf):
         _need(zero_points is None or (zero_points.shape == (n, blocks) and zero_points.dtype == torch.uint8),
               f"Int4Weight: expected uint8 zero_points [{n}, {blocks}], found "
               f"{None if zero_points is None else (zero_points.dtype, list(zero_points.shape))}")
-        self.scales = scales.contiguous()  # kernels need row-major
-        self.zero_points = None if zero_points is None else zero_points.contiguous()
-        self.group_size = int(group_size)
+        self.scales, self.zero_points, self.group_size = scales, zero_points, int(group_size)
         self.keep_qdata = keep_qdata
         self.shape = torch.Size((n, blocks * group_size))
         self.compute_dtype = scales.dtype
@@ -247,12 +245,6 @@ class Int4Weight(_Leaf):
         self._cpu = (packed, sz)
         if invertible:
             self._qdata = None  # one copy in memory; `qdata` rebuilds the canonical layout
-
-    @property
-    def holds_qdata(self) -> bool:
-        """True while the MatMulNBits data is held (the native CPU kernel reads it); False once
-        the torch CPU kernel's pack has replaced it."""
-        return self._qdata is not None
 
     @property
     def cpu_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
