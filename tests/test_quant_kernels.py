@@ -65,6 +65,8 @@ def test_native_int8_kernel_rounds_the_exact_product_once(rows):
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert bool(((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-5 * ref.abs().max()).all())
     assert native.int8_linear(x[:, :760].contiguous(), leaf.qdata[:, :760].contiguous(), leaf.scales) is None  # K % 32
+    wide = torch.zeros(2, native.MAX_K + 32, dtype=torch.int8)
+    assert native.int8_linear(torch.zeros(1, native.MAX_K + 32, dtype=torch.bfloat16), wide, leaf.scales[:2]) is None
 
 
 def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
