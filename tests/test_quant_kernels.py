@@ -69,6 +69,23 @@ def test_native_int8_kernel_rounds_the_exact_product_once(rows):
     assert native.int8_linear(torch.zeros(1, native.MAX_K + 32, dtype=torch.bfloat16), wide, leaf.scales[:2]) is None
 
 
+def test_a_failed_build_leaves_the_torch_kernel_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PANGU_FN_CACHE", str(tmp_path / "cache"))
+    native.int8_kernel.cache_clear()
+    try:
+        if native._unsupported() is not None:
+            pytest.skip(native._unsupported())
+        assert native.int8_kernel() is None and "build failed" in native.status()
+        leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
+        x = torch.randn(3, 128, generator=GEN).bfloat16()
+        assert torch.equal(leaf.linear(x), torch._weight_int8pack_mm(x, leaf.qdata, leaf.scales))
+        assert not any((tmp_path / "cache").glob("*.so"))
+    finally:
+        native.int8_kernel.cache_clear()
+        native._reason.clear()
+
+
 def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
     leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
     x, bias = inputs(128, 64, torch.bfloat16)

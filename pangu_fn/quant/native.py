@@ -3,11 +3,11 @@
 torch's `_weight_int8pack_mm` moves 12-14 GB/s of int8 weights here with two threads, about
 half of what the memory delivers, so int8 decoding ran little faster than bf16.
 `native_int8.c` converts 16 weights at a time to fp32 and multiplies up to 4 rows of bf16
-activations per pass (23-29 GB/s at GPT-2-small's shapes, two threads). It is compiled once
+activations per pass (20-29 GB/s at GPT-2-small's shapes, two threads). It is compiled once
 per machine with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into
 `$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), loaded with ctypes after torch, so its OpenMP
 threads are torch's own, and used for CPU int8 leaves with bf16 activations and an input
-width divisible by 32. Without Linux on x86-64 with AVX-512F, without a compiler, or with
+width divisible by 32, up to `MAX_K`. Without Linux on x86-64 with AVX-512F, without a compiler, or with
 `PANGU_FN_NATIVE=0`, `int8_kernel()` is None and the torch kernels run; `status()` says why.
 """
 
