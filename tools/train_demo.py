@@ -106,6 +106,21 @@ def distil_draft(target: Any, tcfg: Any, dcfg: Any, train_ids: Any, args: argpar
                  loss_fn=distillation_loss(target, tcfg, dcfg, args.kl_weight), after_step=after_step, desc="draft")
 
 
+def draft_figures(target: Any, tcfg: Any, draft: Any, dcfg: Any, losses: list[float], args: argparse.Namespace,
+                  train_sample: list[int], held_ids: list[int], eval_len: int, seconds: float) -> dict[str, Any]:
+    """The draft's entry of `metrics.json`: size, training, perplexities, greedy agreement."""
+    from pangu_fn import count_params
+    from pangu_fn.evaluate import greedy_agreement, perplexity
+
+    return {"parameters": count_params(draft), "layers": dcfg.num_layers, "steps": args.draft_steps,
+            "tokens_seen": args.draft_steps * args.batch * args.seq_len,
+            "final_train_loss_50": sum(losses[-50:]) / len(losses[-50:]),
+            "train_ppl": perplexity(draft, dcfg, train_sample, eval_len, progress=True, desc="draft train ppl"),
+            "heldout_ppl": perplexity(draft, dcfg, held_ids, eval_len, progress=True, desc="draft held-out ppl"),
+            "greedy_agreement_heldout": greedy_agreement(target, tcfg, draft, dcfg, held_ids, eval_len),
+            "seconds": round(seconds, 1)}
+
+
 def spaced_sample(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
     """About `n_tokens` tokens of `ids` as evenly spaced runs of `seq_len` tokens."""
     runs = max(1, min(n_tokens // seq_len, len(ids) // seq_len))
@@ -138,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pangu_fn as pf
     from pangu_fn import data
-    from pangu_fn.evaluate import greedy_agreement, perplexity
+    from pangu_fn.evaluate import perplexity
     from pangu_fn.io.atomic import atomic_dir
     from pangu_fn.tokenizer import load_tokenizer
     from pangu_fn.train import TrainConfig, random_batches, train
@@ -203,10 +218,12 @@ def run(args: argparse.Namespace) -> int:
         tok = load_tokenizer(tmp / "target")
         held_ids = data.token_stream(tok, data.read_documents(tmp / "heldout.jsonl")).tolist()
         train_sample = spaced_sample(train_ids.tolist(), len(held_ids), eval_len)
-        ppl = {name: {"train": perplexity(p, c, train_sample, eval_len, progress=True, desc=f"{name} train ppl"),
-                      "heldout": perplexity(p, c, held_ids, eval_len, progress=True, desc=f"{name} held-out ppl")}
-               for name, p, c in (("target", target, tcfg), ("draft", draft, dcfg))}
-        agreement = greedy_agreement(target, tcfg, draft, dcfg, held_ids, eval_len)
+        ppl = {"target": {"train": perplexity(target, tcfg, train_sample, eval_len, progress=True,
+                                              desc="target train ppl"),
+                          "heldout": perplexity(target, tcfg, held_ids, eval_len, progress=True,
+                                                desc="target held-out ppl")}}
+        draft_metrics = draft_figures(target, tcfg, draft, dcfg, draft_losses, args, train_sample, held_ids,
+                                      eval_len, clock["draft"] - clock["target"])
         reference = reference_generation(target, tcfg, tok, REFERENCE_PROMPT, REFERENCE_TOKENS)
         clock["end"] = time.perf_counter()
         metrics = {
@@ -227,12 +244,7 @@ def run(args: argparse.Namespace) -> int:
                        "final_train_loss_50": sum(target_losses[-50:]) / len(target_losses[-50:]),
                        "train_ppl": ppl["target"]["train"], "heldout_ppl": ppl["target"]["heldout"],
                        "seconds": round(clock["target"] - clock["tokenizer"], 1)},
-            "draft": {"parameters": pf.count_params(draft), "layers": dcfg.num_layers, "steps": args.draft_steps,
-                      "tokens_seen": args.draft_steps * args.batch * args.seq_len,
-                      "final_train_loss_50": sum(draft_losses[-50:]) / len(draft_losses[-50:]),
-                      "train_ppl": ppl["draft"]["train"], "heldout_ppl": ppl["draft"]["heldout"],
-                      "greedy_agreement_heldout": agreement,
-                      "seconds": round(clock["draft"] - clock["target"], 1)},
+            "draft": draft_metrics,
             "reference": reference,
             "seconds": {"tokenizer_and_corpus": round(clock["tokenizer"] - clock["start"], 1),
                         "total": round(clock["end"] - clock["start"], 1)},
@@ -240,8 +252,9 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_card(tmp)
     log(f"target: held-out ppl {ppl['target']['heldout']:.2f} (train {ppl['target']['train']:.2f}); "
-        f"draft: held-out ppl {ppl['draft']['heldout']:.2f} (train {ppl['draft']['train']:.2f}), "
-        f"greedy agreement with target {agreement:.1%}; {clock['end'] - clock['start']:.0f} s in all")
+        f"draft: held-out ppl {draft_metrics['heldout_ppl']:.2f} (train {draft_metrics['train_ppl']:.2f}), "
+        f"greedy agreement with target {draft_metrics['greedy_agreement_heldout']:.1%}; "
+        f"{clock['end'] - clock['start']:.0f} s in all")
     print(out)
     return 0
 
@@ -257,7 +270,6 @@ def run_draft_only(args: argparse.Namespace) -> int:
 
     import pangu_fn as pf
     from pangu_fn import data
-    from pangu_fn.evaluate import greedy_agreement, perplexity
     from pangu_fn.io.atomic import atomic_dir, atomic_file
     from pangu_fn.tokenizer import load_tokenizer
 
@@ -289,20 +301,15 @@ def run_draft_only(args: argparse.Namespace) -> int:
                 extra_files={"tokenizer.model": (out / "target" / "tokenizer.model").read_bytes()})
         draft, dcfg = pf.load(tmp, dtype="fp32")
         train_sample = spaced_sample(train_ids.tolist(), len(held_ids), eval_len)
-        agreement = greedy_agreement(target, tcfg, draft, dcfg, held_ids, eval_len)
-        metrics["draft"] = {
-            "parameters": pf.count_params(draft), "layers": dcfg.num_layers, "steps": args.draft_steps,
-            "tokens_seen": args.draft_steps * args.batch * args.seq_len,
-            "final_train_loss_50": sum(losses[-50:]) / len(losses[-50:]),
-            "train_ppl": perplexity(draft, dcfg, train_sample, eval_len, progress=True, desc="draft train ppl"),
-            "heldout_ppl": perplexity(draft, dcfg, held_ids, eval_len, progress=True, desc="draft held-out ppl"),
-            "greedy_agreement_heldout": agreement, "seconds": round(trained - start, 1),
-            "draft_only": {key: getattr(args, key) for key in DRAFT_ARGS}}
+        metrics["draft"] = draft_figures(target, tcfg, draft, dcfg, losses, args, train_sample, held_ids, eval_len,
+                                         trained - start)
+        metrics["draft"]["draft_only"] = {key: getattr(args, key) for key in DRAFT_ARGS}
     with atomic_file(out / "metrics.json") as tmp_file:
         tmp_file.write_text(json.dumps(metrics, indent=2) + "\n")
     write_card(out)
     tqdm.write(f"draft: held-out ppl {metrics['draft']['heldout_ppl']:.2f}, greedy agreement with target "
-               f"{agreement:.1%}; {time.perf_counter() - start:.0f} s in all", file=sys.stderr)
+               f"{metrics['draft']['greedy_agreement_heldout']:.1%}; {time.perf_counter() - start:.0f} s in all",
+               file=sys.stderr)
     print(out / "draft")
     return 0
 
