@@ -38,7 +38,7 @@ def test_int8_kernels_equal_dequantize_then_matmul(n, k):
     y = leaf.linear(x, bias)
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
     assert_close(y, reference(leaf, x, bias), 2e-2)  # bf16 output rounding
-    if k % 32 == 0 and native.int8_kernel() is not None:  # the native kernel: the same numbers
+    if k % 32 == 0 and native.library() is not None:  # the native kernel: the same numbers
         direct = native.int8_linear(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
         assert torch.equal(y, direct)
     elif k % 16 == 0:  # torch's CPU kernel path: same numbers as calling it directly
@@ -55,7 +55,7 @@ def test_native_int8_kernel_rounds_the_exact_product_once(rows):
     """The product of bf16 activations and int8 * bf16-scale weights is exact in fp32 term by
     term; the kernel sums in fp32 and rounds once to bf16, so each output is within a bf16
     rounding (2^-9 relative) of the fp32 reference, plus fp32 summation error."""
-    if native.int8_kernel() is None:
+    if native.library() is None:
         pytest.skip(native.status())
     n, k = 1000, 768
     leaf = quantize_int8(torch.randn(n, k, generator=GEN), torch.bfloat16)
@@ -69,43 +69,93 @@ def test_native_int8_kernel_rounds_the_exact_product_once(rows):
     assert native.int8_linear(torch.zeros(1, native.MAX_K + 32, dtype=torch.bfloat16), wide, leaf.scales[:2]) is None
 
 
-def test_a_failed_build_leaves_the_torch_kernel_with_the_reason(monkeypatch, tmp_path):
+def within_one_bf16_rounding(y: torch.Tensor, ref: torch.Tensor, slack: float = 1e-5) -> bool:
+    """Each output within a bf16 rounding (2^-9 relative, checked at 2^-8) of the fp32
+    reference, plus fp32 summation error (`slack` of the largest output)."""
+    return bool(((y.float() - ref).abs() <= ref.abs() * 2**-8 + slack * ref.abs().max()).all())
+
+
+@pytest.mark.parametrize("rows,k", [(1, 768), (8, 768), (9, 96), (17, 256)])  # 8 rows a pass; K % 64 == 32
+def test_native_bf16_kernel_rounds_the_exact_product_once(rows, k):
+    """bf16 products are exact in fp32; the kernel sums them in fp32, adds the bias, rounds once."""
+    if not native.bf16_kernels():
+        pytest.skip(native.status())
+    n = 300
+    w = torch.randn(n, k, generator=GEN).bfloat16()
+    x, bias = torch.randn(rows, k, generator=GEN).bfloat16(), torch.randn(n, generator=GEN).bfloat16()
+    y = native.bf16_linear(x, w, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert within_one_bf16_rounding(y, F.linear(x.float(), w.float(), bias.float()))
+    assert native.bf16_linear(x[:, :k - 16].contiguous(), w[:, :k - 16].contiguous(), None) is None  # K % 32
+
+
+@pytest.mark.parametrize("rows,g,sym", [(1, 32, True), (1, 64, False), (8, 128, True), (9, 32, False), (3, 256, False)])
+def test_native_int4_kernel_rounds_the_exact_product_once(rows, g, sym):
+    """The kernel reads the MatMulNBits bytes as stored: codes as bf16 128 + c (exact), the
+    128 and zero point taken out through group sums of the activations, then one rounding."""
+    if not native.bf16_kernels():
+        pytest.skip(native.status())
+    n, k = 200, 512
+    leaf = quantize_int4(torch.randn(n, k, generator=GEN), g, sym, torch.bfloat16)
+    x, bias = torch.randn(rows, k, generator=GEN).bfloat16(), torch.randn(n, generator=GEN).bfloat16()
+    y = native.int4_linear(x, leaf.qdata, leaf.scales, leaf.zero_points, g, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert within_one_bf16_rounding(y, reference(leaf, x, bias), slack=2e-5)
+    assert native.int4_linear(x[:, :448].contiguous(), leaf.qdata[:, :448 // g].contiguous(), leaf.scales, None,
+                              g) is None  # K % 128
+    assert native.int4_linear(x, leaf.qdata, leaf.scales, None, 96) is None  # a group the kernel does not take
+
+
+def test_a_failed_build_leaves_the_torch_kernels_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PANGU_FN_CACHE", str(tmp_path / "cache"))
-    native.int8_kernel.cache_clear()
+    native.forget()
     try:
         if native._unsupported() is not None:
             pytest.skip(native._unsupported())
-        assert native.int8_kernel() is None and "build failed" in native.status()
-        leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
+        assert native.library() is None and "build failed" in native.status()
+        w = torch.randn(64, 128, generator=GEN)
         x = torch.randn(3, 128, generator=GEN).bfloat16()
+        leaf = quantize_int8(w, torch.bfloat16)
         assert torch.equal(leaf.linear(x), torch._weight_int8pack_mm(x, leaf.qdata, leaf.scales))
+        int4 = quantize_int4(w, 32, True, torch.bfloat16)
+        assert int4.native_kernel_data is None and int4.cpu_kernel_data is not None
+        assert DenseWeight(w.bfloat16()).packed is not None or not torch.backends.mkldnn.is_available()
         assert not any((tmp_path / "cache").glob("*.so"))
     finally:
-        native.int8_kernel.cache_clear()
-        native._reason.clear()
+        native.forget()
 
 
 def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
     leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
     x, bias = inputs(128, 64, torch.bfloat16)
-    monkeypatch.setattr(native, "int8_kernel", lambda: None)
+    monkeypatch.setattr(native, "library", lambda: None)
     direct = torch._weight_int8pack_mm(x.reshape(-1, 128), leaf.qdata, leaf.scales).view(2, 3, 64) + bias
     assert torch.equal(leaf.linear(x, bias), direct)
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (40, 256, 64, False), (200, 128, 128, True),
                                        (600, 64, 32, False), (512, 128, 64, True)])  # packed in chunks of 256 rows
-def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym):
+def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym, path, monkeypatch):
+    if path == "torch":  # the leaf then holds torch's CPU pack
+        monkeypatch.setattr(native, "int4_fits", lambda k, g: False)
+    elif not native.int4_fits(k, g):
+        pytest.skip(f"native int4 kernel: K={k}, G={g} not taken here ({native.status()})")
     w = torch.randn(n, k, generator=GEN)
     leaf = quantize_int4(w, g, sym, torch.bfloat16)
-    assert leaf.cpu_kernel_data is not None  # bf16 on the CPU: the packed kernel path
     x, bias = inputs(k, n, torch.bfloat16)
     y = leaf.linear(x, bias)
+    if path == "native":
+        assert leaf.native_kernel_data is not None and leaf.cpu_kernel_data is None  # no second copy
+        direct = native.int4_linear(x.reshape(-1, k), leaf.qdata, leaf.scales, leaf.zero_points, g, bias)
+        assert torch.equal(y, direct.view(2, 3, n))
+    else:
+        assert leaf.native_kernel_data is None and leaf.cpu_kernel_data is not None
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
     assert_close(y, reference(leaf, x, bias), 2e-2)
     fp32 = leaf.astype(torch.float32)
-    assert fp32.cpu_kernel_data is None
+    assert fp32.cpu_kernel_data is None and fp32.native_kernel_data is None
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
     x, _ = inputs(k, n, torch.bfloat16, rows=100)  # 200 rows: dequantize once, bf16 matmul
     assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
@@ -148,11 +198,19 @@ def test_int4_pack_reuses_qdata_memory_only_when_nothing_else_holds_it():
     assert torch.equal(sole.qdata, ref)
 
 
-def test_dense_bf16_leaf_prepacked_path_equals_f_linear():
+@pytest.mark.parametrize("path", ["native", "onednn"])
+def test_dense_bf16_leaf_paths_equal_f_linear(path, monkeypatch):
+    if path == "onednn":  # the leaf then holds oneDNN's prepacked copy only
+        monkeypatch.setattr(native, "bf16_fits", lambda k: False)
+    elif not native.bf16_fits(64):
+        pytest.skip(native.status())
     w = torch.randn(96, 64, generator=GEN).bfloat16()
     leaf = DenseWeight(w)
+    assert (leaf.packed is None) == (path == "native") or not torch.backends.mkldnn.is_available()
     x, bias = inputs(64, 96, torch.bfloat16)
-    assert torch.equal(leaf.weight, w)  # unpacked from oneDNN's layout on demand
+    assert torch.equal(leaf.weight, w)  # the plain tensor, or unpacked from oneDNN's layout on demand
+    assert_close(leaf.linear(x, bias), F.linear(x.float(), w.float(), bias.float()), 2e-2)
+    x, _ = inputs(64, 96, torch.bfloat16, rows=40)  # 80 rows: F.linear (or oneDNN) for many rows
     assert_close(leaf.linear(x, bias), F.linear(x.float(), w.float(), bias.float()), 2e-2)
     tokens = torch.tensor([[3, 5], [0, 95]])
     assert torch.equal(DenseWeight(w, keep_dense=True).embedding(tokens), w[tokens])

@@ -3,11 +3,13 @@
 | where | int8 leaf | int4 leaf | dense bf16 leaf |
 |---|---|---|---|
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
-| CPU, bf16 activations, few rows | `native.int8_linear` (AVX-512, compiled on first use), else `torch._weight_int8pack_mm` | `torch._weight_int4pack_mm_for_cpu` | oneDNN prepacked matmul |
-| CPU, bf16, many rows (`DEQUANTIZE_ROWS`) | dequantize, then bf16 `F.linear` | the same | oneDNN prepacked matmul |
+| CPU, bf16 activations, few rows | `native.int8_linear`, else `torch._weight_int8pack_mm` | `native.int4_linear`, else `torch._weight_int4pack_mm_for_cpu` | `native.bf16_linear`, else oneDNN prepacked matmul |
+| CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_ROWS`) | dequantize, then bf16 `F.linear` | the same | `F.linear`, or oneDNN prepacked matmul |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
 
+`native.*` are the AVX-512 kernels compiled on first use (`native.py`); where they cannot run,
+a dense bf16 leaf holds oneDNN's prepacked copy and an int4 leaf torch's CPU pack instead.
 The Ascend path follows torch_npu's documented signature and has not been run (no NPU here).
 """
 
@@ -25,6 +27,7 @@ from . import native
 # running a bf16 matmul beats the weight-only kernels, whose time grows with every row
 # (3072x768, one thread, 128 rows: int8 kernel 8.0 ms vs 3.6 ms; int4 kernel 7.0 vs 5.2 ms).
 DEQUANTIZE_ROWS = {"int8": 32, "int4": 128}
+NATIVE_ROWS = 32  # dense bf16: up to this many rows the native kernel, then F.linear
 DEQUANTIZE_CHUNK = 4096  # weight rows dequantized at once (a multiple of the int4 PACK_ROWS)
 
 
@@ -66,9 +69,14 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
+    few_bf16_rows = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() < DEQUANTIZE_ROWS["int4"] * k
+    if few_bf16_rows and w.native_kernel_data is not None and not tracing():
+        fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+        y = native.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias if fused else None)
+        if y is not None:
+            return (y if fused else _add_bias(y, bias)).view(*x.shape[:-1], n)
     cpu = w.cpu_kernel_data
-    if (cpu is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and x.numel() < DEQUANTIZE_ROWS["int4"] * k):
+    if few_bf16_rows and cpu is not None:
         packed, scales_and_zeros = cpu
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), packed, w.group_size, scales_and_zeros)
         if y.shape[-1] != n:  # rows padded to a multiple of 16 for the packer
@@ -93,7 +101,14 @@ def dequantized_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x [..., K] -> [..., N]` through a dense leaf (prepacked oneDNN weight on CPU)."""
+    """`x [..., K] -> [..., N]` through a dense leaf (on the CPU, few bf16 rows: the native
+    kernel, else the prepacked oneDNN weight)."""
+    if (w.packed is None and x.dtype == torch.bfloat16 == w.compute_dtype and x.device.type == "cpu"
+            and x.numel() <= NATIVE_ROWS * x.shape[-1] and not tracing()):
+        fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+        y = native.bf16_linear(_rows(x), w.weight, bias if fused else None)
+        if y is not None:
+            return (y if fused else _add_bias(y, bias)).view(*x.shape[:-1], w.shape[0])
     packed = w.packed
     if packed is not None and x.dtype == packed.dtype and x.device.type == "cpu" and not tracing():
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -102,9 +117,10 @@ def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
 
 def mkldnn_prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a bf16 CPU weight `[N, K]` (AMX / AVX-512 BF16 kernels), or
-    None where oneDNN is missing or the weight is not a bf16 CPU tensor."""
+    None where oneDNN is missing, the weight is not a bf16 CPU tensor, or the native bf16
+    kernel multiplies the plain weight."""
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or tracing()
-            or not torch.backends.mkldnn.is_available()):
+            or not torch.backends.mkldnn.is_available() or native.bf16_fits(weight.shape[1])):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
 

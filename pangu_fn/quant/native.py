@@ -1,14 +1,20 @@
-"""A weight-only int8 kernel for x86-64 CPUs with AVX-512, compiled from C on first use.
+"""Weight-streaming kernels for x86-64 CPUs with AVX-512, compiled from C on first use.
 
-torch's `_weight_int8pack_mm` moves 12-14 GB/s of int8 weights here with two threads, about
-half of what the memory delivers, so int8 decoding ran little faster than bf16.
-`native_int8.c` converts 16 weights at a time to fp32 and multiplies up to 4 rows of bf16
-activations per pass (20-29 GB/s at GPT-2-small's shapes, two threads). It is compiled once
-per machine with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into
-`$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), loaded with ctypes after torch, so its OpenMP
-threads are torch's own, and used for CPU int8 leaves with bf16 activations and an input
-width divisible by 32, up to `MAX_K`. Without Linux on x86-64 with AVX-512F, without a compiler, or with
-`PANGU_FN_NATIVE=0`, `int8_kernel()` is None and the torch kernels run; `status()` says why.
+Batch-1 decoding reads every weight once per token, so it runs at the speed weights stream
+from memory. torch's weight-only kernels and oneDNN's bf16 matmul move 12-20 GB/s here with
+two threads, well under what the memory delivers; `native_kernels.c` streams 20-30 GB/s:
+
+- `int8_linear`: int8 weights with per-row scales, 16 weights at a time converted to fp32;
+- `bf16_linear`: plain bf16 weights through AVX512-BF16 dot products (no prepacked copy);
+- `int4_linear`: the ONNX MatMulNBits bytes themselves (no second packed copy), codes turned
+  into bf16 by byte unpacking, group scales applied per 128-bit lane.
+
+Each takes up to `ROWS` activation rows per pass over the weight. The library is compiled
+once per machine with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`)
+into `$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), loaded with ctypes after torch, so its
+OpenMP threads are torch's own. Without Linux on x86-64 with AVX-512F (and AVX512-BF16 for the
+bf16 and int4 kernels), without a compiler, or with `PANGU_FN_NATIVE=0`, the functions return
+None and the callers use torch's kernels; `status()` says which kernels run and why not.
 """
 
 from __future__ import annotations
@@ -24,20 +30,30 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native_int8.c")
+SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+ROWS = 8  # activation rows per pass over the weight (the bf16 and int4 kernels; int8: 4)
 _reason: list[str] = []
+
+# Above this input width torch's int8 kernel is faster: a row of fp32 activations (4K bytes) no
+# longer stays in L1 beside the streamed weights (two threads, timed in turns: 2048 x 8192 12 vs
+# 16 GB/s; 2048 x 2048 21 vs 14 GB/s; 768 x 3072 20 vs 16 GB/s).
+MAX_K = 4096
 
 
 def status() -> str:
-    """"native int8 kernel: on" or why it is off (after the first `int8_kernel()` call)."""
-    kernel = int8_kernel()
-    return "native int8 kernel: on" if kernel is not None else f"native int8 kernel: off ({_reason[0]})"
+    """Which native kernels run here, or why none does (loads the library if needed)."""
+    lib = library()
+    if lib is None:
+        return f"native kernels: off ({_reason[0]})"
+    if not _has_bf16(lib):
+        return "native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's)"
+    return "native kernels: int8, bf16, int4"
 
 
 @functools.cache
-def int8_kernel() -> ctypes._CFuncPtr | None:
-    """The compiled `pangu_int8_linear_bf16`, or None where it cannot run (see the module doc)."""
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run (see the module doc)."""
     why = _unsupported()
     if why is None:
         try:
@@ -45,30 +61,93 @@ def int8_kernel() -> ctypes._CFuncPtr | None:
         except (OSError, subprocess.SubprocessError) as e:
             why = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
         else:
-            fn = lib.pangu_int8_linear_bf16
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-            return fn
+            lib.pangu_native_has_bf16.restype = ctypes.c_int
+            lib.pangu_int8_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+            if _has_bf16(lib):
+                lib.pangu_bf16_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                lib.pangu_int4_linear_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+            for fn in ("pangu_int8_linear_bf16", "pangu_bf16_linear", "pangu_int4_linear_bf16"):
+                if hasattr(lib, fn):
+                    getattr(lib, fn).restype = ctypes.c_int
+            return lib
     _reason.append(why)
     return None
 
 
-# Above this input width torch's kernel is faster: a row of fp32 activations (4K bytes) no
-# longer stays in L1 beside the streamed weights (two threads, timed in turns: 2048 x 8192 12 vs
-# 16 GB/s; 2048 x 2048 21 vs 14 GB/s; 768 x 3072 20 vs 16 GB/s).
-MAX_K = 4096
+def forget() -> None:
+    """Drop the loaded library and the cached answers, so that the next call looks again
+    (after changing `PANGU_FN_NATIVE`, `CC` or `PANGU_FN_CACHE`)."""
+    for cached in (library, bf16_kernels, bf16_fits, int4_fits):
+        cached.cache_clear()
+    _reason.clear()
+
+
+def _has_bf16(lib: ctypes.CDLL) -> bool:
+    return bool(lib.pangu_native_has_bf16())
+
+
+@functools.cache
+def bf16_kernels() -> bool:
+    """True where the bf16 and int4 kernels run."""
+    lib = library()
+    return lib is not None and _has_bf16(lib)
 
 
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """`x [M, K] @ (qdata [N, K] * scales [N, 1]).T` in bf16 (x, scales bf16 CPU, contiguous),
     or None when the kernel is unavailable, K is not a multiple of 32, or K is over `MAX_K`."""
-    kernel = int8_kernel()
+    lib = library()
     m, k = x.shape
-    if kernel is None or k % 32 or k > MAX_K:
+    if lib is None or k % 32 or k > MAX_K:
         return None
     y = torch.empty(m, qdata.shape[0], dtype=torch.bfloat16)
-    if kernel(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), y.data_ptr(), m, qdata.shape[0], k,
-              torch.get_num_threads()) != 0:
+    if lib.pangu_int8_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), y.data_ptr(), m,
+                                  qdata.shape[0], k, torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+@functools.cache
+def bf16_fits(k: int) -> bool:
+    """True when `bf16_linear` takes an input width of `k`."""
+    return k % 32 == 0 and bf16_kernels()
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`x [M, K] @ weight [N, K].T + bias [N]` in bf16 (all bf16 CPU, contiguous), or None
+    when the kernel is unavailable or K is not a multiple of 32."""
+    m, k = x.shape
+    if not bf16_fits(k):
+        return None
+    y = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
+    if library().pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                   y.data_ptr(), m, weight.shape[0], k, torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+@functools.cache
+def int4_fits(k: int, group_size: int) -> bool:
+    """True when `int4_linear` takes an input width of `k` with groups of `group_size`."""
+    return (k % 128 == 0 and k % group_size == 0 and (group_size in (32, 64) or group_size % 128 == 0)
+            and bf16_kernels())
+
+
+def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`x [M, K]` times the int4 weight whose MatMulNBits bytes are `qdata` (`[N, K/G, G/2]` or
+    `[N, K/2]` uint8), `scales [N, K/G]` bf16 and `zero_points [N, K/G]` uint8 or None (zero 8),
+    plus `bias [N]`, in bf16 (all bf16 / uint8 CPU, contiguous), or None when the kernel is
+    unavailable or (K, G) do not fit."""
+    m, k = x.shape
+    if not int4_fits(k, group_size):
+        return None
+    n = qdata.shape[0]
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    zeros = 0 if zero_points is None else zero_points.data_ptr()
+    if library().pangu_int4_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), zeros,
+                                        0 if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, group_size,
+                                        torch.get_num_threads()) != 0:
         return None
     return y
 
@@ -98,7 +177,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(_cpu_flags())]).encode())
     cache = Path(os.environ.get("PANGU_FN_CACHE", Path.home() / ".cache" / "pangu_fn"))
-    lib = cache / f"native_int8-{key.hexdigest()[:16]}.so"
+    lib = cache / f"native_kernels-{key.hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
     cache.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ its `compute_dtype` (the activations' dtype; scales are kept in it), `dequantize
 embedding), `.to(device)`, `.astype(dtype)`, and the save protocol of `pangu_fn.io.leaves`.
 
 Machine-specific copies (the CPU int4 pack, oneDNN's blocked bf16 weight, the NPU int4 pack)
-are built once, when the leaf is made (not while tracing), and never saved.
+are built once, when the leaf is made or first used (not while tracing), and never saved. Where
+the native kernels run (`native.py`), none is needed on the CPU: they read the stored layout.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import FormatError, ShapeError
 from ..io.leaves import register_leaf
-from . import kernels
+from . import kernels, native
 from .packing import (
     CPU_ROW_MULTIPLE,
     cpu_layout_known,
@@ -183,9 +184,10 @@ class Int4Weight(_Leaf):
     byte along K, low nibble first), `scales [N, K/G]` (compute dtype), `zero_points` uint8
     `[N, K/G]` (values 0..15) or None for symmetric (zero point 8); weight = (code - zero) * scale.
 
-    On the CPU with bf16 compute the leaf holds the CPU kernel's packed copy instead of
-    `qdata` (rebuilt on demand, e.g. for saving) when that layout is invertible here, unless
-    `keep_qdata`. A tied embedding's token lookup unpacks only the row blocks it needs."""
+    On the CPU with bf16 compute the native int4 kernel reads `qdata` as it is. Where it cannot
+    run, the leaf holds torch's CPU kernel's packed copy instead of `qdata` (rebuilt on demand,
+    e.g. for saving) when that layout is invertible here, unless `keep_qdata`; a tied
+    embedding's token lookup then unpacks only the row blocks it needs."""
 
     kind = "int4"
 
@@ -200,13 +202,16 @@ class Int4Weight(_Leaf):
         _need(zero_points is None or (zero_points.shape == (n, blocks) and zero_points.dtype == torch.uint8),
               f"Int4Weight: expected uint8 zero_points [{n}, {blocks}], found "
               f"{None if zero_points is None else (zero_points.dtype, list(zero_points.shape))}")
-        self.scales, self.zero_points, self.group_size = scales, zero_points, int(group_size)
+        self.scales = scales.contiguous()
+        self.zero_points = None if zero_points is None else zero_points.contiguous()
+        self.group_size = int(group_size)
         self.keep_qdata = keep_qdata
         self.shape = torch.Size((n, blocks * group_size))
         self.compute_dtype = scales.dtype
         self._qdata: torch.Tensor | None = qdata.contiguous()
         self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cpu_tried = False
+        self._native: tuple | None | bool = False  # False: not looked at yet
         self._npu: tuple | None = None
 
     def _prepare_cpu(self) -> None:
@@ -219,7 +224,8 @@ class Int4Weight(_Leaf):
         no second buffer, and no freed buffer left to the allocator."""
         self._cpu_tried = True
         if (self._qdata.device.type != "cpu" or self.compute_dtype != torch.bfloat16
-                or self.group_size not in (32, 64, 128, 256) or kernels.tracing()):
+                or self.group_size not in (32, 64, 128, 256) or kernels.tracing()
+                or self.native_kernel_data is not None):  # the native kernel reads qdata itself
             return
         n, k = self.shape
         pad = -n % CPU_ROW_MULTIPLE
@@ -245,6 +251,16 @@ class Int4Weight(_Leaf):
         self._cpu = (packed, sz)
         if invertible:
             self._qdata = None  # one copy in memory; `qdata` rebuilds the canonical layout
+
+    @property
+    def native_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(qdata, scales, zero_points) for `native.int4_linear`, or None where it cannot run
+        (another device or compute dtype, a (K, G) it does not take, or no native kernels)."""
+        if self._native is False:
+            fits = (self._qdata is not None and self._qdata.device.type == "cpu" and self.compute_dtype == torch.bfloat16
+                    and native.int4_fits(self.shape[1], self.group_size))
+            self._native = (self._qdata, self.scales, self.zero_points) if fits else None
+        return self._native
 
     @property
     def cpu_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -343,8 +359,9 @@ class Int4Weight(_Leaf):
 @register_leaf
 class DenseWeight(_Leaf):
     """A float weight `[N, K]` that runs through a faster kernel than `F.linear`: on the CPU a
-    bf16 weight is held as oneDNN's prepacked (blocked) copy, which multiplies one row of
-    activations 2-3x faster than stock bf16 `F.linear`. The plain tensor is kept too only
+    bf16 weight goes through the native bf16 kernel (`native.py`, the plain tensor) or, where
+    that cannot run, is held as oneDNN's prepacked (blocked) copy, which multiplies one row of
+    activations 2-3x faster than stock bf16 `F.linear`; the plain tensor is then kept too only
     with `keep_dense` (needed when the leaf is also an embedding table)."""
 
     kind = "dense"
@@ -356,7 +373,7 @@ class DenseWeight(_Leaf):
         self.compute_dtype = weight.dtype
         self.keep_dense = keep_dense
         self.packed = kernels.mkldnn_prepack(weight)
-        self._dense = weight if keep_dense or self.packed is None else None
+        self._dense = weight.contiguous() if keep_dense or self.packed is None else None
 
     @property
     def weight(self) -> torch.Tensor:
