@@ -11,16 +11,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .config import ModelConfig
 from .params import Params
 
 
 def linear(x: torch.Tensor, p: Params) -> torch.Tensor:
     """`x @ W.T + b` for `p = {"weight": W [out, in], "bias"?: [out]}`. A weight that is not a
-    tensor is a quantized leaf and brings its own kernel: `W.linear(x, bias)`."""
+    tensor is a quantized leaf and brings its own kernel: `W.linear(x, bias)`. Few rows of bf16
+    on the CPU go through the native bf16 kernel (`native.py`) where it runs."""
     w, b = p["weight"], p.get("bias")
     if not isinstance(w, torch.Tensor):
         return w.linear(x, b)
+    if w.dtype == torch.bfloat16:
+        y = native.dense_bf16_linear(x, w, b)
+        if y is not None:
+            return y
     parts = _split_k_parts(x, w)
     if parts > 1:
         return _split_k_linear(x, w, b, parts)

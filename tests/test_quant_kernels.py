@@ -7,9 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pangu_fn.quant  # noqa: F401  (registers torch.ops.pangu.*)
-from pangu_fn.quant import DenseWeight, Int4Weight, native, quantize_int4, quantize_int8
-from pangu_fn.quant.packing import cpu_pack, cpu_unpack
+import pangu_fn.layers
+import pangu_fn.quant
+from pangu_fn import native
+from pangu_fn.quant import DenseWeight, Int4Weight, quantize_int4, quantize_int8
+from pangu_fn.quant.packing import cpu_pack, cpu_unpack, from_matmul_nbits
+from pangu_fn.quant.rtn import int4_dequantize
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -199,6 +202,7 @@ def test_int4_pack_reuses_qdata_memory_only_when_nothing_else_holds_it():
 
 
 @pytest.mark.parametrize("path", ["native", "onednn"])
+@torch.no_grad()
 def test_dense_bf16_leaf_paths_equal_f_linear(path, monkeypatch):
     if path == "onednn":  # the leaf then holds oneDNN's prepacked copy only
         monkeypatch.setattr(native, "bf16_fits", lambda k: False)
@@ -209,11 +213,29 @@ def test_dense_bf16_leaf_paths_equal_f_linear(path, monkeypatch):
     assert (leaf.packed is None) == (path == "native") or not torch.backends.mkldnn.is_available()
     x, bias = inputs(64, 96, torch.bfloat16)
     assert torch.equal(leaf.weight, w)  # the plain tensor, or unpacked from oneDNN's layout on demand
-    assert_close(leaf.linear(x, bias), F.linear(x.float(), w.float(), bias.float()), 2e-2)
-    x, _ = inputs(64, 96, torch.bfloat16, rows=40)  # 80 rows: F.linear (or oneDNN) for many rows
+    y = leaf.linear(x, bias)
+    assert_close(y, F.linear(x.float(), w.float(), bias.float()), 2e-2)
+    if path == "native":
+        assert torch.equal(y, native.bf16_linear(x.reshape(-1, 64), w, bias).view(2, 3, 96))
+        assert torch.equal(pangu_fn.layers.linear(x, {"weight": w, "bias": bias}), y)  # a plain bf16 tensor too
+    x, _ = inputs(64, 96, torch.bfloat16, rows=100)  # 200 rows: F.linear (or oneDNN) for many rows
     assert_close(leaf.linear(x, bias), F.linear(x.float(), w.float(), bias.float()), 2e-2)
     tokens = torch.tensor([[3, 5], [0, 95]])
     assert torch.equal(DenseWeight(w, keep_dense=True).embedding(tokens), w[tokens])
+
+
+def test_native_int4_dequantize_equals_the_torch_ops():
+    """The prefill path's dequantization: the same bf16 numbers as `int4_dequantize`."""
+    if not native.bf16_kernels():
+        pytest.skip(native.status())
+    for g, sym in [(32, True), (64, False), (256, False)]:
+        leaf = quantize_int4(torch.randn(300, 512, generator=GEN), g, sym, torch.bfloat16)
+        zeros = leaf.zero_points
+        ref = int4_dequantize(from_matmul_nbits(leaf.qdata), leaf.scales, zeros, torch.bfloat16)
+        assert torch.equal(native.int4_dequantize(leaf.qdata, leaf.scales, zeros, g), ref)
+        assert torch.equal(leaf.dequantize(rows=slice(100, 250)), ref[100:250])
+        fp32 = int4_dequantize(from_matmul_nbits(leaf.qdata), leaf.scales, zeros, torch.float32)
+        assert torch.equal(leaf.dequantize(torch.float32), fp32)  # other dtypes: the torch ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import pangu_fn as pf
-    from pangu_fn.quant import native
+    from pangu_fn import native
 
     torch.set_num_threads(args.threads)
     params, cfg, random = resolve_model(args.model, args.device, args.dtype, args.weights_seed)

@@ -4,7 +4,7 @@
 |---|---|---|---|
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
 | CPU, bf16 activations, few rows | `native.int8_linear`, else `torch._weight_int8pack_mm` | `native.int4_linear`, else `torch._weight_int4pack_mm_for_cpu` | `native.bf16_linear`, else oneDNN prepacked matmul |
-| CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_ROWS`) | dequantize, then bf16 `F.linear` | the same | `F.linear`, or oneDNN prepacked matmul |
+| CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_INT4_ROWS`, `native.BF16_MAX_ELEMENTS`) | dequantize, then bf16 `F.linear` | the same (`native.int4_dequantize`) | `F.linear`, or oneDNN prepacked matmul |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
 
@@ -21,13 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import native
+from .. import native
 
 # From this many rows of activations on (prefill, scoring), dequantizing the weight once and
 # running a bf16 matmul beats the weight-only kernels, whose time grows with every row
 # (3072x768, one thread, 128 rows: int8 kernel 8.0 ms vs 3.6 ms; int4 kernel 7.0 vs 5.2 ms).
 DEQUANTIZE_ROWS = {"int8": 32, "int4": 128}
-NATIVE_ROWS = 32  # dense bf16: up to this many rows the native kernel, then F.linear
+# The native int4 kernel makes one pass over the weight per 8 rows; from 32 rows on, the native
+# dequantize and a bf16 matmul are faster (768 x 3072, two threads, 32 rows: 0.90 vs 0.74 ms).
+NATIVE_INT4_ROWS = 32
 DEQUANTIZE_CHUNK = 4096  # weight rows dequantized at once (a multiple of the int4 PACK_ROWS)
 
 
@@ -69,14 +71,14 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
-    few_bf16_rows = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() < DEQUANTIZE_ROWS["int4"] * k
-    if few_bf16_rows and w.native_kernel_data is not None and not tracing():
+    bf16_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    if bf16_cpu and x.numel() < NATIVE_INT4_ROWS * k and w.native_kernel_data is not None and not tracing():
         fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
         y = native.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias if fused else None)
         if y is not None:
             return (y if fused else _add_bias(y, bias)).view(*x.shape[:-1], n)
     cpu = w.cpu_kernel_data
-    if few_bf16_rows and cpu is not None:
+    if bf16_cpu and x.numel() < DEQUANTIZE_ROWS["int4"] * k and cpu is not None:
         packed, scales_and_zeros = cpu
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), packed, w.group_size, scales_and_zeros)
         if y.shape[-1] != n:  # rows padded to a multiple of 16 for the packer
@@ -103,12 +105,10 @@ def dequantized_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> to
 def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x [..., K] -> [..., N]` through a dense leaf (on the CPU, few bf16 rows: the native
     kernel, else the prepacked oneDNN weight)."""
-    if (w.packed is None and x.dtype == torch.bfloat16 == w.compute_dtype and x.device.type == "cpu"
-            and x.numel() <= NATIVE_ROWS * x.shape[-1] and not tracing()):
-        fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
-        y = native.bf16_linear(_rows(x), w.weight, bias if fused else None)
+    if w.packed is None:
+        y = native.dense_bf16_linear(x, w.weight, bias)
         if y is not None:
-            return (y if fused else _add_bias(y, bias)).view(*x.shape[:-1], w.shape[0])
+            return y
     packed = w.packed
     if packed is not None and x.dtype == packed.dtype and x.device.type == "cpu" and not tracing():
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..errors import FormatError, ShapeError
 from ..io.leaves import register_leaf
-from . import kernels, native
+from . import kernels
 from .packing import (
     CPU_ROW_MULTIPLE,
     cpu_layout_known,
@@ -296,7 +297,13 @@ class Int4Weight(_Leaf):
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """The weight `[N, K]` (or its `rows`, see `codes`) in `dtype` (default: the compute dtype)."""
         zeros = None if self.zero_points is None else self.zero_points[rows]
-        return int4_dequantize(self.codes(rows), self.scales[rows], zeros, dtype or self.compute_dtype)
+        dtype = dtype or self.compute_dtype
+        if (dtype == torch.bfloat16 == self.scales.dtype and self._qdata is not None
+                and self._qdata.device.type == "cpu" and not kernels.tracing()):
+            w = native.int4_dequantize(self._qdata[rows], self.scales[rows], zeros, self.group_size)
+            if w is not None:
+                return w
+        return int4_dequantize(self.codes(rows), self.scales[rows], zeros, dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.int4_linear(self, x, bias)

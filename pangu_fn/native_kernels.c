@@ -12,6 +12,7 @@
  *   int4: y = bf16(sum_g scales[n, g] sum_{k in g} x[m, k] (c[n, k] - zero[n, g]) + bias[n])
  *         c: ONNX MatMulNBits bytes [N, K/2] (element 2i in the low nibble of byte i),
  *         scales bf16 [N, K/G], zeros uint8 [N, K/G] or NULL (zero 8), bias bf16 [N] or NULL
+ *   int4 dequantize: w[n, k] = bf16((c[n, k] - zero[n, g]) * scales[n, g]), for prefill-sized products
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -238,6 +239,32 @@ int pangu_int4_linear_bf16(const uint16_t *x, const uint8_t *q, const uint16_t *
     free(xp);
     free(xsum);
     return status;
+}
+/* Returns 0, or -1 when G is not a multiple of 32 dividing K. One rounding, as
+ * `(code - zero) * scale` in bf16 arithmetic gives (code - zero is exact). */
+int pangu_int4_dequantize_bf16(const uint8_t *q, const uint16_t *scales, const uint8_t *zeros, uint16_t *w,
+                               int64_t n_total, int64_t k_total, int64_t group, int threads) {
+    if (group % 32 || k_total % group) return -1;
+    const int64_t blocks = k_total / group;
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
+    uint16_t order[32]; /* the two halves of cvtne2ps (low nibbles, high nibbles) interleaved */
+    for (int j = 0; j < 32; j++) order[j] = (uint16_t)(j % 2 == 0 ? j / 2 : 16 + j / 2);
+    const __m512i interleave = _mm512_loadu_si512(order);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_total; n++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const __m512 s = _mm512_set1_ps(bf16_to_f32(scales[n * blocks + b]));
+            const __m512 z = _mm512_set1_ps(zeros == NULL ? 8.0f : (float)zeros[n * blocks + b]);
+            for (int64_t j = b * group; j < (b + 1) * group; j += 32) {
+                __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (n * k_total + j) / 2)));
+                __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(d, low4)), z), s);
+                __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4)), z), s);
+                __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+                _mm512_storeu_si512(w + n * k_total + j, _mm512_permutexvar_epi16(interleave, both));
+            }
+        }
+    }
+    return 0;
 }
 #else
 int pangu_native_has_bf16(void) { return 0; }

@@ -7,7 +7,8 @@ two threads, well under what the memory delivers; `native_kernels.c` streams 20-
 - `int8_linear`: int8 weights with per-row scales, 16 weights at a time converted to fp32;
 - `bf16_linear`: plain bf16 weights through AVX512-BF16 dot products (no prepacked copy);
 - `int4_linear`: the ONNX MatMulNBits bytes themselves (no second packed copy), codes turned
-  into bf16 by byte unpacking, group scales applied per 128-bit lane.
+  into bf16 by byte unpacking, group scales applied per 128-bit lane; `int4_dequantize`
+  writes the bf16 weight for prefill-sized products (7x faster than the torch ops).
 
 Each takes up to `ROWS` activation rows per pass over the weight. The library is compiled
 once per machine with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`)
@@ -66,7 +67,9 @@ def library() -> ctypes.CDLL | None:
             if _has_bf16(lib):
                 lib.pangu_bf16_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                 lib.pangu_int4_linear_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-            for fn in ("pangu_int8_linear_bf16", "pangu_bf16_linear", "pangu_int4_linear_bf16"):
+                lib.pangu_int4_dequantize_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+            for fn in ("pangu_int8_linear_bf16", "pangu_bf16_linear", "pangu_int4_linear_bf16",
+                       "pangu_int4_dequantize_bf16"):
                 if hasattr(lib, fn):
                     getattr(lib, fn).restype = ctypes.c_int
             return lib
@@ -126,6 +129,28 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
+# The bf16 kernel beats F.linear while the activations fit in half of L1 (16 KiB): at
+# 3072 x 768, 16 rows 0.35 vs 0.44 ms; at 768 x 3072, 8 rows 0.41 vs 0.28 ms (two threads).
+BF16_MAX_ELEMENTS = 8192
+
+
+def dense_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`x [..., K] @ weight [N, K].T + bias` through `bf16_linear` where it applies: x and the
+    weight bf16 on the CPU, at most `BF16_MAX_ELEMENTS` activations, a contiguous weight, and
+    eager inference (no autograd, no tracing); else None."""
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or x.numel() > BF16_MAX_ELEMENTS or not weight.is_contiguous()
+            or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        return None
+    fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+    y = bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias if fused else None)
+    if y is None:
+        return None
+    if not fused:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 @functools.cache
 def int4_fits(k: int, group_size: int) -> bool:
     """True when `int4_linear` takes an input width of `k` with groups of `group_size`."""
@@ -150,6 +175,23 @@ def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero
                                         torch.get_num_threads()) != 0:
         return None
     return y
+
+
+def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor | None:
+    """The bf16 weight `[N, K]` of MatMulNBits bytes `qdata [N, K/G, G/2]` with bf16 `scales` and
+    uint8 `zero_points` `[N, K/G]` (or None: zero 8), all CPU and contiguous; None when the
+    kernel is unavailable or G is not a multiple of 32."""
+    n, blocks = scales.shape
+    k = blocks * group_size
+    if not bf16_kernels() or group_size % 32:
+        return None
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    zeros = 0 if zero_points is None else zero_points.data_ptr()
+    if library().pangu_int4_dequantize_bf16(qdata.data_ptr(), scales.data_ptr(), zeros, w.data_ptr(), n, k,
+                                            group_size, torch.get_num_threads()) != 0:
+        return None
+    return w
 
 
 def _unsupported() -> str | None:
