@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="LM head (a tied model's embedding): keep in the compute dtype (default) or quantize")
     p.add_argument("--compute-dtype", default=None, help="activation dtype: bf16 (default) | fp16 | fp32")
     p.add_argument("--no-prepack", dest="prepack", action="store_false", default=None,
-                   help="leave float linears as plain tensors (no oneDNN-prepacked leaves)")
+                   help="leave float linears as plain tensors (no DenseWeight leaves)")
     p.add_argument("--recipe", default=None, metavar="FILE.json",
                    help=f"recipe as JSON (keys {', '.join(RECIPE_KEYS)}); flags given override it")
     p.add_argument("--calib", default="stdlib", metavar="SOURCE",
@@ -155,7 +155,8 @@ def format_report(sizes: dict[str, Any], ppl: dict[str, float] | None, recipe: A
     extra = sizes["resident_bytes_after"] - sizes["bytes_after"]
     if extra > 0:
         lines.append(f"in memory: {sizes['resident_bytes_after'] / 2**20:.2f} MiB (+{extra / 2**20:.2f} MiB of "
-                     "kernel copies, e.g. a tied bf16 head held plain and prepacked; --head int8 avoids it)")
+                     "kernel copies: without the native kernels, e.g. a tied bf16 head held plain and "
+                     "prepacked; --head int8 avoids it)")
     if ppl is not None:
         lines.append(f"held-out perplexity: {ppl['before']:.3f} before, {ppl['after']:.3f} after "
                      f"({ppl['change']:+.2%})")

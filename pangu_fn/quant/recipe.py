@@ -37,8 +37,9 @@ class QuantRecipe:
       the default) or is quantized with int8 / int4 (round-to-nearest).
     - `compute_dtype`: dtype of activations and of every float leaf left (embeddings, norms,
       biases, kept linears); default bf16 (fp16 for the fp16 scheme).
-    - `prepack`: hold bf16 float linears as `DenseWeight` leaves (oneDNN's prepacked layout on
-      the CPU, several times faster for one row than stock `F.linear`); False leaves plain tensors.
+    - `prepack`: hold bf16 float linears as `DenseWeight` leaves (on the CPU: the native bf16
+      kernel on the plain weight, or oneDNN's prepacked layout where that kernel cannot run,
+      several times faster for one row than stock `F.linear`); False leaves plain tensors.
     - `damp`: gptq's dampening, as a fraction of the Hessian's mean diagonal.
     """
 

@@ -112,7 +112,7 @@ def _plan(flat: dict[str, Any], linears: list[str], recipe: QuantRecipe, head: s
 
 
 def _float(weight: torch.Tensor, recipe: QuantRecipe, embedding: bool) -> Any:
-    """A float linear in the compute dtype: prepacked for the CPU kernels when that helps."""
+    """A float linear in the compute dtype: a `DenseWeight` for the CPU kernels when asked."""
     if recipe.prepack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
         return DenseWeight(weight, keep_dense=embedding)
     return weight

@@ -316,11 +316,12 @@ _FIXED_BLOCKS = 1.0
 
 def _draft_tree(params: Params, cfg: ModelConfig) -> Params:
     """The draft's tree as it decodes fastest: q, k, v and gate, up fused into one product each
-    (`fuse_projections`), and for a bf16 CPU draft every linear prepacked for oneDNN
-    (`quantize(params, "bf16")`). A draft decodes one row per call, where per-call overhead
-    dominates: fused and prepacked, the demo draft's decode call takes 0.8x the time of the plain
-    tree's. The draft's numbers only decide what is proposed, never what is kept. A tree with
-    quantized leaves is used as it is."""
+    (`fuse_projections`), and for a bf16 CPU draft every linear a `DenseWeight` leaf
+    (`quantize(params, "bf16")`: the native bf16 kernel, or oneDNN's prepacked copy where that
+    cannot run). A draft decodes one row per call, where per-call overhead dominates: fused and
+    prepacked, the demo draft's decode call took 0.8x the time of the plain tree's with oneDNN.
+    The draft's numbers only decide what is proposed, never what is kept. A tree with quantized
+    leaves is used as it is."""
     from ..params import fuse_projections
     from ..quant import quantize
     from ..tree import flatten
