@@ -129,6 +129,32 @@ def test_a_failed_build_leaves_the_torch_kernels_with_the_reason(monkeypatch, tm
         native.forget()
 
 
+def test_a_build_without_avx512_bf16_keeps_int8_and_hands_bf16_int4_to_torch(monkeypatch, tmp_path):
+    """A CPU with AVX-512F but no AVX512-BF16 (built here with -mno-avx512bf16): the int8 kernel
+    runs, the bf16 and int4 kernels are left out, and those leaves take torch's kernels."""
+    if native._unsupported() is not None:
+        pytest.skip(native._unsupported())
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512bf16"])
+    monkeypatch.setenv("PANGU_FN_CACHE", str(tmp_path))
+    native.forget()
+    try:
+        if native.library() is None:
+            pytest.skip(native.status())
+        assert native.status() == "native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's)"
+        w = torch.randn(64, 128, generator=GEN)
+        x = torch.randn(3, 128, generator=GEN).bfloat16()
+        int8 = quantize_int8(w, torch.bfloat16)
+        assert native.int8_linear(x, int8.qdata, int8.scales) is not None
+        assert native.bf16_linear(x, w.bfloat16(), None) is None
+        int4 = quantize_int4(w, 32, True, torch.bfloat16)
+        assert int4.native_kernel_data is None and int4.cpu_kernel_data is not None
+        assert native.int4_dequantize(int4.qdata, int4.scales, None, 32) is None
+        assert_close(int4.linear(x), reference(int4, x, None), 2e-2)
+        assert DenseWeight(w.bfloat16()).packed is not None or not torch.backends.mkldnn.is_available()
+    finally:
+        native.forget()
+
+
 def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
     leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
     x, bias = inputs(128, 64, torch.bfloat16)
