@@ -10,7 +10,7 @@ two threads, well under what the memory delivers; `native_kernels.c` streams 20-
   into bf16 by byte unpacking, group scales applied per 128-bit lane; `int4_dequantize`
   writes the bf16 weight for prefill-sized products (7x faster than the torch ops).
 
-Each takes up to `ROWS` activation rows per pass over the weight. The library is compiled
+Each takes up to 8 activation rows (int8: 4) per pass over the weight. The library is compiled
 once per machine with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`)
 into `$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), loaded with ctypes after torch, so its
 OpenMP threads are torch's own. Without Linux on x86-64 with AVX-512F (and AVX512-BF16 for the
@@ -33,7 +33,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ROWS = 8  # activation rows per pass over the weight (the bf16 and int4 kernels; int8: 4)
 _reason: list[str] = []
 
 # Above this input width torch's int8 kernel is faster: a row of fp32 activations (4K bytes) no
