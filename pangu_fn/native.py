@@ -116,16 +116,26 @@ def bf16_fits(k: int) -> bool:
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`x [M, K] @ weight [N, K].T + bias [N]` in bf16 (all bf16 CPU, contiguous), or None
-    when the kernel is unavailable or K is not a multiple of 32."""
+    """`x [M, K] @ weight [N, K].T + bias [N]` in bf16 (x and weight bf16 CPU, contiguous), or
+    None when the kernel is unavailable or K is not a multiple of 32."""
     m, k = x.shape
     if not bf16_fits(k):
         return None
     y = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
-    if library().pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                   y.data_ptr(), m, weight.shape[0], k, torch.get_num_threads()) != 0:
+    if library().pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), _bias_ptr(bias), y.data_ptr(), m,
+                                   weight.shape[0], k, torch.get_num_threads()) != 0:
         return None
-    return y
+    return _add_unfused(y, bias)
+
+
+def _bias_ptr(bias: torch.Tensor | None) -> int:
+    """The bias the kernels add themselves: a contiguous bf16 one (0: none)."""
+    fused = bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous()
+    return bias.data_ptr() if fused else 0
+
+
+def _add_unfused(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None or _bias_ptr(bias) else y.add_(bias)
 
 
 # The bf16 kernel beats F.linear while the activations fit in half of L1 (16 KiB): at
@@ -141,13 +151,8 @@ def dense_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             or weight.device.type != "cpu" or x.numel() > BF16_MAX_ELEMENTS or not weight.is_contiguous()
             or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
         return None
-    fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
-    y = bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias if fused else None)
-    if y is None:
-        return None
-    if not fused:
-        y.add_(bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y = bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+    return None if y is None else y.view(*x.shape[:-1], weight.shape[0])
 
 
 @functools.cache
@@ -161,19 +166,18 @@ def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero
                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """`x [M, K]` times the int4 weight whose MatMulNBits bytes are `qdata` (`[N, K/G, G/2]` or
     `[N, K/2]` uint8), `scales [N, K/G]` bf16 and `zero_points [N, K/G]` uint8 or None (zero 8),
-    plus `bias [N]`, in bf16 (all bf16 / uint8 CPU, contiguous), or None when the kernel is
-    unavailable or (K, G) do not fit."""
+    plus `bias [N]`, in bf16 (x and scales bf16, all CPU and contiguous), or None when the kernel
+    is unavailable or (K, G) do not fit."""
     m, k = x.shape
     if not int4_fits(k, group_size):
         return None
     n = qdata.shape[0]
     y = torch.empty(m, n, dtype=torch.bfloat16)
     zeros = 0 if zero_points is None else zero_points.data_ptr()
-    if library().pangu_int4_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), zeros,
-                                        0 if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, group_size,
-                                        torch.get_num_threads()) != 0:
+    if library().pangu_int4_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), zeros, _bias_ptr(bias),
+                                        y.data_ptr(), m, n, k, group_size, torch.get_num_threads()) != 0:
         return None
-    return y
+    return _add_unfused(y, bias)
 
 
 def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,

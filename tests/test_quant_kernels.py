@@ -89,6 +89,7 @@ def test_native_bf16_kernel_rounds_the_exact_product_once(rows, k):
     y = native.bf16_linear(x, w, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert within_one_bf16_rounding(y, F.linear(x.float(), w.float(), bias.float()))
+    assert_close(native.bf16_linear(x, w, bias.float()), F.linear(x.float(), w.float(), bias.float()), 2e-2)  # added after
     assert native.bf16_linear(x[:, :k - 16].contiguous(), w[:, :k - 16].contiguous(), None) is None  # K % 32
 
 

@@ -73,10 +73,9 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
     bf16_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16
     if bf16_cpu and x.numel() < NATIVE_INT4_ROWS * k and w.native_kernel_data is not None and not tracing():
-        fused = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
-        y = native.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias if fused else None)
+        y = native.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias)
         if y is not None:
-            return (y if fused else _add_bias(y, bias)).view(*x.shape[:-1], n)
+            return y.view(*x.shape[:-1], n)
     cpu = w.cpu_kernel_data
     if bf16_cpu and x.numel() < DEQUANTIZE_ROWS["int4"] * k and cpu is not None:
         packed, scales_and_zeros = cpu
