@@ -78,18 +78,21 @@ def within_one_bf16_rounding(y: torch.Tensor, ref: torch.Tensor, slack: float = 
     return bool(((y.float() - ref).abs() <= ref.abs() * 2**-8 + slack * ref.abs().max()).all())
 
 
-@pytest.mark.parametrize("rows,k", [(1, 768), (8, 768), (9, 96), (17, 256)])  # 8 rows a pass; K % 64 == 32
+# up to 6 rows a pass, in equal chunks (7 = 4 + 3, 13 = 5 + 4 + 4); 2 accumulators per output at
+# 1-2 rows (K % 64 == 32 leaves a tail); outputs four at a time from 2 rows, N % 4 one at a time
+@pytest.mark.parametrize("rows,k", [(1, 768), (2, 96), (5, 256), (6, 160), (7, 768), (9, 96), (13, 256)])
 def test_native_bf16_kernel_rounds_the_exact_product_once(rows, k):
     """bf16 products are exact in fp32; the kernel sums them in fp32, adds the bias, rounds once."""
     if not native.bf16_kernels():
         pytest.skip(native.status())
-    n = 300
+    n = 302
     w = torch.randn(n, k, generator=GEN).bfloat16()
     x, bias = torch.randn(rows, k, generator=GEN).bfloat16(), torch.randn(n, generator=GEN).bfloat16()
     y = native.bf16_linear(x, w, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert within_one_bf16_rounding(y, F.linear(x.float(), w.float(), bias.float()))
     assert_close(native.bf16_linear(x, w, bias.float()), F.linear(x.float(), w.float(), bias.float()), 2e-2)  # added after
+    assert within_one_bf16_rounding(native.bf16_linear(x, w, None), F.linear(x.float(), w.float()))
     assert native.bf16_linear(x[:, :k - 16].contiguous(), w[:, :k - 16].contiguous(), None) is None  # K % 32
 
 
