@@ -273,15 +273,17 @@ def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():
     for _ in range(6):  # every draft rejected
         ctl = ctl.update(max(ctl.choose(), 1), accepted=0, examined=1)
     assert ctl.choose() == 0 and ctl.rate < 0.1
-    for _ in range(8):
+    for _ in range(3):
         ctl = ctl.update(0, 0, 0)
-    assert ctl.choose() == 2  # a probe after probe_every plain steps
-    ctl = ctl.update(2, accepted=0, examined=1)
-    for _ in range(15):
+    assert ctl.choose() == 0
+    ctl = ctl.update(0, 0, 0)
+    assert ctl.choose() == 1  # a probe after probe_every = 4 plain steps
+    ctl = ctl.update(1, accepted=0, examined=1)
+    for _ in range(7):
         ctl = ctl.update(0, 0, 0)
     assert ctl.choose() == 0  # a failed probe doubles the gap
     ctl = ctl.update(0, 0, 0)
-    assert ctl.choose() == 2
+    assert ctl.choose() == 1
     ctl = replace(ctl, cost=0.05)
     for _ in range(10):  # drafts are good again
         k = ctl.choose()
@@ -289,11 +291,29 @@ def test_adaptive_k_falls_back_to_plain_decoding_when_drafts_fail():
     assert ctl.rate > 0.9 and ctl.choose() == 6 and ctl.backoff == 0
 
 
+def test_adaptive_k_gives_drafts_the_benefit_of_one_accepted_draft():
+    """It decodes plainly only when no K would pay even with `optimism` (1) more drafts counted
+    as accepted. The expected speedups are worked out by hand."""
+    ctl = AdaptiveK(k_max=1, timed=False, cost=0.3, overhead=0.2, accepted=0.5, examined=1.0)
+    # a = 0.5, K = 1: (1 + 0.5) / (1.2 + 0.3) = 1.0, it pays exactly
+    assert ctl.speedup(1) == pytest.approx(1.0) and ctl.choose() == 1
+    ctl = replace(ctl, accepted=0.2, examined=2.0)  # a = 0.1: 1.1 / 1.5 = 0.73 ...
+    assert ctl.speedup(1) == pytest.approx(1.1 / 1.5)
+    # ... but with one more accepted draft a = 1.2 / 3 = 0.4: 1.4 / 1.5 = 0.93 < 1: plain
+    assert ctl.speedup(1, 1.0) == pytest.approx(1.4 / 1.5) and ctl.choose() == 0
+    ctl = replace(ctl, accepted=0.4)  # a = 0.2; with one more, 1.4 / 3: 1.467 / 1.5 = 0.98: plain
+    assert ctl.choose() == 0
+    assert replace(ctl, optimism=2.0).choose() == 1  # 2.4 / 4 = 0.6: 1.6 / 1.5 > 1
+    assert replace(ctl, cost=2.0, accepted=1.9, optimism=100.0).choose() == 0  # (1 + a) / 3.2 < 1 for any a
+    with pytest.raises(pf.InputError, match="optimism"):
+        AdaptiveK(optimism=-1.0)
+
+
 def test_timed_adaptive_k_uses_measured_costs():
     ctl = AdaptiveK(k_max=4, cost=1.0)
     assert ctl.choose() == 0  # first a plain step, to time it
     timed = ctl.update(0, 0, 0, draft_s=0.0, verify_s=0.010)
-    assert timed.choose() == 2  # then a probe, to time drafting rather than trust the guess
+    assert timed.choose() == 1  # then a probe, to time drafting rather than trust the guess
     costly = timed.update(4, 4, 4, draft_s=0.040, verify_s=0.011)  # a draft token costs a plain step
     assert costly.rate > 0.9 and costly.choose() == 0  # not worth it at any acceptance rate
     cheap = timed.update(4, 4, 4, draft_s=0.004, verify_s=0.011)

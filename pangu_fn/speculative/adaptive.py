@@ -3,12 +3,16 @@
 With a per-token acceptance rate a, a step that drafts K tokens yields on average
 `(1 - a^(K+1)) / (1 - a)` tokens per row; it costs `fixed + K * per_token` plain decode steps
 (`fixed`: verifying K+1 positions plus the step's bookkeeping; `per_token`: drafting one
-token). A plain step (K = 0) yields 1 token for a cost of 1. The controller picks the K in
-`0 .. k_max` with the most tokens per unit of cost, so it falls back to plain decoding when
-speculation would lose, and probes with K = 2 after `probe_every` plain steps to notice when
-drafts become good again (the gap doubles after each probe that does not resume speculation,
-up to 8 times) (with `timed`, also right after the first plain step, to measure
-the drafting cost instead of trusting a guess).
+token). A plain step (K = 0) yields 1 token for a cost of 1. The controller drafts the K in
+`1 .. k_max` with the most tokens per unit of cost, and falls back to plain decoding when no K
+would pay even with `optimism` more drafts counted as accepted (default 1). The benefit of the
+doubt is there because the two mistakes are not alike: a plain step tells nothing about the
+drafts, so a switch to plain decoding on a dip of the rate estimate (a few unlucky drafts)
+lasts until the next probe, while a speculative step that barely pays keeps measuring; drafts
+that cannot pay at any rate (too costly) still never run. Plain, it probes with K = 1 after
+`probe_every` plain steps to notice when drafts become good again (the gap doubles after each
+probe that does not resume speculation, up to 8 times) (with `timed`, also right after the
+first plain step, to measure the drafting cost instead of trusting a guess).
 
 The rate is a decayed count of accepted over examined drafts (a draft is examined when all
 before it were accepted: the maximum-likelihood estimate for that truncated geometric
@@ -31,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError
 
-PROBE_K = 2
+PROBE_K = 1
 MAX_BACKOFF = 3  # probe at least every 8 * probe_every plain steps
 
 
@@ -42,7 +46,8 @@ class AdaptiveK:
     cost: float | None = None  # drafting one token, in plain steps (None: spec_init fills in Drafter.cost)
     overhead: float = 0.15  # timed=False: fixed = 1 + overhead
     memory: float = 0.9  # weight of the past in the decayed counts and means
-    probe_every: int = 8
+    optimism: float = 1.0  # drafts counted as accepted when deciding whether to draft at all
+    probe_every: int = 4
     accepted: float = 1.6
     examined: float = 2.0
     plain_s: float | None = None  # seconds of a plain step
@@ -56,6 +61,8 @@ class AdaptiveK:
             raise InputError(f"AdaptiveK: expected an int k_max >= 1, found {self.k_max!r}")
         if not 0 <= self.memory < 1:
             raise InputError(f"AdaptiveK: expected 0 <= memory < 1, found {self.memory}")
+        if not self.optimism >= 0:
+            raise InputError(f"AdaptiveK: expected optimism >= 0, found {self.optimism}")
 
     @property
     def rate(self) -> float:
@@ -68,11 +75,12 @@ class AdaptiveK:
             return self.verify_s / self.plain_s, self.draft_s / self.plain_s
         return 1 + self.overhead, self.cost or 0.0
 
-    def speedup(self, k: int) -> float:
-        """Expected tokens per unit of plain-step time for draft length k (1.0 for k = 0)."""
+    def speedup(self, k: int, bonus: float = 0.0) -> float:
+        """Expected tokens per unit of plain-step time for draft length k (1.0 for k = 0), with
+        `bonus` more drafts counted as accepted."""
         if k == 0:
             return 1.0
-        a = min(self.rate, 1 - 1e-6)
+        a = min((self.accepted + bonus) / (self.examined + bonus), 1 - 1e-6)
         fixed, per_token = self.costs()
         return (1 - a ** (k + 1)) / (1 - a) / (fixed + k * per_token)
 
@@ -80,11 +88,13 @@ class AdaptiveK:
         """The draft length for the next step."""
         if self.timed and self.plain_s is None:
             return 0
-        best = max(range(self.k_max + 1), key=self.speedup)
+        best = max(range(1, self.k_max + 1), key=self.speedup)
+        if max(self.speedup(k, self.optimism) for k in range(1, self.k_max + 1)) >= 1:
+            return best
         unmeasured = self.timed and self.draft_s is None
-        if best == 0 and (unmeasured or self.plain_steps >= self.probe_every << min(self.backoff, MAX_BACKOFF)):
+        if unmeasured or self.plain_steps >= self.probe_every << min(self.backoff, MAX_BACKOFF):
             return min(PROBE_K, self.k_max)
-        return best
+        return 0
 
     def update(self, k: int, accepted: int, examined: int, draft_s: float = 0.0,
                verify_s: float = 0.0) -> AdaptiveK:
