@@ -41,17 +41,25 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest, ties to even 
 
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* A constant row count R after inlining keeps the accumulators in registers. */
+/* A constant row count R after inlining keeps the accumulators in registers: BY_ROWS for up
+ * to ROWS (8) rows, BF16_BY_ROWS for up to BF16_ROWS (6). */
+#define FEW_ROWS(F, ...)                                                                             \
+    case 1: F(1, __VA_ARGS__); break;                                                                \
+    case 2: F(2, __VA_ARGS__); break;                                                                \
+    case 3: F(3, __VA_ARGS__); break;                                                                \
+    case 4: F(4, __VA_ARGS__); break;                                                                \
+    case 5: F(5, __VA_ARGS__); break;
 #define BY_ROWS(F, ...)                                                                              \
     switch (rows) {                                                                                  \
-        case 1: F(1, __VA_ARGS__); break;                                                            \
-        case 2: F(2, __VA_ARGS__); break;                                                            \
-        case 3: F(3, __VA_ARGS__); break;                                                            \
-        case 4: F(4, __VA_ARGS__); break;                                                            \
-        case 5: F(5, __VA_ARGS__); break;                                                            \
+        FEW_ROWS(F, __VA_ARGS__)                                                                     \
         case 6: F(6, __VA_ARGS__); break;                                                            \
         case 7: F(7, __VA_ARGS__); break;                                                            \
         default: F(8, __VA_ARGS__); break;                                                           \
+    }
+#define BF16_BY_ROWS(F, ...)                                                                         \
+    switch (rows) {                                                                                  \
+        FEW_ROWS(F, __VA_ARGS__)                                                                     \
+        default: F(6, __VA_ARGS__); break;                                                           \
     }
 
 /* ---- int8: 16 weights at a time to fp32, two accumulators per activation row ---- */
@@ -181,16 +189,6 @@ static inline __attribute__((always_inline)) void bf16_one(const int R, const ui
     for (int m = 0; m < R; m++)
         y[m * n_total + n] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + b);
 }
-
-#define BF16_BY_ROWS(F, ...)                                                                         \
-    switch (rows) {                                                                                  \
-        case 1: F(1, __VA_ARGS__); break;                                                            \
-        case 2: F(2, __VA_ARGS__); break;                                                            \
-        case 3: F(3, __VA_ARGS__); break;                                                            \
-        case 4: F(4, __VA_ARGS__); break;                                                            \
-        case 5: F(5, __VA_ARGS__); break;                                                            \
-        default: F(6, __VA_ARGS__); break;                                                           \
-    }
 
 /* Returns 0, or -1 when K is not a multiple of 32. Rows are taken in equal chunks of at most
  * BF16_ROWS (8 rows: 4 + 4); a single row goes one output at a time. */
