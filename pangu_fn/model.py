@@ -99,7 +99,8 @@ def _context(cfg: ModelConfig, tokens: torch.Tensor, cache: KVCache | None,
                 causal = True  # a fresh prefill: plain causal attention over the T new tokens
             elif not (uniform and T == 1):  # one new token after equal lengths sees everything
                 mask = _mask(positions, kv_len)
-    rope = rope_tables(positions, cfg, dtype) if cfg.positions == "rope" else None
+    start = 0 if cache is None else write_at
+    rope = rope_tables(positions, cfg, dtype, start) if cfg.positions == "rope" else None
     return Context(positions, kv_len, mask, causal, rope, write_at)
 
 
