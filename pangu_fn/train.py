@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import ModelConfig
+from .errors import InputError
 from .evaluate import next_token_loss
 from .model import forward
 from .params import Params
@@ -99,3 +100,44 @@ def random_batches(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int =
     while True:
         starts = torch.randint(0, n, (batch_size,), generator=gen)
         yield torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
+
+
+def continuation_windows(params: Params, cfg: ModelConfig, ids: torch.Tensor, count: int, width: int,
+                         prompt_lengths: tuple[int, int] = (8, 64), seed: int = 0,
+                         batch_size: int = 64) -> torch.Tensor:
+    """`[count, width]` token windows, each a prompt of `prompt_lengths` (inclusive range) tokens
+    cut at random from the 1-D token stream `ids`, followed by the model's greedy continuation
+    (no stop at eos). The text a speculative draft has to predict is the target's own, so a
+    draft distilled partly on such windows agrees with it more often where it matters
+    (on-policy distillation, as in DistillSpec). Needs `width <= cfg.max_seq_len`."""
+    from .generate import generate
+
+    lo, hi = prompt_lengths
+    if not (1 <= lo <= hi < width <= cfg.max_seq_len and ids.numel() > hi):
+        raise InputError(f"continuation_windows: expected 1 <= prompt lengths {lo}..{hi} < width {width} <= "
+                         f"the context {cfg.max_seq_len}, and more than {hi} ids, found {ids.numel()}")
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (count,), generator=gen).tolist()
+    starts = torch.randint(0, ids.numel() - hi, (count,), generator=gen).tolist()
+    prompts = sorted((ids[s:s + n].tolist() for s, n in zip(starts, lengths)), key=len)
+    batches = [prompts[i:i + batch_size] for i in range(0, count, batch_size)]
+    batches = [[p for p in b if len(p) == n] for b in batches for n in sorted({len(p) for p in b})]
+    windows = []
+    for batch in tqdm(batches, desc="continuations", dynamic_ncols=True):  # one prompt length a batch
+        done = generate(params, cfg, batch, width - len(batch[0]), eos_token_ids=())
+        windows += [p + c.tokens for p, c in zip(batch, done)]
+    return torch.tensor(windows)
+
+
+def mixed_batches(batches: Iterator[torch.Tensor], windows: torch.Tensor, fraction: float,
+                  seed: int = 0) -> Iterator[torch.Tensor]:
+    """The batches of `batches`, cut to the width of `windows [N, W]`, with each row replaced
+    by a random row of `windows` with probability `fraction`."""
+    gen = torch.Generator().manual_seed(seed)
+    width = windows.shape[1]
+    for batch in batches:
+        if batch.shape[1] < width:
+            raise InputError(f"mixed_batches: expected batches at least {width} tokens wide, found {batch.shape[1]}")
+        take = torch.rand(batch.shape[0], generator=gen) < fraction
+        rows = torch.randint(0, windows.shape[0], (batch.shape[0],), generator=gen)
+        yield torch.where(take[:, None], windows[rows], batch[:, :width])

@@ -17,7 +17,14 @@ from pangu_fn import data
 from pangu_fn.errors import FormatError
 from pangu_fn.evaluate import greedy_agreement, next_token_loss
 from pangu_fn.tokenizer import load_tokenizer
-from pangu_fn.train import TrainConfig, distillation_loss, random_batches, train
+from pangu_fn.train import (
+    TrainConfig,
+    continuation_windows,
+    distillation_loss,
+    mixed_batches,
+    random_batches,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +129,38 @@ def test_greedy_agreement(pydoc_tokens):
     assert greedy_agreement(a, cfg, b, cfg, ids, 99) == pytest.approx(expected, abs=1e-9)
 
 
+def test_continuation_windows_are_prompts_from_the_stream_then_the_models_greedy_tokens(pydoc_tokens):
+    tok, train_ids, _ = pydoc_tokens
+    cfg = tiny_cfg(tok)
+    params = pf.init_params(cfg, seed=5)
+    windows = continuation_windows(params, cfg, train_ids, 5, 40, (6, 6), seed=1, batch_size=2)
+    assert windows.shape == (5, 40)
+    stream = train_ids.tolist()
+    with torch.inference_mode():  # no cache: each continuation token is the argmax after the tokens before it
+        greedy = pf.forward(params, cfg, windows[:, :-1])[0].argmax(-1)
+    for row, want in zip(windows.tolist(), greedy.tolist()):
+        assert any(stream[i:i + 6] == row[:6] for i in range(len(stream) - 5))
+        assert row[6:] == want[5:]
+    ragged = continuation_windows(params, cfg, train_ids, 6, 24, (3, 8), seed=2)
+    assert ragged.shape == (6, 24)
+    with pytest.raises(pf.InputError, match="prompt lengths 3..30 < width 24"):
+        continuation_windows(params, cfg, train_ids, 2, 24, (3, 30))
+    with pytest.raises(pf.InputError, match=f"the context {cfg.max_seq_len}"):
+        continuation_windows(params, cfg, train_ids, 2, cfg.max_seq_len + 1)
+
+
+def test_mixed_batches_take_the_given_share_of_rows_from_the_windows():
+    windows = torch.full((3, 5), -1)
+    real = iter(lambda: torch.arange(8 * 7).reshape(8, 7), None)
+    assert torch.equal(next(mixed_batches(real, windows, 0.0)), torch.arange(8 * 7).reshape(8, 7)[:, :5])
+    assert bool((next(mixed_batches(real, windows, 1.0)) == -1).all())
+    rows = torch.cat([next(mixed_batches(real, windows, 0.25, seed=s)) for s in range(100)])
+    share = (rows[:, 0] == -1).float().mean().item()
+    assert 0.2 < share < 0.3  # 800 rows: 3 standard deviations are 0.046
+    with pytest.raises(pf.InputError, match="at least 9 tokens wide, found 7"):
+        next(mixed_batches(real, torch.zeros(2, 9, dtype=torch.long), 0.5))
+
+
 def test_train_demo_command_tiny_end_to_end(tmp_path):
     from pangu_tools.cli import main
 
@@ -158,3 +197,22 @@ def test_train_demo_command_tiny_end_to_end(tmp_path):
     assert dict(rows2)["draft/model.safetensors"] != dict(rows)["draft/model.safetensors"]
     assert "--draft-only --draft-steps 3" in (out / "README.md").read_text()
     assert main(["train-demo", "--out", str(tmp_path / "none"), "--draft-only"]) == 2
+
+    # --from-draft --on-policy: the committed draft fine-tuned, partly on the target's own continuations
+    draft_before = pf.load(out / "draft")[0]
+    assert main(["train-demo", "--out", str(out), "--draft-only", "--from-draft", "--on-policy", "0.5",
+                 "--on-policy-windows", "8", "--draft-steps", "2", "--batch", "4", "--seq-len", "64",
+                 "--eval-every", "0", "--threads", "1"]) == 0
+    m3 = json.loads((out / "metrics.json").read_text())
+    run = m3["draft"]["draft_only"]
+    assert (run["from_draft"], run["on_policy"], run["started_from"]) == (True, 0.5, m2["draft"]["draft_only"])
+    assert 0.0 <= m3["draft"]["greedy_agreement_continuations"] <= 1.0
+    card = (out / "README.md").read_text()
+    assert ("--draft-only --draft-steps 3` (1 CPU thread(s)), then fine-tuned from that draft: `pangu train-demo "
+            "--out models/demo --draft-only --draft-steps 2 --from-draft --on-policy 0.5 --on-policy-windows 8`") in card
+    assert "the previous draft (see Reproduce)" in card
+    draft_after = pf.load(out / "draft")[0]
+    assert not torch.equal(draft_after["blocks"][0]["mlp"]["down"]["weight"],
+                           draft_before["blocks"][0]["mlp"]["down"]["weight"])
+    assert main(["train-demo", "--out", str(out), "--from-draft"]) == 2
+    assert main(["train-demo", "--out", str(out), "--draft-only", "--on-policy", "1.5"]) == 2

@@ -50,9 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--kl-weight", type=float, default=0.8, help="draft loss: KL share (rest: next-token)")
     p.add_argument("--eval-every", type=int, default=150, help="held-out loss every N steps (0: never)")
+    p.add_argument("--on-policy", type=float, default=0.0, metavar="FRACTION",
+                   help="draft: share of training windows that are the target's own greedy continuations of "
+                        "prompts from the training documents (on-policy distillation)")
+    p.add_argument("--on-policy-windows", type=int, default=1024,
+                   help="draft: how many such continuations to generate (with --on-policy)")
     p.add_argument("--draft-only", action="store_true",
                    help="keep the target, tokenizer and held-out split already in --out; distil a new draft "
-                        "(--draft-layers, --draft-steps, --kl-weight, --lr, --seed) and update metrics.json and the card")
+                        "(--draft-layers, --draft-steps, --kl-weight, --lr, --seed, --on-policy) and update "
+                        "metrics.json and the card")
+    p.add_argument("--from-draft", action="store_true",
+                   help="with --draft-only: start from the draft in --out (fine-tune it) instead of the target's "
+                        "first block(s)")
     p.set_defaults(func=run)
 
 
@@ -96,14 +105,33 @@ def heldout_monitor(cfg: Any, name: str, ids: list[int], eval_len: int, every: i
 
 
 def distil_draft(target: Any, tcfg: Any, dcfg: Any, train_ids: Any, args: argparse.Namespace,
-                 after_step: Any) -> tuple[Any, list[float]]:
-    """The draft (fp32 params) distilled from `target` on random windows of `train_ids`, and its losses."""
-    from pangu_fn.train import TrainConfig, distillation_loss, random_batches, train
+                 after_step: Any, start: Any = None) -> tuple[Any, list[float]]:
+    """The draft (fp32 params) distilled from `target` on random windows of `train_ids` (a share
+    `args.on_policy` of them the target's own continuations), and its losses. It starts from
+    `start` (a draft to fine-tune) or else from the target's first block(s)."""
+    import torch
 
-    draft = draft_init(target, dcfg, args.seed)
+    import pangu_fn as pf
+    from pangu_fn.train import (
+        TrainConfig,
+        continuation_windows,
+        distillation_loss,
+        mixed_batches,
+        random_batches,
+        train,
+    )
+
+    draft = start if start is not None else draft_init(target, dcfg, args.seed)
+    batches = random_batches(train_ids, args.batch, args.seq_len, args.seed + 1)
+    if args.on_policy > 0:
+        width = min(args.seq_len + 1, tcfg.max_seq_len)
+        # generated with the committed bf16 weights: the tokens the benchmarks' target produces
+        windows = continuation_windows(pf.astype(target, torch.bfloat16), tcfg, train_ids, args.on_policy_windows,
+                                       width, (8, min(64, width // 4)), args.seed + 2)
+        batches = mixed_batches(batches, windows, args.on_policy, args.seed + 3)
     dc = TrainConfig(steps=args.draft_steps, lr=args.lr, warmup=min(50, max(1, args.draft_steps // 10)))
-    return train(draft, dcfg, random_batches(train_ids, args.batch, args.seq_len, args.seed + 1), dc,
-                 loss_fn=distillation_loss(target, tcfg, dcfg, args.kl_weight), after_step=after_step, desc="draft")
+    return train(draft, dcfg, batches, dc, loss_fn=distillation_loss(target, tcfg, dcfg, args.kl_weight),
+                 after_step=after_step, desc="draft")
 
 
 def draft_figures(target: Any, tcfg: Any, draft: Any, dcfg: Any, losses: list[float], args: argparse.Namespace,
@@ -118,7 +146,30 @@ def draft_figures(target: Any, tcfg: Any, draft: Any, dcfg: Any, losses: list[fl
             "train_ppl": perplexity(draft, dcfg, train_sample, eval_len, progress=True, desc="draft train ppl"),
             "heldout_ppl": perplexity(draft, dcfg, held_ids, eval_len, progress=True, desc="draft held-out ppl"),
             "greedy_agreement_heldout": greedy_agreement(target, tcfg, draft, dcfg, held_ids, eval_len),
+            "greedy_agreement_continuations": continuation_agreement(target, tcfg, draft, dcfg, held_ids),
             "seconds": round(seconds, 1)}
+
+
+CONTINUATION_PROMPT, CONTINUATION_TOKENS, CONTINUATIONS = 32, 64, 64
+
+
+def continuation_agreement(target: Any, tcfg: Any, draft: Any, dcfg: Any, held_ids: list[int]) -> float:
+    """How often the draft's greedy next token equals the target's along the target's own greedy
+    continuations (`CONTINUATION_TOKENS` tokens, generated with the bf16 weights) of
+    `CONTINUATIONS` held-out prompts of `CONTINUATION_PROMPT` tokens: the text speculative
+    decoding drafts, so this is what its acceptance follows."""
+    import torch
+
+    import pangu_fn as pf
+    from pangu_fn.train import continuation_windows
+
+    p, n = CONTINUATION_PROMPT, CONTINUATION_TOKENS
+    windows = continuation_windows(pf.astype(target, torch.bfloat16), tcfg, torch.tensor(held_ids), CONTINUATIONS,
+                                   p + n, (p, p))
+    with torch.inference_mode():
+        want = pf.forward(target, tcfg, windows[:, :-1])[0][:, p - 1:].argmax(-1)
+        got = pf.forward(draft, dcfg, windows[:, :-1])[0][:, p - 1:].argmax(-1)
+    return (want == got).float().mean().item()
 
 
 def spaced_sample(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
@@ -160,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 2 <= args.seq_len <= args.context:
         raise pf.InputError(f"train-demo: expected 2 <= --seq-len <= --context ({args.context}), found {args.seq_len}")
+    if not 0.0 <= args.on_policy <= 1.0:
+        raise pf.InputError(f"train-demo: expected 0 <= --on-policy <= 1, found {args.on_policy}")
+    if args.from_draft and not args.draft_only:
+        raise pf.InputError("train-demo: --from-draft fine-tunes the draft of a --draft-only run; add --draft-only")
     if args.draft_only:
         return run_draft_only(args)
     torch.set_num_threads(args.threads)
@@ -259,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-DRAFT_ARGS = ("draft_layers", "draft_steps", "kl_weight", "lr", "seed", "batch", "seq_len", "threads")
+DRAFT_ARGS = ("draft_layers", "draft_steps", "kl_weight", "lr", "seed", "batch", "seq_len", "threads", "on_policy",
+              "on_policy_windows", "from_draft")
 
 
 def run_draft_only(args: argparse.Namespace) -> int:
@@ -292,18 +348,23 @@ def run_draft_only(args: argparse.Namespace) -> int:
     train_ids = data.token_stream(tok, train_docs)
     held_ids = data.token_stream(tok, committed).tolist()
     eval_len = metrics["eval_seq_len"]
-    dcfg = tcfg.replace(num_layers=args.draft_layers)
+    dcfg, start_draft = tcfg.replace(num_layers=args.draft_layers), None
+    if args.from_draft:
+        start_draft, dcfg = pf.load(out / "draft", dtype="fp32")
     after_step = heldout_monitor(dcfg, "draft", held_ids[: 32 * eval_len], eval_len, args.eval_every)
-    draft, losses = distil_draft(target, tcfg, dcfg, train_ids, args, after_step)
+    draft, losses = distil_draft(target, tcfg, dcfg, train_ids, args, after_step, start_draft)
     trained = time.perf_counter()
     with atomic_dir(out / "draft") as tmp:
         pf.save(tmp, pf.astype(draft, torch.bfloat16), dcfg, shard_size=SHARD_SIZE,
                 extra_files={"tokenizer.model": (out / "target" / "tokenizer.model").read_bytes()})
         draft, dcfg = pf.load(tmp, dtype="fp32")
         train_sample = spaced_sample(train_ids.tolist(), len(held_ids), eval_len)
+        before = metrics["draft"]
         metrics["draft"] = draft_figures(target, tcfg, draft, dcfg, losses, args, train_sample, held_ids, eval_len,
                                          trained - start)
         metrics["draft"]["draft_only"] = {key: getattr(args, key) for key in DRAFT_ARGS}
+        if args.from_draft:  # the draft it started from, with how that one was made
+            metrics["draft"]["draft_only"]["started_from"] = before.get("draft_only")
     with atomic_file(out / "metrics.json") as tmp_file:
         tmp_file.write_text(json.dumps(metrics, indent=2) + "\n")
     write_card(out)
@@ -337,16 +398,40 @@ Reruns of the recipe (same Python, torch and corpus; figures as in Results):
 
 
 def draft_only_text(settings: dict[str, Any] | None, a: dict[str, Any]) -> str:
-    """The card's note on a draft distilled again by `--draft-only`, if it was."""
+    """The card's note on a draft distilled again by `--draft-only` (and fine-tuned by further
+    `--draft-only --from-draft` runs), if it was."""
     if not settings:
         return ""
-    changed = "".join(f" --{key.replace('_', '-')} {value}" for key, value in settings.items()
-                      if key not in ("draft_steps", "threads") and value != a.get(key))
+    runs = [settings]
+    while runs[-1].get("from_draft") and runs[-1].get("started_from"):
+        runs.append(runs[-1]["started_from"])
+    commands = [f"`pangu train-demo --out models/demo --draft-only --draft-steps {run['draft_steps']}"
+                f"{draft_only_flags(run, a)}` ({run['threads']} CPU thread(s))" for run in reversed(runs)]
     return f"""
 The draft was then distilled again from the committed target, on the same training documents:
-`pangu train-demo --out models/demo --draft-only --draft-steps {settings["draft_steps"]}{changed}`
-({settings["threads"]} CPU thread(s)); the draft's figures above are from that run.
+{", then fine-tuned from that draft: ".join(commands)}; the draft's figures above are from the last run.
 """
+
+
+def draft_only_flags(run: dict[str, Any], a: dict[str, Any]) -> str:
+    """The options of a `--draft-only` run that differ from the recipe's, as command-line flags."""
+    flags = "".join(f" --{key.replace('_', '-')} {run[key]}" for key in DRAFT_ARGS
+                    if key in run and key not in ("draft_steps", "threads", "from_draft", "on_policy",
+                                                  "on_policy_windows") and run[key] != a.get(key))
+    if run.get("from_draft"):
+        flags += " --from-draft"
+    if run.get("on_policy"):
+        flags += f" --on-policy {run['on_policy']} --on-policy-windows {run['on_policy_windows']}"
+    return flags
+
+
+def continuation_text(d: dict[str, Any]) -> str:
+    """The card's figure on the target's own continuations (drafts made before it was measured lack it)."""
+    if "greedy_agreement_continuations" not in d:
+        return ""
+    return (f", and at **{d['greedy_agreement_continuations']:.1%}** of the positions of the target's own greedy "
+            f"continuations ({CONTINUATION_TOKENS} tokens, bf16 weights) of {CONTINUATIONS} held-out prompts of "
+            f"{CONTINUATION_PROMPT} tokens: the text a speculative draft has to predict")
 
 
 def model_card(m: dict[str, Any], hashes: list[tuple[str, int, str]]) -> str:
@@ -356,6 +441,8 @@ def model_card(m: dict[str, Any], hashes: list[tuple[str, int, str]]) -> str:
     total = sum(size for _, size, _ in hashes)
     rows = "\n".join(f"| `{name}` | {size:,} | `{digest}` |" for name, size, digest in hashes)
     ref = m["reference"]
+    draft_start = ("the previous draft (see Reproduce)" if d.get("draft_only", {}).get("from_draft")
+                   else f"target's embedding, first {d['layers']} block(s) and final norm")
     return f"""# pangu-fn demo models
 
 Two small language models of the **openPangu-Embedded family** (pre-RMSNorm, SwiGLU MLP, RoPE,
@@ -400,7 +487,7 @@ Special ids: unk 0, bos 1, eos 2, pad 3.
 | steps x batch x window | {t["steps"]} x {a["batch"]} x {a["seq_len"]} | {d["steps"]} x {da["batch"]} x {da["seq_len"]} |
 | tokens seen | {t["tokens_seen"]:,} ({t["tokens_seen"] / c["train_tokens"]:.1f} passes) | {d["tokens_seen"]:,} |
 | loss | next-token cross-entropy | {da["kl_weight"]} x KL(target ‖ draft) + {1 - da["kl_weight"]:.1f} x next-token |
-| start | random (seed {a["seed"]}) | target's embedding, first {d["layers"]} block(s) and final norm |
+| start | random (seed {a["seed"]}) | {draft_start} |
 | wall time | {t["seconds"]:.0f} s | {d["seconds"]:.0f} s |
 
 AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices, gradient clip 1.0), learning rate
@@ -416,7 +503,7 @@ AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices, gradient clip 1.0), learn
 | draft | {d["final_train_loss_50"]:.3f} (distillation loss) | {d["train_ppl"]:.2f} | **{d["heldout_ppl"]:.2f}** |
 
 Train perplexity is measured on {c["train_sample_tokens"]:,} tokens of evenly spaced training windows.
-The draft's greedy next token equals the target's at **{d["greedy_agreement_heldout"]:.1%}** of held-out positions.
+The draft's greedy next token equals the target's at **{d["greedy_agreement_heldout"]:.1%}** of held-out positions{continuation_text(d)}.
 
 Greedy continuation of `{ref["prompt"]!r}` by the target ({ref["max_new_tokens"]} tokens; the test
 suite checks these exact tokens, which are also in `metrics.json`):
