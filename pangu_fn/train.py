@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .config import ModelConfig
 from .errors import InputError
 from .evaluate import next_token_loss
+from .generate import generate
 from .model import forward
 from .params import Params
 from .tree import leaves_with_names, unflatten
@@ -110,8 +111,6 @@ def continuation_windows(params: Params, cfg: ModelConfig, ids: torch.Tensor, co
     (no stop at eos). The text a speculative draft has to predict is the target's own, so a
     draft distilled partly on such windows agrees with it more often where it matters
     (on-policy distillation, as in DistillSpec). Needs `width <= cfg.max_seq_len`."""
-    from .generate import generate
-
     lo, hi = prompt_lengths
     if not (1 <= lo <= hi < width <= cfg.max_seq_len and ids.numel() > hi):
         raise InputError(f"continuation_windows: expected 1 <= prompt lengths {lo}..{hi} < width {width} <= "
