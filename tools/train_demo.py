@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(--draft-layers, --draft-steps, --kl-weight, --lr, --seed, --on-policy) and update "
                         "metrics.json and the card")
     p.add_argument("--from-draft", action="store_true",
-                   help="with --draft-only: start from the draft in --out (fine-tune it) instead of the target's "
-                        "first block(s)")
+                   help="with --draft-only: start from the draft in --out (fine-tune it, keeping its layer count) "
+                        "instead of the target's first block(s)")
     p.set_defaults(func=run)
 
 
@@ -349,8 +349,9 @@ def run_draft_only(args: argparse.Namespace) -> int:
     held_ids = data.token_stream(tok, committed).tolist()
     eval_len = metrics["eval_seq_len"]
     dcfg, start_draft = tcfg.replace(num_layers=args.draft_layers), None
-    if args.from_draft:
+    if args.from_draft:  # its own layer count, whatever --draft-layers says
         start_draft, dcfg = pf.load(out / "draft", dtype="fp32")
+        args.draft_layers = dcfg.num_layers
     after_step = heldout_monitor(dcfg, "draft", held_ids[: 32 * eval_len], eval_len, args.eval_every)
     draft, losses = distil_draft(target, tcfg, dcfg, train_ids, args, after_step, start_draft)
     trained = time.perf_counter()
