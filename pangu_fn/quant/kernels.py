@@ -5,12 +5,14 @@
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
 | CPU, bf16 activations, few rows | `native.int8_linear`, else `torch._weight_int8pack_mm` | `native.int4_linear`, else `torch._weight_int4pack_mm_for_cpu` | `native.bf16_linear`, else oneDNN prepacked matmul |
 | CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_INT4_ROWS`, `native.BF16_MAX_ELEMENTS`) | dequantize, then bf16 `F.linear` | the same (`native.int4_dequantize`) | `F.linear`, or oneDNN prepacked matmul |
+| CUDA, bf16 activations, few rows (`DEQUANTIZE_ROWS`) | dequantize, then `F.linear` (torch's CUDA `_weight_int8pack_mm` was no faster) | `torch._weight_int4pack_mm` (tinygemm; packed once per leaf) | `F.linear` |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
 
 `native.*` are the AVX-512 kernels compiled on first use (`native.py`); where they cannot run,
 a dense bf16 leaf holds oneDNN's prepacked copy and an int4 leaf torch's CPU pack instead.
-The Ascend path follows torch_npu's documented signature and has not been run (no NPU here).
+The CUDA paths were run on an H100 (tests/test_accelerator.py); the Ascend path follows
+torch_npu's documented signature and has not been run (no NPU here).
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         if y.shape[-1] != n:  # rows padded to a multiple of 16 for the packer
             y = y[:, :n]
         return _add_bias(y, bias).view(*x.shape[:-1], n)
+    if (x.device.type == "cuda" and x.dtype == torch.bfloat16 and x.numel() < DEQUANTIZE_ROWS["int4"] * k
+            and not tracing() and w.cuda_kernel_data is not None):
+        packed, scales_and_zeros = w.cuda_kernel_data
+        y = torch._weight_int4pack_mm(_rows(x), packed, w.group_size, scales_and_zeros)
+        return _add_bias(y, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)
     return dequantized_linear(w, x, bias)
@@ -139,6 +146,23 @@ def _npu_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
 def npu_int8_data(w: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, None, int]:
     """(weight int8 [K, N], scale [N], no offset, group 0) for `npu_weight_quant_batchmatmul`."""
     return w.qdata.t().contiguous(), w.scales.to(dtype), None, 0
+
+
+def cuda_int4_data(w: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed weight, scales_and_zeros `[K/G, N, 2]` bf16) for `torch._weight_int4pack_mm`, or
+    None where tinygemm does not take the shape (N % 8, K % 32, G in 32..256). Its input is
+    uint8 `[N, K/2]` with the even column in the high nibble; a value is (code - 8) * scale +
+    zero, so zero = (8 - zero point) * scale, as in the CPU kernel."""
+    n, k = w.shape
+    if n % 8 or k % 32 or w.group_size not in (32, 64, 128, 256) or w.scales.dtype != torch.bfloat16:
+        return None
+    codes = w.codes()
+    packed = torch._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2],
+                                               next(t for t in (8, 4, 2) if k % (16 * t) == 0))
+    scales = w.scales.float()
+    zero = 8.0 if w.zero_points is None else w.zero_points.float()
+    sz = torch.stack([scales.t(), ((8.0 - zero) * scales).t()], dim=-1)
+    return packed, sz.to(torch.bfloat16).contiguous()
 
 
 def npu_int4_data(w: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

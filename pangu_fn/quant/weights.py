@@ -213,6 +213,7 @@ class Int4Weight(_Leaf):
         self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cpu_tried = False
         self._native: tuple | None | bool = False  # False: not looked at yet
+        self._cuda: tuple | None | bool = False
         self._npu: tuple | None = None
 
     def _prepare_cpu(self) -> None:
@@ -270,6 +271,14 @@ class Int4Weight(_Leaf):
         if not self._cpu_tried:
             self._prepare_cpu()
         return self._cpu
+
+    @property
+    def cuda_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(packed weight, scales_and_zeros) for torch's CUDA int4 kernel, or None where it does
+        not apply (built on first use; the leaf then holds both copies)."""
+        if self._cuda is False:
+            self._cuda = kernels.cuda_int4_data(self) if self.scales.device.type == "cuda" else None
+        return self._cuda
 
     def codes(self, rows: slice = slice(None)) -> torch.Tensor:
         """Codes `[N, K]` uint8 (0..15), or those of `rows` (a step-1 slice whose start is a
@@ -329,7 +338,7 @@ class Int4Weight(_Leaf):
         return self._npu
 
     def _held(self) -> list[Any]:
-        return [self._qdata, self.scales, self.zero_points, self._cpu, self._npu]
+        return [self._qdata, self.scales, self.zero_points, self._cpu, self._cuda or None, self._npu]
 
     def to(self, device: str | torch.device) -> Int4Weight:
         zp = None if self.zero_points is None else self.zero_points.to(device)
