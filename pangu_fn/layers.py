@@ -44,12 +44,11 @@ def _split_k_parts(x: torch.Tensor, w: torch.Tensor) -> int:
     blocks and 2x on its LM head at 2 threads. It needs the weight column-major (the layout
     `params.decode_layout` gives fp32 CPU weights), so that K-slices of W.T are contiguous.
     Eager inference only: under autograd or tracing the plain product is used."""
-    parts = torch.get_num_threads()
-    if (parts < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
             or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or x.numel() > SPLIT_K_MAX_ROWS * x.shape[-1] or not w.t().is_contiguous()):
         return 1
-    k = w.shape[1]
+    parts, k = torch.get_num_threads(), w.shape[1]
     while parts > 1 and k % parts:
         parts -= 1
     return parts

@@ -149,3 +149,25 @@ def test_greedy_tokens_is_argmax_with_the_first_of_equal_maxima(dtype):
     logits[1, 2] = 0.0  # a row that is all ties: index 0
     assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
     assert greedy_tokens(logits)[0].tolist() == [7] * 5 and greedy_tokens(logits)[1, 2].item() == 0
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_decode_steps_trace_as_one_graph(preset):
+    """Under torch.compile(fullgraph=True) a decode step with a cache traces without a graph
+    break (no host syncs on the traced path: what CUDA graphs need) and gives the eager logits.
+    Backend "eager" checks the trace, not a compiler."""
+    from pangu_fn.cache import KVCache
+
+    params, cfg = random_model(preset, seed=2)
+    toks = tokens_for(cfg, (2, 9), 6)
+    torch._dynamo.reset()
+    step = torch.compile(lambda t, keys, values, lengths: pf.forward(params, cfg, t, KVCache(keys, values, lengths)),
+                         fullgraph=True, backend="eager")
+    eager = pf.init_cache(params, cfg, 2, 16)
+    _, eager = pf.forward(params, cfg, toks[:, :6], eager)
+    traced = KVCache([k.clone() for k in eager.keys], [v.clone() for v in eager.values], eager.lengths.clone())
+    for i in range(6, 9):
+        want, eager = pf.forward(params, cfg, toks[:, i:i + 1], eager)
+        got, traced = step(toks[:, i:i + 1], traced.keys, traced.values, traced.lengths)
+        assert (got - want).abs().max().item() < 1e-4
+    assert traced.lengths.tolist() == [9, 9]
