@@ -322,6 +322,27 @@ def test_timed_adaptive_k_uses_measured_costs():
     assert noisy.draft_s < 0.002 and noisy.choose() == 4
 
 
+def test_a_warm_start_continues_from_the_last_calls_controller():
+    """`SpecStats.adaptive` is the controller the call ended with; passed as the next call's
+    `adaptive` it carries the measured rate on (here: drafts that fail, so the second call
+    decodes plainly from its first step), and the tokens stay plain greedy's."""
+    params, cfg = flat_model("tiny-openpangu")
+    drafter = DraftModel(*flat_model("tiny-openpangu", seed=9))  # an unrelated model: drafts fail
+    plain = [c.tokens for c in pf.generate(params, cfg, SINGLE, 40, eos_token_ids=())]
+    cold = SpecStats()
+    out = speculative_generate(params, cfg, SINGLE, 40, eos_token_ids=(), drafter=drafter, k=4,
+                               adaptive=AdaptiveK(k_max=4, timed=False, cost=0.5), stats=cold)
+    learnt = cold.adaptive
+    assert [c.tokens for c in out] == plain and learnt.rate < 0.3 and learnt.examined > 2.0
+    assert max(cold.k_used) >= 2  # the fresh controller's optimistic prior drafts at first
+    warm = SpecStats()
+    out = speculative_generate(params, cfg, SINGLE, 40, eos_token_ids=(), drafter=drafter, k=4,
+                               adaptive=replace(learnt, plain_steps=0, backoff=3), stats=warm)
+    assert [c.tokens for c in out] == plain
+    assert set(warm.k_used) <= {0, 1} and warm.k_used.get(1, 0) <= 1  # plain, with at most one probe
+    assert warm.adaptive.examined <= learnt.examined + 1
+
+
 def test_adaptive_run_falls_back_when_drafts_are_useless():
     params, cfg = flat_model("tiny-openpangu")
     drafter = DraftModel(*flat_model("tiny-openpangu", seed=9))  # an unrelated model: drafts fail

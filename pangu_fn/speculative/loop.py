@@ -30,7 +30,9 @@ class SpecStats:
     """Totals over a speculative run: `steps` target verification calls, `drafted` and
     `accepted` draft tokens summed over rows, `tokens` kept by the steps (per row: accepted
     + 1), `row_steps` the sum over steps of the rows running, seconds spent in prefill,
-    drafting and verifying, and how many steps used each draft length."""
+    drafting and verifying, and how many steps used each draft length. With an adaptive K,
+    `adaptive` is the controller as the last call left it: pass it as the next call's
+    `adaptive` to start from the rates and costs it measured (a warm start)."""
 
     steps: int = 0
     drafted: int = 0
@@ -41,6 +43,7 @@ class SpecStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     k_used: dict[int, int] = field(default_factory=dict)
+    adaptive: AdaptiveK | None = None
 
     def add(self, step: StepStats) -> None:
         self.steps += 1
@@ -103,6 +106,7 @@ def speculative_stream(params: Params, cfg: ModelConfig, prompts: Sequence[Seque
             state, events, step = spec_step(target, drafter, state, sampling, rng)
         if stats is not None:
             stats.add(step)
+            stats.adaptive = state.adaptive
         yield from events
 
 
