@@ -55,5 +55,6 @@ def test_bench_draft_rows(tmp_path, capsys):
         assert r["decode_tok_s"] > 0 and len(r["per_prompt_decode_tok_s"]) == 2
         assert r["vs_plain"] == round(r["decode_tok_s"] / spec[0]["decode_tok_s"], 3)
     assert all(0 <= r["acceptance_rate"] <= 1 and r["tokens_per_call"] >= 1 for r in spec[1:])
+    assert [r.get("warm_start") for r in spec] == [None, None, True, None, True]  # adaptive rows start warm
     assert main(["bench", "--model", "tiny-gpt", "--draft", "lookup", "--repeats", "1"]) == 2  # no held-out text
     assert "heldout.jsonl" in capsys.readouterr().err

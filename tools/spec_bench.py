@@ -8,6 +8,10 @@ it); `quote` takes a passage of such a document (`--new-tokens` + 8 tokens, or f
 context) followed by a blank line and the passage's first 8 tokens again, so that a faithful continuation repeats it (the case prompt lookup is
 for: summaries, code edits); `random` uses random token ids (no tokenizer needed). Greedy
 speculative output equals plain greedy output, so each row decodes the same tokens.
+
+An adaptive row (`--adaptive`) starts each call from the controller the row's previous call
+left (`SpecStats.adaptive`, a warm start, as a server decoding request after request would);
+the warm-up round's first call starts cold.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "'self' / 'self:N' or 'lookup' / 'lookup:N'; adds a plain greedy row on the same prompts")
     p.add_argument("--k", type=int, default=4, help="speculative rows: tokens drafted per step")
     p.add_argument("--adaptive", action="store_true",
-                   help="speculative rows: also measure each drafter with adaptive K (at most --k)")
+                   help="speculative rows: also measure each drafter with adaptive K (at most --k), each call "
+                        "starting from the controller the previous call left")
     p.add_argument("--spec-prompts", default="held-out", choices=["held-out", "quote", "random"],
                    help="speculative rows: prompts from held-out documents, quoting prompts, or random ids")
     p.add_argument("--prompt-count", type=int, default=4, help="speculative rows: prompts per row")
@@ -81,9 +86,9 @@ def spec_engine(params: Any, cfg: Any, drafter: Any, k: int, adaptive: bool, sta
 
     def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
         start = time.perf_counter()
+        warm = stats.adaptive if adaptive and stats.adaptive is not None else adaptive  # the last call's controller
         stamps = [time.perf_counter() for _ in speculative_stream(params, cfg, [prompt], n, eos_token_ids=(),
-                                                                  drafter=drafter, k=k, adaptive=adaptive,
-                                                                  stats=stats)]
+                                                                  drafter=drafter, k=k, adaptive=warm, stats=stats)]
         return start, stamps
 
     return run
@@ -108,7 +113,7 @@ def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable
         for adaptive in (False, True) if args.adaptive else (False,):
             stats = SpecStats()
             label = f"speculative {spec} k{'<=' if adaptive else '='}{args.k}"
-            info = {"draft": spec, "k": args.k, "adaptive": adaptive}
+            info = {"draft": spec, "k": args.k, "adaptive": adaptive, **({"warm_start": True} if adaptive else {})}
             candidates.append((label, spec_engine(params, cfg, drafter, args.k, adaptive, stats), stats, info))
     # every row decodes each prompt in turn (a fraction of a second each), who goes first
     # rotating, so that the machine's slow spells, which last seconds, hit every row alike
