@@ -148,21 +148,29 @@ def npu_int8_data(w: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return w.qdata.t().contiguous(), w.scales.to(dtype), None, 0
 
 
+def scales_and_zeros(scales: torch.Tensor, zero_points: torch.Tensor | None, pad: int = 0) -> torch.Tensor:
+    """`[K/G, N + pad, 2]` bf16 for torch's int4 kernels (CPU and CUDA), from `scales [N, K/G]`
+    and zero points (None: 8). They compute (code - 8) * scale + zero, so zero = (8 - zero
+    point) * scale; `pad` zero columns follow (rows the CPU packer pads)."""
+    scales = scales.float()
+    zero = 8.0 if zero_points is None else zero_points.float()
+    sz = torch.stack([scales.t(), ((8.0 - zero) * scales).t()], dim=-1)
+    if pad:
+        sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], 1)
+    return sz.to(torch.bfloat16).contiguous()
+
+
 def cuda_int4_data(w: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed weight, scales_and_zeros `[K/G, N, 2]` bf16) for `torch._weight_int4pack_mm`, or
-    None where tinygemm does not take the shape (N % 8, K % 32, G in 32..256). Its input is
-    uint8 `[N, K/2]` with the even column in the high nibble; a value is (code - 8) * scale +
-    zero, so zero = (8 - zero point) * scale, as in the CPU kernel."""
+    """(packed weight, `scales_and_zeros`) for `torch._weight_int4pack_mm`, or None where
+    tinygemm does not take the shape (N % 8, K % 32, G in 32..256). Its input is uint8
+    `[N, K/2]` with the even column in the high nibble."""
     n, k = w.shape
     if n % 8 or k % 32 or w.group_size not in (32, 64, 128, 256) or w.scales.dtype != torch.bfloat16:
         return None
     codes = w.codes()
     packed = torch._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2],
                                                next(t for t in (8, 4, 2) if k % (16 * t) == 0))
-    scales = w.scales.float()
-    zero = 8.0 if w.zero_points is None else w.zero_points.float()
-    sz = torch.stack([scales.t(), ((8.0 - zero) * scales).t()], dim=-1)
-    return packed, sz.to(torch.bfloat16).contiguous()
+    return packed, scales_and_zeros(w.scales, w.zero_points)
 
 
 def npu_int4_data(w: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

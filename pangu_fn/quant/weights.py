@@ -231,13 +231,7 @@ class Int4Weight(_Leaf):
             return
         n, k = self.shape
         pad = -n % CPU_ROW_MULTIPLE
-        scales = self.scales.float()
-        zero = 8.0 if self.zero_points is None else self.zero_points.float()
-        offsets = (8.0 - zero) * scales
-        if pad:
-            scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
-            offsets = torch.cat([offsets, offsets.new_zeros(pad, offsets.shape[1])])
-        sz = torch.stack([scales.t(), offsets.t()], dim=-1).to(torch.bfloat16).contiguous()
+        sz = kernels.scales_and_zeros(self.scales, self.zero_points, pad)
         invertible = not self.keep_qdata and cpu_layout_known()
         in_place = invertible and not pad and _only_reference(self, "_qdata")
         packed = self._qdata.view(n, k // 2) if in_place else torch.empty(n + pad, k // 2, dtype=torch.uint8)
