@@ -56,5 +56,10 @@ def test_bench_draft_rows(tmp_path, capsys):
         assert r["vs_plain"] == round(r["decode_tok_s"] / spec[0]["decode_tok_s"], 3)
     assert all(0 <= r["acceptance_rate"] <= 1 and r["tokens_per_call"] >= 1 for r in spec[1:])
     assert [r.get("warm_start") for r in spec] == [None, None, True, None, True]  # adaptive rows start warm
+    lookup = spec[1]  # replayed from the plain greedy tokens, the fixed-K lookup row's own figure
+    assert lookup["lookup_replay_tokens_per_call"] == lookup["tokens_per_call"]
+    assert lookup["lookup_best_match_tokens_per_call"] >= lookup["tokens_per_call"]
+    assert [r for r in spec if "lookup_replay_tokens_per_call" in r] == [lookup]
+    assert 0 <= lookup["prompts_equal_to_plain"] <= 2
     assert main(["bench", "--model", "tiny-gpt", "--draft", "lookup", "--repeats", "1"]) == 2  # no held-out text
     assert "heldout.jsonl" in capsys.readouterr().err

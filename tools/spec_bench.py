@@ -7,7 +7,12 @@ documents (`heldout.jsonl` beside the model folder or its parent, as `pangu trai
 it); `quote` takes a passage of such a document (`--new-tokens` + 8 tokens, or fewer to fit the
 context) followed by a blank line and the passage's first 8 tokens again, so that a faithful continuation repeats it (the case prompt lookup is
 for: summaries, code edits); `random` uses random token ids (no tokenizer needed). Greedy
-speculative output equals plain greedy output, so each row decodes the same tokens.
+speculative output equals plain greedy output, so each row decodes the same tokens (in fp32;
+in bf16 a prompt may part from plain greedy at a near-tie, see docs/speculative.md).
+
+Fixed-K prompt lookup rows also get `lookup_replay` figures: the tokens per call replayed from
+their own tokens (equal to the measured figure) and the best any choice among lookup's n-gram
+matches would reach on them, an upper bound for every lookup rule on this model.
 
 An adaptive row (`--adaptive`) starts each call from the controller the row's previous call
 left (`SpecStats.adaptive`, a warm start, as a server decoding request after request would);
@@ -141,9 +146,35 @@ def spec_rows(params: Any, cfg: Any, args: argparse.Namespace, measure: Callable
         if stats is not None:
             row.update({key: value for key, value in stats.as_dict().items() if key != "prefill_s"})
         rows.append(row)
+    add_lookup_bounds(params, cfg, prompts, args.new_tokens, rows)
     for row in rows:
         row["vs_plain"] = round(row["decode_tok_s"] / rows[0]["decode_tok_s"], 3)
         extra = f"   accept {row['acceptance_rate']:.1%}  {row['tokens_per_call']:.2f} tok/call" if "steps" in row else ""
+        if "lookup_best_match_tokens_per_call" in row:
+            extra += f" (best n-gram match every step: {row['lookup_best_match_tokens_per_call']:.2f})"
         print(f"{row['engine']:>44}  decode {row['decode_tok_s']:8.2f} tok/s   x{row['vs_plain']:.3f} vs plain{extra}",
               file=sys.stderr)
     return rows
+
+
+def add_lookup_bounds(params: Any, cfg: Any, prompts: list[list[int]], new_tokens: int,
+                      rows: list[dict[str, Any]]) -> None:
+    """Fixed-K prompt lookup rows get the tokens per target call replayed from the row's greedy
+    tokens (`lookup_replay`: it equals the measured figure), the most that the best of all
+    lookup's n-gram matches at every step would give on those tokens (no lookup rule can beat
+    it), and how many prompts' tokens equal plain greedy decoding's (all in fp32; in bf16 a
+    prompt may part at a near-tie, see docs/speculative.md)."""
+    from pangu_fn import generate
+    from pangu_fn.speculative import PromptLookup, load_drafter, lookup_replay, speculative_generate
+
+    for row in rows:
+        rule = load_drafter(row["draft"]) if "draft" in row and not row["adaptive"] else None
+        if not isinstance(rule, PromptLookup):
+            continue
+        plain = [generate(params, cfg, [p], new_tokens, eos_token_ids=())[0].tokens for p in prompts]
+        own = [speculative_generate(params, cfg, [p], new_tokens, eos_token_ids=(), drafter=rule, k=row["k"])[0].tokens
+               for p in prompts]
+        row["prompts_equal_to_plain"] = sum(a == b for a, b in zip(plain, own))
+        for key, best in (("lookup_replay_tokens_per_call", False), ("lookup_best_match_tokens_per_call", True)):
+            replays = [lookup_replay(p, g, row["k"], rule.max_ngram, rule.min_ngram, best) for p, g in zip(prompts, own)]
+            row[key] = round(sum(kept for _, kept in replays) / sum(calls for calls, _ in replays), 4)
