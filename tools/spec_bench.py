@@ -165,13 +165,12 @@ def add_lookup_bounds(params: Any, cfg: Any, prompts: list[list[int]], new_token
     it), and how many prompts' tokens equal plain greedy decoding's (all in fp32; in bf16 a
     prompt may part at a near-tie, see docs/speculative.md)."""
     from pangu_fn import generate
-    from pangu_fn.speculative import PromptLookup, load_drafter, lookup_replay, speculative_generate
+    from pangu_fn.speculative import load_drafter, lookup_replay, speculative_generate
 
-    for row in rows:
-        rule = load_drafter(row["draft"]) if "draft" in row and not row["adaptive"] else None
-        if not isinstance(rule, PromptLookup):
-            continue
-        plain = [generate(params, cfg, [p], new_tokens, eos_token_ids=())[0].tokens for p in prompts]
+    lookup_rows = [row for row in rows if row.get("draft", "").partition(":")[0] == "lookup" and not row["adaptive"]]
+    plain = [generate(params, cfg, [p], new_tokens, eos_token_ids=())[0].tokens for p in prompts] if lookup_rows else []
+    for row in lookup_rows:
+        rule = load_drafter(row["draft"])  # a PromptLookup
         own = [speculative_generate(params, cfg, [p], new_tokens, eos_token_ids=(), drafter=rule, k=row["k"])[0].tokens
                for p in prompts]
         row["prompts_equal_to_plain"] = sum(a == b for a, b in zip(plain, own))
