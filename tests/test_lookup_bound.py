@@ -9,6 +9,7 @@ import torch
 from helpers import random_model
 
 import pangu_fn as pf
+from pangu_fn.errors import InputError
 from pangu_fn.speculative import PromptLookup, SpecStats, lookup_replay, speculative_generate
 
 
@@ -49,3 +50,9 @@ def test_replay_equals_speculative_decoding_with_prompt_lookup(k):
         assert best == stats.tokens and best_calls <= stats.row_steps
         accepted += stats.accepted
     assert accepted > 0  # the replays compared had drafts to accept
+
+
+@pytest.mark.parametrize("bad", [{"k": 0}, {"k": 4, "min_ngram": 0}, {"k": 4, "max_ngram": 1, "min_ngram": 2}])
+def test_bad_arguments_get_a_typed_error(bad):
+    with pytest.raises(InputError, match="lookup_replay: expected"):
+        lookup_replay([1, 2, 1], [2, 1], **bad)

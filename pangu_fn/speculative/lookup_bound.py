@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..errors import InputError
+
 
 def lookup_replay(prompt: Sequence[int], continuation: Sequence[int], k: int, max_ngram: int = 3,
                   min_ngram: int = 1, best_of_all: bool = False) -> tuple[int, int]:
@@ -23,7 +25,11 @@ def lookup_replay(prompt: Sequence[int], continuation: Sequence[int], k: int, ma
     `best_of_all=False` takes `PromptLookup`'s draft (the longest n that occurs, its latest
     occurrence); `True` takes, at every step, the draft among all occurrences of every n that
     the target accepts furthest (an oracle). A step without a match decodes one token.
-    Returns (target calls, tokens those calls kept)."""
+    Returns (target calls, tokens those calls kept). Raises InputError for k < 1 or n-gram
+    bounds outside 1 <= min_ngram <= max_ngram."""
+    if k < 1 or not 1 <= min_ngram <= max_ngram:
+        raise InputError(f"lookup_replay: expected k >= 1 and 1 <= min_ngram <= max_ngram, found k={k}, "
+                         f"min_ngram={min_ngram}, max_ngram={max_ngram}")
     context, todo = list(prompt) + list(continuation[:1]), list(continuation[1:])
     calls = kept = 0
     while todo:
