@@ -22,6 +22,7 @@ from pangu_fn.cache import compute_dtype
 from pangu_fn.config import ModelConfig
 from pangu_fn.errors import ConfigError, FormatError
 from pangu_fn.io.atomic import atomic_dir
+from pangu_fn.io.destination import check_destination
 from pangu_fn.params import Params, astype, parse_dtype
 from pangu_fn.tokenizer import find_tokenizer, load_tokenizer
 from pangu_fn.tree import flatten
@@ -39,16 +40,21 @@ def export_bundle(params: Params, cfg: ModelConfig, out: str | Path, target: str
                   tokenizer: str | Path | None = None, batch_size: int = 1, kv_len: int | None = None,
                   prefill_lengths: list[int] | None = None, soc_version: str = ascend.DEFAULT_SOC,
                   ort_fusions: bool = True, accuracy_level: int = 0, genai: bool = True,
-                  max_new_tokens: int = 128, progress: bool = True) -> dict[str, Any]:
+                  max_new_tokens: int = 128, progress: bool = True, overwrite: bool = False,
+                  sources: list[str | Path] | tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """Write a bundle for `target` ("ort" | "ascend" | "torch") to the folder `out` and return
     its manifest. `dtype` casts the tree first; `tokenizer` is a tokenizer file or a model
     folder holding one (copied into the bundle). Ascend options: fixed `batch_size`,
     `kv_len` (default min(1024, max_seq_len)), `prefill_lengths` (ATC profiles, default
     1, 16, 64, ...), `soc_version`; the ONNX file must pass `check_ascend` or nothing is
     written. `genai` (target ort) also writes onnxruntime-genai's `genai_config.json`.
-    Raises ConfigError for bad options, FormatError for a graph that fails the checker."""
+    An existing `out` other than an empty folder is replaced only with `overwrite` and only
+    when it is a bundle or model folder; `out` may never equal or contain one of `sources`
+    (the model's files). Raises ConfigError for bad options or such a destination, FormatError
+    for a graph that fails the checker."""
     if target not in TARGETS:
         raise ConfigError(f"export: unknown target {target!r}; expected one of {TARGETS}")
+    check_destination(out, overwrite=overwrite, sources=sources)
     if dtype is not None:
         params = astype(params, parse_dtype(dtype))
     cdtype = compute_dtype(params)

@@ -65,6 +65,7 @@ def test_cast_and_shard(alpha_folder, tmp_path, capsys):
 def test_existing_destination_needs_overwrite(alpha_folder, tmp_path, capsys):
     src, _, _ = alpha_folder
     (tmp_path / "dst").mkdir()
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 0  # an empty folder holds no data
     assert main(["convert", str(src), str(tmp_path / "dst")]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main(["convert", str(src), str(tmp_path / "dst"), "--overwrite"]) == 0

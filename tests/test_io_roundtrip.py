@@ -63,7 +63,7 @@ def test_save_over_an_existing_model_replaces_it(tmp_path):
     p1, cfg = random_model("tiny-gpt", seed=1)
     p2, _ = random_model("tiny-gpt", seed=2)
     pf.save(tmp_path / "m", p1, cfg, shard_size=50_000)
-    pf.save(tmp_path / "m", p2, cfg)
+    pf.save(tmp_path / "m", p2, cfg, overwrite=True)
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     assert torch.equal(pf.load(tmp_path / "m")[0]["tok_embed"]["weight"], p2["tok_embed"]["weight"])
     assert [f.name for f in tmp_path.iterdir()] == ["m"]

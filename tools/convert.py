@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true", help="compare logits of source and result on a few prompts")
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer files")
     p.add_argument("--no-crc", action="store_true", help="MindSpore output: omit the CRC trailer")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (only a model folder, bundle or checkpoint file; never the source)")
     p.set_defaults(func=run)
 
 
@@ -55,18 +56,15 @@ def parse_size(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pangu_fn.errors import ConfigError
     from pangu_fn.io import writers
     from pangu_fn.io.checkpoint import open_source
+    from pangu_fn.io.destination import check_destination
     from pangu_fn.params import parse_dtype
 
     src, dst = Path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     shard_size = parse_size(args.shard_size)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ConfigError(f"DST {dst} is the source; choose another output path")
-    if dst.exists() and not args.overwrite:
-        raise ConfigError(f"DST {dst} exists; pass --overwrite to replace it")
+    check_destination(dst, overwrite=args.overwrite, sources=[src])
     source = open_source(src, args.fmt, args.config)
     cfg = source.cfg
     fmt = writers.output_format(dst, args.to, cfg)
@@ -77,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
               disable=None) as bar:
         on_tensor = lambda name, n: bar.update(n)
         if fmt == "mindspore":
-            writers.write_mindspore(source, dst, dtype, crc=not args.no_crc, on_tensor=on_tensor)
+            writers.write_mindspore(source, dst, dtype, crc=not args.no_crc, on_tensor=on_tensor,
+                                    overwrite=args.overwrite)
             _copy_beside(tokenizer, dst.parent)
         else:
             write = {"pangu-fn": writers.write_ours, "hf": writers.write_hf, "gpt_pangu": writers.write_gpt_pangu}[fmt]
-            write(source, dst, dtype, shard_size, tokenizer, on_tensor)
+            write(source, dst, dtype, shard_size, tokenizer, on_tensor, overwrite=args.overwrite)
     print(f"{src}: {source.layout}, {cfg.family} family, {cfg.num_layers} layers"
           f"{' + query layer' if cfg.query_layer else ''}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
           f"{len(source.tensors)} tensors ({source.nbytes / 2**20:.1f} MiB)", file=sys.stderr)

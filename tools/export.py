@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Export SRC (a model folder or preset) to the bundle folder OUT, or "
                                    "with --check ascend, verify the ONNX file SRC against ATC's rules.")
     p.add_argument("src", help="model folder or preset name; with --check: the ONNX file")
-    p.add_argument("out", nargs="?", help="bundle folder to write (replaced atomically)")
+    p.add_argument("out", nargs="?", help="bundle folder to write (atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (only a bundle or model folder; never SRC or a folder holding it)")
     p.add_argument("--target", choices=["ort", "ascend", "torch"], default="ort")
     p.add_argument("--check", choices=["ascend"], help="only check the ONNX file SRC; write nothing")
     p.add_argument("--dtype", default=None,
@@ -45,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("export: expected an output folder OUT (or --check ascend MODEL.onnx)")
     from pangu_export import export_bundle
 
+    from pangu_fn.io.destination import check_destination
     from pangu_fn.tokenizer import find_tokenizer
 
+    sources = [args.src] if Path(args.src).exists() else []
+    check_destination(args.out, overwrite=args.overwrite, sources=sources)
     params, cfg, _ = resolve_model(args.src, "cpu", args.dtype, args.weights_seed)
     if args.dtype is None and args.target != "torch":
         import torch
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = export_bundle(params, cfg, args.out, args.target, opset=args.opset, tokenizer=tokenizer,
                              batch_size=args.batch, kv_len=args.kv_len, prefill_lengths=lengths,
                              soc_version=args.soc_version, ort_fusions=not args.no_fusions,
-                             accuracy_level=args.accuracy_level, genai=not args.no_genai)
+                             accuracy_level=args.accuracy_level, genai=not args.no_genai,
+                             overwrite=args.overwrite, sources=sources)
     size = sum(f["bytes"] for f in manifest["files"].values())
     print(f"wrote {args.out}: target {manifest['target']}, {len(manifest['files'])} files, "
           f"{size / 2**20:.1f} MiB", file=sys.stderr)

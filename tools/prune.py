@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model: magnitude, wanda, n:m, structured, iterative")
     p.add_argument("src", metavar="SRC", help="model folder or preset name (random weights)")
     p.add_argument("dst", metavar="DST", help="output model folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (only a model folder or bundle; never SRC or a folder holding it)")
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "n:m", "structured", "iterative"])
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to zero (default 0.5)")
     p.add_argument("--granularity", choices=["layer", "global", "row"], default=None,
@@ -118,14 +120,14 @@ def default_eval_file(src: str) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     import pangu_fn as pf
+    from pangu_fn.io.destination import check_destination
     from pangu_fn.prune import prune
     from pangu_fn.tokenizer import find_tokenizer, load_tokenizer
 
     from .common import resolve_model, write_json
 
     recipe = recipe_from_args(args)  # a bad recipe fails before any loading
-    if Path(args.dst).resolve() == Path(args.src).resolve():
-        raise pf.ConfigError(f"DST {args.dst!r} is SRC; write the pruned model to a new folder")
+    check_destination(args.dst, overwrite=args.overwrite, sources=[args.src] if Path(args.src).exists() else [])
     params, cfg, random_weights = resolve_model(args.src, args.device, args.dtype, args.weights_seed)
     tok_file = find_tokenizer(args.src) if Path(args.src).is_dir() else None
     tokenizer = load_tokenizer(tok_file) if tok_file else None
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     out, report = prune(params, recipe, calib, cfg=cfg, eval_ids=eval_ids, progress=not args.no_progress)
     extra = {tok_file.name: tok_file.read_bytes()} if tok_file else None
-    pf.save(args.dst, out, cfg, extra_files=extra)
+    pf.save(args.dst, out, cfg, extra_files=extra, overwrite=args.overwrite)
     print(report.format())
     if eval_file and eval_ids is not None:
         print(f"(perplexity on {len(eval_ids):,} tokens of {eval_file})")

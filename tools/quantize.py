@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model: int8, int4, gptq (calibrated int4), fp16, bf16")
     p.add_argument("src", metavar="SRC", help="model folder or preset name (random weights)")
     p.add_argument("dst", metavar="DST", help="output model folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (only a model folder or bundle; never SRC or a folder holding it)")
     p.add_argument("--scheme", default=None, help="int8 | int4 | gptq | fp16 | bf16")
     p.add_argument("--group-size", type=int, default=None, help="int4 / gptq group along K: 32 | 64 | 128 (default 128)")
     p.add_argument("--asym", action="store_true", default=None, help="int4 / gptq with zero points (default symmetric)")
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pangu_fn as pf
     from pangu_fn.evaluate import perplexity
+    from pangu_fn.io.destination import check_destination
     from pangu_fn.quant import calibration_windows, quantize, size_report
     from pangu_fn.tokenizer import find_tokenizer, load_tokenizer
 
@@ -95,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = recipe_from_args(args)  # a bad recipe fails before any loading
-    if Path(args.dst).resolve() == Path(args.src).resolve():
-        raise pf.ConfigError(f"DST {args.dst!r} is SRC; write the quantized model to a new folder")
+    check_destination(args.dst, overwrite=args.overwrite, sources=[args.src] if Path(args.src).exists() else [])
     params, cfg, random_weights = resolve_model(args.src, args.device, None, args.weights_seed)
     tok_file = find_tokenizer(args.src) if Path(args.src).is_dir() else None
     tokenizer = load_tokenizer(tok_file) if tok_file else None
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                "after": perplexity(out, cfg, eval_ids, seq, progress=progress, desc="perplexity after")}
         ppl["change"] = ppl["after"] / ppl["before"] - 1.0
     extra = {tok_file.name: tok_file.read_bytes()} if tok_file else None
-    pf.save(args.dst, out, cfg, extra_files=extra)
+    pf.save(args.dst, out, cfg, extra_files=extra, overwrite=args.overwrite)
 
     print(format_report(sizes, ppl, recipe))
     if ppl is not None:

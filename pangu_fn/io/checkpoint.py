@@ -251,14 +251,17 @@ def source_of(params: Params, cfg: ModelConfig, path: Path | None = None) -> Sou
 
 
 def save(path: str | Path, params: Params, cfg: ModelConfig, shard_size: int = DEFAULT_SHARD_SIZE,
-         extra_files: dict[str, bytes] | None = None) -> Path:
+         extra_files: dict[str, bytes] | None = None, *, overwrite: bool = False) -> Path:
     """Write params and config to the folder `path` atomically (a temporary folder renamed
     into place). Tensors are split into shards of at most `shard_size` bytes (a single
     larger tensor gets a shard of its own). `extra_files` (name -> bytes) are copied in,
-    e.g. a tokenizer. Returns the path."""
+    e.g. a tokenizer. Returns the path. An existing `path` other than an empty folder is
+    replaced only with `overwrite=True`, and only when it is a model folder or bundle
+    (ConfigError otherwise; see `destination.check_destination`)."""
     from .writers import write_ours
 
-    return write_ours(source_of(params, cfg), path, shard_size=shard_size, extra_files=extra_files)
+    return write_ours(source_of(params, cfg), path, shard_size=shard_size, extra_files=extra_files,
+                      overwrite=overwrite)
 
 
 def _check_version(d: dict[str, Any], path: Path) -> None:

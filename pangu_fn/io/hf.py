@@ -19,7 +19,7 @@ from ..tree import flatten
 
 LLAMA_TYPES = ("llama", "PanguEmbedded", "pangu_embedded", "openpangu_dense")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "fast_gelu"}
 
 
 def is_hf_config(d: Mapping[str, Any]) -> bool:
@@ -186,7 +186,9 @@ def _llama_state(flat: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 def _gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.norm != "layernorm" or cfg.num_kv_heads != cfg.num_heads or not (cfg.attn_bias and cfg.mlp_bias):
         raise ConfigError(f"to_hf: {cfg} does not fit GPT-2 (LayerNorm, MHA, biases)")
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "fast_gelu": "quick_gelu"}.get(cfg.activation)
+    if act is None:
+        raise ConfigError(f"to_hf: GPT-2 has no activation {cfg.activation!r}; expected gelu_tanh, gelu or fast_gelu")
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
             "n_positions": cfg.max_seq_len, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
             "n_head": cfg.num_heads, "n_inner": cfg.intermediate_size, "activation_function": act,
@@ -209,8 +211,9 @@ def _llama_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def save_hf(path: str | Path, params: Params, cfg: ModelConfig, dtype: str | torch.dtype | None = None,
             shard_size: int = 5 * 1024**3, extra_files: dict[str, bytes] | None = None,
-            on_tensor: Callable[[str, int], None] | None = None) -> Path:
-    """Write a Hugging Face folder atomically: `config.json` + `model.safetensors` (or
+            on_tensor: Callable[[str, int], None] | None = None, *, overwrite: bool = False) -> Path:
+    """Write a Hugging Face folder atomically (an existing `path` is replaced only with
+    `overwrite`, see `destination.check_destination`): `config.json` + `model.safetensors` (or
     `model-0000K-of-0000N.safetensors` + `model.safetensors.index.json` past `shard_size`).
     The gpt family becomes GPT-2 (`GPT2LMHeadModel.from_pretrained(path)`); openPangu becomes
     the LLaMA layout (`LlamaForCausalLM.from_pretrained(path)`: `attention_bias` set from the
@@ -218,8 +221,10 @@ def save_hf(path: str | Path, params: Params, cfg: ModelConfig, dtype: str | tor
     transformers expects. Floating tensors are cast to `dtype` if given. Raises ConfigError for
     PanGu-α (see `io/alpha.py`'s gpt_pangu writer) and trees HF cannot express."""
     from .atomic import atomic_dir
+    from .destination import check_destination
     from .safetensors_io import write_sharded
 
+    check_destination(path, overwrite=overwrite)
     state, config = to_hf(params, cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -1,6 +1,7 @@
 """Writers from a `Source`: our folder, Hugging Face GPT-2 / LLaMA (openPangu) folders, the
 PanGu-α gpt_pangu folder and MindSpore `.ckpt`. Each writes atomically (a temporary name
-renamed into place) and, except the Hugging Face one (which needs the whole tree to fuse or
+renamed into place), refuses a destination that equals or contains the source, replaces an
+existing one only with `overwrite=True` (see `destination.py`) and, except the Hugging Face one (which needs the whole tree to fuse or
 rename), streams one tensor at a time, so memory stays about one tensor.
 """
 
@@ -17,6 +18,7 @@ from ..errors import ConfigError
 from ..params import parse_dtype
 from . import alpha, hf
 from .atomic import atomic_dir
+from .destination import check_destination
 from .mindspore import write_checkpoint
 from .safetensors_io import write_sharded
 from .source import Source
@@ -29,12 +31,20 @@ def _target_dtype(t_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtyp
     return dtype if dtype is not None and t_dtype.is_floating_point else t_dtype
 
 
+def source_paths(source: Source) -> list[Path]:
+    """The files and folders `source` was read from (none for an in-memory tree)."""
+    return [p for p in {source.path, source.folder} if p is not None and (p.exists() or p.is_symlink())]
+
+
 def write_ours(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
                shard_size: int = 2 * 1024**3, extra_files: dict[str, bytes] | None = None,
-               on_tensor: OnTensor | None = None) -> Path:
+               on_tensor: OnTensor | None = None, *, overwrite: bool = False) -> Path:
     """Our folder (config.json + safetensors, sharded past `shard_size`). Floating tensors are
-    cast to `dtype` if given, except those of quantized leaves (their scales keep their dtype)."""
+    cast to `dtype` if given, except those of quantized leaves (their scales keep their dtype).
+    Raises ConfigError for a destination `check_destination` refuses."""
     from .checkpoint import FORMAT, VERSION
+
+    check_destination(path, overwrite=overwrite, sources=source_paths(source))
 
     cast = parse_dtype(dtype) if dtype is not None else None
     leaf_prefixes = tuple(f"{name}." for name in source.leaves)
@@ -53,23 +63,26 @@ def write_ours(source: Source, path: str | Path, dtype: str | torch.dtype | None
 
 def write_hf(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
              shard_size: int = 5 * 1024**3, extra_files: dict[str, bytes] | None = None,
-             on_tensor: OnTensor | None = None) -> Path:
+             on_tensor: OnTensor | None = None, *, overwrite: bool = False) -> Path:
     """A Hugging Face GPT-2 or LLaMA (openPangu) folder; see `hf.save_hf`. Reads the whole tree."""
     from ..tree import unflatten
 
     if source.leaves:
         raise ConfigError("write_hf: the model has quantized leaves; dequantize before writing HF layouts")
-    return hf.save_hf(path, unflatten(source.flat()), source.cfg, dtype, shard_size, extra_files, on_tensor)
+    check_destination(path, overwrite=overwrite, sources=source_paths(source))
+    return hf.save_hf(path, unflatten(source.flat()), source.cfg, dtype, shard_size, extra_files, on_tensor,
+                      overwrite=overwrite)
 
 
 def write_gpt_pangu(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
                     shard_size: int = 5 * 1024**3, extra_files: dict[str, bytes] | None = None,
-                    on_tensor: OnTensor | None = None) -> Path:
+                    on_tensor: OnTensor | None = None, *, overwrite: bool = False) -> Path:
     """A PanGu-α folder in the Hugging Face gpt_pangu port's names (config.json with
     `num_layers` = ours + 1, safetensors; `lm_head.weight` a copy of the embedding). The port's
     modeling code (`trust_remote_code`) is not included."""
     if source.leaves:
         raise ConfigError("write_gpt_pangu: the model has quantized leaves; dequantize first")
+    check_destination(path, overwrite=overwrite, sources=source_paths(source))
     config = alpha.gpt_pangu_config_dict(source.cfg)
     plan_names = alpha.gpt_pangu_plan(source.cfg)
     cast = parse_dtype(dtype) if dtype is not None else None
@@ -85,11 +98,12 @@ def write_gpt_pangu(source: Source, path: str | Path, dtype: str | torch.dtype |
 
 
 def write_mindspore(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
-                    crc: bool = True, on_tensor: OnTensor | None = None) -> Path:
+                    crc: bool = True, on_tensor: OnTensor | None = None, *, overwrite: bool = False) -> Path:
     """A PanGu-α MindSpore `.ckpt` (variant A names, `Mapping` weights stored `[in, out]`),
     with the CRC trailer unless `crc` is False. Raises ConfigError for other families."""
     if source.leaves:
         raise ConfigError("write_mindspore: the model has quantized leaves; dequantize first")
+    check_destination(path, overwrite=overwrite, sources=source_paths(source))
     plan = alpha.mindspore_plan(source.cfg, list(source.tensors))
     cast = parse_dtype(dtype) if dtype is not None else None
 
