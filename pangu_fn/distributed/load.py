@@ -1,0 +1,105 @@
+"""load_shard: one rank's part of a checkpoint, reading only its slices.
+
+Reads our folder (`config.json` + `model.safetensors`, or shards listed in
+`model.safetensors.index.json`; quantized leaves as their stored tensors plus a description).
+Each file's header goes through the strict reader (`io/safetensors_io.read_header`) first;
+then `safetensors.safe_open(...).get_slice` copies out just the rows or columns the rank's
+`Split` names, so a rank's memory is about its share of the weights plus the replicated rest.
+Other layouts (Hugging Face, MindSpore, .pt): `pangu convert` them to our folder first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..io.checkpoint import FORMAT, _check_version, read_config_json
+from ..io.leaves import leaf_type
+from ..io.safetensors_io import read_header
+from ..params import Params, astype, parse_dtype, to_device, validate
+from ..tree import unflatten
+from .plan import REPLICATE, split_plan
+from .shard import wrap
+from .slicing import Reader, cut
+
+INDEX = "model.safetensors.index.json"
+
+
+def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, group: Any = None) -> tuple[Params, ModelConfig]:
+    """(rank `rank`'s sharded params, cfg) from our checkpoint folder `path`, equal to
+    `shard(load(path)[0], cfg, rank, world_size)` without reading the other ranks' slices.
+    Cast to `dtype` and moved to `device` (default CPU) after slicing. Raises FormatError for
+    a folder that is not ours or files that disagree with their index, ShapeError for shapes
+    that disagree with the config, ConfigError for a world size the model cannot split."""
+    folder = Path(path)
+    d = read_config_json(folder)
+    if d.get("format") != FORMAT:
+        raise FormatError(f"{folder}: load_shard reads pangu-fn folders (config.json format {FORMAT!r}), found "
+                          f"format {d.get('format')!r}; convert it first with `pangu convert`")
+    _check_version(d, folder)
+    cfg = ModelConfig.from_dict(d["config"])
+    described: dict[str, dict[str, Any]] = d.get("leaves", {})
+    infos = {name: (file, info) for file in _weight_files(folder) for name, info in read_header(file)[0].items()}
+    owner = {f"{leaf}.{suffix}": leaf for leaf in described for suffix in _suffixes(infos, leaf)}
+    shapes = {name: tuple(info.shape) for name, (_, info) in infos.items() if name not in owner}
+    shapes.update({leaf: tuple(desc.get("shape", ())) for leaf, desc in described.items()})
+    validate(unflatten({n: torch.empty(s, device="meta") for n, s in shapes.items()}), cfg)
+    plan = split_plan(shapes, cfg, rank, world_size)
+    handles: dict[Path, Any] = {}
+
+    def reader(name: str) -> Reader:
+        file = infos[name][0]
+        if file not in handles:
+            handles[file] = safe_open(str(file), framework="pt")
+        part = handles[file].get_slice(name)
+        return lambda dim, a, b: part[a:b] if dim == 0 else part[:, a:b]
+
+    flat: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        split, k = plan.get(name, REPLICATE), (shape[1] if len(shape) > 1 else 0)
+        if name in described:
+            parts = {s: cut(reader(f"{name}.{s}"), tuple(infos[f"{name}.{s}"][1].shape), k, split, f"{name}.{s}")
+                     for s in _suffixes(infos, name)}
+            flat[name] = leaf_type(described[name]["kind"]).from_tensors(parts, described[name])
+        else:
+            flat[name] = cut(reader(name), shape, k, split, name)
+    handles.clear()
+    params = unflatten(flat)
+    if dtype is not None:
+        params = astype(params, parse_dtype(dtype))
+    return wrap(to_device(params, device or "cpu"), plan, cfg, group), cfg
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of our folder: those its index lists, or `model.safetensors`."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{index}: expected a JSON object with a weight_map, found {e!r}") from None
+        root = folder.resolve()
+        paths = [(folder / str(f)).resolve() for f in files]
+        bad = [p for p in paths if root not in p.parents or not p.is_file()]
+        if bad:
+            raise FormatError(f"{index}: lists {bad[0].name}, not a file in {folder}")
+        return paths
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FormatError(f"{folder}: expected model.safetensors or {INDEX}, found neither")
+    return [single]
+
+
+def _suffixes(infos: dict[str, Any], leaf: str) -> list[str]:
+    prefix = leaf + "."
+    found = [n[len(prefix):] for n in infos if n.startswith(prefix)]
+    if not found:
+        raise FormatError(f"leaf {leaf}: described in config.json but no tensors {prefix}* stored")
+    return found
