@@ -25,7 +25,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
 from ..params import Params, astype, parse_dtype, to_device, validate
 from ..tree import flatten, unflatten
-from . import alpha, hf, leaves, torch_pt
+from . import alpha, gguf, hf, leaves, torch_pt
 from .source import Source, TensorRef, WeightFiles
 
 FORMAT, VERSION = "pangu-fn", 1
@@ -118,6 +118,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("mindspore", "MindSpore .ckpt of PanGu-α (a file, or a folder holding one)", _is_ckpt, _open_mindspore),
     Layout("megatron", "PanGu-α Megatron GPU port .pt (model_optim_rng.pt)", lambda p: False,
            lambda p, h: torch_pt.open_pt(p, h, layout="megatron")),
+    Layout("gguf", "GGUF file of llama.cpp (pangu-embedded, llama, gpt2)", gguf.is_gguf, gguf.open_gguf),
     Layout("pt", "PyTorch .pt/.pth/.bin state dict (seed PanguModel and similar; Megatron detected)",
            lambda p: p.is_file() and p.suffix in PT_SUFFIXES, torch_pt.open_pt),
 )
