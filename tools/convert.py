@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     fmt = writers.output_format(dst, args.to, cfg)
     writers.check_writable(source, fmt)
     tokenizer = {} if args.no_tokenizer else _tokenizer_files(source.folder)
+    if source.layout == "gguf" and not args.no_tokenizer:
+        from pangu_fn.io.gguf import tokenizer_files as gguf_tokenizer
+
+        tokenizer = gguf_tokenizer(src)  # the vocabulary stored in the file, as tokenizer.model / .json
     total = _output_bytes(source, fmt, dtype)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,
               disable=None) as bar:
