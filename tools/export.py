@@ -1,4 +1,5 @@
-"""`pangu export SRC OUT --target ort|ascend|torch`: write a bundle; and
+"""`pangu export SRC OUT --target ort|ascend|torch`: write a bundle; `--target gguf --type q8_0`: write
+one GGUF file for llama.cpp / Ollama; and
 `pangu export --check ascend MODEL.onnx`: verify an ONNX file against ATC's constraints."""
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Export SRC (a model folder or preset) to the bundle folder OUT, or "
                                    "with --check ascend, verify the ONNX file SRC against ATC's rules.")
     p.add_argument("src", help="model folder or preset name; with --check: the ONNX file")
-    p.add_argument("out", nargs="?", help="bundle folder to write (atomically)")
+    p.add_argument("out", nargs="?", help="bundle folder (or .gguf file with --target gguf) to write (atomically)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (only a bundle or model folder; never SRC or a folder holding it)")
-    p.add_argument("--target", choices=["ort", "ascend", "torch"], default="ort")
+    p.add_argument("--target", choices=["ort", "ascend", "torch", "gguf"], default="ort",
+                   help="ort | ascend | torch (bundle folders) or gguf (one .gguf file for llama.cpp / Ollama)")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="gguf: the type of every matrix (default f16); quantized trees are dequantized to it")
     p.add_argument("--check", choices=["ascend"], help="only check the ONNX file SRC; write nothing")
     p.add_argument("--dtype", default=None,
                    help="fp32 | fp16 | bf16 (default: as stored, but bf16 becomes fp32 for --target ort / ascend, "
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     sources = [args.src] if Path(args.src).exists() else []
     check_destination(args.out, overwrite=args.overwrite, sources=sources)
     params, cfg, _ = resolve_model(args.src, "cpu", args.dtype, args.weights_seed)
+    if args.target == "gguf":
+        return _gguf(args, params, cfg, sources)
     if args.dtype is None and args.target != "torch":
         import torch
 
@@ -85,6 +91,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if manifest.get("ascend"):
         print(manifest["ascend"]["atc"])
+    return 0
+
+
+def _gguf(args: argparse.Namespace, params, cfg, sources: list[str]) -> int:
+    from pangu_export.gguf import export_gguf
+
+    from pangu_fn.tokenizer import find_tokenizer
+
+    tokenizer = args.tokenizer
+    if tokenizer is None and Path(args.src).is_dir() and find_tokenizer(args.src) is not None:
+        tokenizer = args.src
+    summary = export_gguf(params, cfg, args.out, args.type, tokenizer=tokenizer, overwrite=args.overwrite,
+                          sources=sources)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(summary.types.items()))
+    print(f"wrote {args.out}: gguf {summary.arch} {summary.type}, {summary.tensors} tensors ({types}), "
+          f"{summary.nbytes / 2**20:.1f} MiB", file=sys.stderr)
     return 0
 
 
