@@ -13,30 +13,48 @@ two threads, well under what the memory delivers; `native_kernels.c` streams 20-
   into bf16 by byte unpacking, group scales applied per 128-bit lane; `int4_dequantize`
   writes the bf16 weight for prefill-sized products (7x faster than the torch ops).
 
-Each takes up to 8 activation rows (bf16: 6, int8: 4) per pass over the weight. The library is compiled
-once per machine with the system C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`)
-into `$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), loaded with ctypes after torch, so its
-OpenMP threads are torch's own. Without Linux on x86-64 with AVX-512F (and AVX512-BF16 for the
-bf16 and int4 kernels), without a compiler, or with `PANGU_FN_NATIVE=0`, the functions return
-None and the callers use torch's kernels; `status()` says which kernels run and why not.
+Each takes up to 8 activation rows (bf16: 6, int8: 4) per pass over the weight. The C code
+trusts its pointers and sizes, so every wrapper here checks its arguments first (dtypes, CPU,
+row-major, the input width against the weight, the shapes of scales, zero points, group size
+and bias) and raises `InputError` naming the shapes, whether or not the library runs here.
+
+The library is compiled once per machine with the system C compiler (`$CC`, else `cc`;
+`-O3 -march=native -fopenmp`) into `$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), under a
+file lock, and loaded with ctypes after torch, so its OpenMP threads are torch's own. The file
+name hashes the source, the flags, the compiler's path and `--version`, and the macros it
+predefines for `-march=native` (the instruction sets it targets). The cache folder is made mode
+0700; a folder another user owns, or a cached file that is a link, not ours, or writable by
+others, is not used: the library is then built in a fresh private temporary folder. A cached
+file that fails to load is rebuilt once. Without Linux on x86-64 with AVX-512 (as
+`torch.backends.cpu.get_cpu_capability()` reports it, so `ATEN_CPU_CAPABILITY=avx2` turns the
+kernels off too), without a compiler, or with `PANGU_FN_NATIVE=0`, the functions return None and
+the callers use torch's kernels; `status()` says which kernels run and why not. AVX512-BF16
+(which torch's capability string does not report) is known from the compiler's `__AVX512BF16__`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import shutil
+import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _reason: list[str] = []
+_notes: list[str] = []
 
 # Above this input width torch's int8 kernel is faster: a row of fp32 activations (4K bytes) no
 # longer stays in L1 beside the streamed weights (two threads, timed in turns: 2048 x 8192 12 vs
@@ -44,14 +62,19 @@ _reason: list[str] = []
 MAX_K = 4096
 
 
+class BuildError(Exception):
+    """The library could not be built or loaded (the reason `status()` reports)."""
+
+
 def status() -> str:
     """Which native kernels run here, or why none does (loads the library if needed)."""
     lib = library()
     if lib is None:
         return f"native kernels: off ({_reason[0]})"
+    note = f" ({'; '.join(_notes)})" if _notes else ""
     if not _has_bf16(lib):
-        return "native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's)"
-    return "native kernels: int8, bf16, int4"
+        return f"native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's){note}"
+    return f"native kernels: int8, bf16, int4{note}"
 
 
 @functools.cache
@@ -60,9 +83,9 @@ def library() -> ctypes.CDLL | None:
     why = _unsupported()
     if why is None:
         try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, subprocess.SubprocessError) as e:
-            why = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+            lib = _load()
+        except BuildError as e:
+            why = str(e)
         else:
             lib.pangu_native_has_bf16.restype = ctypes.c_int
             lib.pangu_int8_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -85,6 +108,7 @@ def forget() -> None:
     for cached in (library, bf16_kernels, bf16_fits, int4_fits):
         cached.cache_clear()
     _reason.clear()
+    _notes.clear()
 
 
 def _has_bf16(lib: ctypes.CDLL) -> bool:
@@ -98,16 +122,74 @@ def bf16_kernels() -> bool:
     return lib is not None and _has_bf16(lib)
 
 
+# ---- argument checks: the C code reads and writes exactly what these shapes say ----
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _check(fn: str, name: str, t: object, dtype: torch.dtype, dims: tuple[int, ...]) -> None:
+    """`t` is a row-major CPU tensor of `dtype` with one of `dims` dimensions."""
+    _need(isinstance(t, torch.Tensor), f"{fn}: expected {name} a tensor, found {type(t).__name__}")
+    _need(t.dtype == dtype and t.dim() in dims,
+          f"{fn}: expected {name} {dtype} with {' or '.join(map(str, dims))} dimensions, found {t.dtype} {_shape(t)}")
+    _need(t.device.type == "cpu", f"{fn}: expected {name} on the CPU, found it on {t.device}")
+    _need(t.is_contiguous(), f"{fn}: expected {name} {_shape(t)} contiguous (row-major), found strides {t.stride()}")
+
+
+def _check_width(fn: str, x: torch.Tensor, n: int, k: int) -> None:
+    _need(x.shape[-1] == k, f"{fn}: input {_shape(x)} does not fit weight [{n}, {k}] "
+                            f"(expected an input width of {k}, found {x.shape[-1]})")
+
+
+def _check_bias(fn: str, bias: object, n: int) -> None:
+    if bias is None:
+        return
+    _need(isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.device.type == "cpu",
+          f"{fn}: expected a float CPU bias [{n}], found {bias!r:.80}")
+    _need(bias.shape == (n,), f"{fn}: expected bias [{n}] for {n} outputs, found bias {_shape(bias)}")
+
+
+def _check_int4(fn: str, qdata: object, scales: object, zero_points: object, group_size: object) -> tuple[int, int]:
+    """(N, K) of the int4 weight whose parts these are (see `int4_linear`)."""
+    _check(fn, "scales", scales, torch.bfloat16, (2,))
+    _check(fn, "qdata", qdata, torch.uint8, (2, 3))
+    _need(isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 2 and group_size % 2 == 0,
+          f"{fn}: expected an even integer group size >= 2, found {group_size!r}")
+    n, blocks = scales.shape
+    layouts = ([n, blocks, group_size // 2], [n, blocks * group_size // 2])
+    _need(list(qdata.shape) in layouts, f"{fn}: expected qdata {layouts[0]} or {layouts[1]} for scales {_shape(scales)} "
+                                        f"and group size {group_size}, found qdata {_shape(qdata)}")
+    if zero_points is not None:
+        _check(fn, "zero_points", zero_points, torch.uint8, (2,))
+        _need(zero_points.shape == scales.shape,
+              f"{fn}: expected zero_points {_shape(scales)} like the scales, found {_shape(zero_points)}")
+    return n, blocks * group_size
+
+
+# ---- the kernels ----
+
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """`x [M, K] @ (qdata [N, K] * scales [N, 1]).T` in bf16 (x, scales bf16 CPU, contiguous),
-    or None when the kernel is unavailable, K is not a multiple of 32, or K is over `MAX_K`."""
+    """`x [M, K] @ (qdata [N, K] * scales[:, None]).T` in bf16 (x and `scales [N]` bf16, all
+    CPU and contiguous), or None when the kernel is unavailable, K is not a multiple of 32, or K
+    is over `MAX_K`. Raises InputError for arguments that do not fit together."""
+    _check("int8_linear", "x", x, torch.bfloat16, (2,))
+    _check("int8_linear", "qdata", qdata, torch.int8, (2,))
+    _check("int8_linear", "scales", scales, torch.bfloat16, (1,))
+    (m, k), n = x.shape, qdata.shape[0]
+    _check_width("int8_linear", x, n, qdata.shape[1])
+    _need(scales.shape == (n,), f"int8_linear: expected scales [{n}] for weight {_shape(qdata)}, found {_shape(scales)}")
     lib = library()
-    m, k = x.shape
-    if lib is None or k % 32 or k > MAX_K:
+    if lib is None or k % 32 or k > MAX_K or x.numel() == 0 or n == 0:
         return None
-    y = torch.empty(m, qdata.shape[0], dtype=torch.bfloat16)
-    if lib.pangu_int8_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), y.data_ptr(), m,
-                                  qdata.shape[0], k, torch.get_num_threads()) != 0:
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if lib.pangu_int8_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
+                                  torch.get_num_threads()) != 0:
         return None
     return y
 
@@ -120,13 +202,18 @@ def bf16_fits(k: int) -> bool:
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """`x [M, K] @ weight [N, K].T + bias [N]` in bf16 (x and weight bf16 CPU, contiguous), or
-    None when the kernel is unavailable or K is not a multiple of 32."""
-    m, k = x.shape
-    if not bf16_fits(k):
+    None when the kernel is unavailable or K is not a multiple of 32. Raises InputError for
+    arguments that do not fit together."""
+    _check("bf16_linear", "x", x, torch.bfloat16, (2,))
+    _check("bf16_linear", "weight", weight, torch.bfloat16, (2,))
+    (m, k), n = x.shape, weight.shape[0]
+    _check_width("bf16_linear", x, n, weight.shape[1])
+    _check_bias("bf16_linear", bias, n)
+    if not bf16_fits(k) or x.numel() == 0 or n == 0:
         return None
-    y = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
-    if library().pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), _bias_ptr(bias), y.data_ptr(), m,
-                                   weight.shape[0], k, torch.get_num_threads()) != 0:
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if library().pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), _bias_ptr(bias), y.data_ptr(), m, n, k,
+                                   torch.get_num_threads()) != 0:
         return None
     return _add_unfused(y, bias)
 
@@ -149,11 +236,14 @@ BF16_MAX_ELEMENTS = 8192
 def dense_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """`x [..., K] @ weight [N, K].T + bias` through `bf16_linear` where it applies: x and the
     weight bf16 on the CPU, at most `BF16_MAX_ELEMENTS` activations, a contiguous weight, and
-    eager inference (no autograd, no tracing); else None."""
+    eager inference (no autograd, no tracing); else None. Raises InputError when x's width is
+    not K."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
             or weight.device.type != "cpu" or x.numel() > BF16_MAX_ELEMENTS or not weight.is_contiguous()
-            or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            or weight.dim() != 2 or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()):
         return None
+    _check_width("linear", x, *weight.shape)
     y = bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return None if y is None else y.view(*x.shape[:-1], weight.shape[0])
 
@@ -170,15 +260,17 @@ def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero
     """`x [M, K]` times the int4 weight whose MatMulNBits bytes are `qdata` (`[N, K/G, G/2]` or
     `[N, K/2]` uint8), `scales [N, K/G]` bf16 and `zero_points [N, K/G]` uint8 or None (zero 8),
     plus `bias [N]`, in bf16 (x and scales bf16, all CPU and contiguous), or None when the kernel
-    is unavailable or (K, G) do not fit."""
-    m, k = x.shape
-    if not int4_fits(k, group_size):
+    is unavailable or (K, G) do not fit. Raises InputError for arguments that do not fit together."""
+    _check("int4_linear", "x", x, torch.bfloat16, (2,))
+    n, k = _check_int4("int4_linear", qdata, scales, zero_points, group_size)
+    _check_width("int4_linear", x, n, k)
+    _check_bias("int4_linear", bias, n)
+    if not int4_fits(k, group_size) or x.numel() == 0 or n == 0:
         return None
-    n = qdata.shape[0]
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     zeros = 0 if zero_points is None else zero_points.data_ptr()
     if library().pangu_int4_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), zeros, _bias_ptr(bias),
-                                        y.data_ptr(), m, n, k, group_size, torch.get_num_threads()) != 0:
+                                        y.data_ptr(), x.shape[0], n, k, group_size, torch.get_num_threads()) != 0:
         return None
     return _add_unfused(y, bias)
 
@@ -187,10 +279,10 @@ def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torc
                     group_size: int) -> torch.Tensor | None:
     """The bf16 weight `[N, K]` of MatMulNBits bytes `qdata [N, K/G, G/2]` with bf16 `scales` and
     uint8 `zero_points` `[N, K/G]` (or None: zero 8), all CPU and contiguous; None when the
-    kernel is unavailable or G is not a multiple of 32."""
-    n, blocks = scales.shape
-    k = blocks * group_size
-    if not bf16_kernels() or group_size % 32:
+    kernel is unavailable or G is not a multiple of 32. Raises InputError for arguments that do
+    not fit together."""
+    n, k = _check_int4("int4_dequantize", qdata, scales, zero_points, group_size)
+    if not bf16_kernels() or group_size % 32 or n * k == 0:
         return None
     w = torch.empty(n, k, dtype=torch.bfloat16)
     zeros = 0 if zero_points is None else zero_points.data_ptr()
@@ -200,42 +292,139 @@ def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torc
     return w
 
 
+# ---- where the library comes from ----
+
 def _unsupported() -> str | None:
     if os.environ.get("PANGU_FN_NATIVE", "1") == "0":
         return "PANGU_FN_NATIVE=0"
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"needs Linux on x86-64, found {platform.system()} on {platform.machine()}"
-    flags = _cpu_flags()
-    if "avx512f" not in flags:
-        return "this CPU has no AVX-512F"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"needs AVX-512, torch reports {capability} on this CPU"
     return None
 
 
-def _cpu_flags() -> set[str]:
+def _load() -> ctypes.CDLL:
+    """Build (or find) the library and load it; a cached file that fails to load is rebuilt
+    once. Raises BuildError with the reason."""
+    path, origin = _build()
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return _open(path, origin)
+    except OSError as e:
+        if origin != "cached":
+            raise BuildError(f"load failed: {e}") from e
+    path, origin = _build(rebuild=True)
+    try:
+        return _open(path, origin)
+    except OSError as e:
+        raise BuildError(f"load failed after rebuilding {path.name}: {e}") from e
 
 
-def _build() -> Path:
-    """The shared library for this source, compiler flags and CPU, compiled unless cached."""
+def _open(path: Path, origin: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        if origin == "private":  # loaded (or not): the private folder is not kept
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _build(rebuild: bool = False) -> tuple[Path, str]:
+    """(path of the shared library for this source, compiler and target, where it came from:
+    "cached", "built" into the cache, or "private": built in a fresh temporary folder because
+    the cache folder or file is not trusted). `rebuild` replaces a cached file. Raises BuildError."""
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(_cpu_flags())]).encode())
-    cache = Path(os.environ.get("PANGU_FN_CACHE", Path.home() / ".cache" / "pangu_fn"))
-    lib = cache / f"native_kernels-{key.hexdigest()[:16]}.so"
-    if lib.is_file():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    name = f"native_kernels-{_cache_key(compiler)}.so"
+    cache = _cache_folder()
+    if cache is None:
+        return _compile(compiler, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
+    lib = cache / name
+    with _locked(cache / "build.lock"):
+        if lib.exists() or lib.is_symlink():
+            why = _untrusted(lib)
+            if why is not None:
+                _notes.append(f"cached {lib.name} {why}: built in a private temporary folder")
+                return _compile(compiler, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
+            if not rebuild:
+                return lib, "cached"
+        return _compile(compiler, lib), "built"
+
+
+def _cache_key(compiler: str) -> str:
+    """Hash of the source, the flags, the compiler (path, `--version`) and the macros it
+    predefines for these flags (`-march=native`: this CPU's instruction sets). Raises
+    BuildError without a usable compiler, or when it does not target AVX-512F here."""
+    version = _run([compiler, "--version"])
+    macros = _run([compiler, *FLAGS, "-dM", "-E", "-x", "c", os.devnull])
+    if "__AVX512F__" not in macros:
+        raise BuildError(f"{compiler} does not target AVX-512F with {' '.join(FLAGS)}")
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), str(shutil.which(compiler) or compiler).encode(),
+             version.encode(), macros.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _run(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"build failed: {e}") from e
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"{command[0]} exited with {done.returncode}"])[-1]
+        raise BuildError(f"build failed: {last}")
+    return done.stdout
+
+
+def _cache_folder() -> Path | None:
+    """`$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), created or tightened to mode 0700, or
+    None when it cannot be made or another user owns it."""
+    folder = Path(os.environ.get("PANGU_FN_CACHE") or Path.home() / ".cache" / "pangu_fn")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            _notes.append(f"cache folder {folder} is not yours: built in a private temporary folder")
+            return None
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            folder.chmod(0o700)
+    except OSError as e:
+        _notes.append(f"cache folder unusable ({e}): built in a private temporary folder")
+        return None
+    return folder
+
+
+def _untrusted(path: Path) -> str | None:
+    """Why a cached library must not be loaded (a link, not a file, another owner, writable
+    by others), or None."""
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}"
+    if info.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (so two processes do not compile at once)."""
+    import fcntl  # POSIX only, like the kernels
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _compile(compiler: str, lib: Path) -> Path:
+    """Compile into a temporary name beside `lib`, make it owner-only (0700), rename it to `lib`."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=False, capture_output=True,
-                              text=True, timeout=120)
-        if done.returncode != 0:
-            raise subprocess.SubprocessError(done.stderr or f"{compiler} exited with {done.returncode}")
+        _run([compiler, *FLAGS, str(SOURCE), "-o", tmp])
+        os.chmod(tmp, 0o700)
         os.replace(tmp, lib)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ torch_npu's documented signature and has not been run (no NPU here).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import native
+from ..errors import InputError
 
 # From this many rows of activations on (prefill, scoring), dequantizing the weight once and
 # running a bf16 matmul beats the weight-only kernels, whose time grows with every row
@@ -47,12 +49,24 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.add_(bias)
 
 
+def check_input(kind: str, w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise InputError unless `x` is `[..., K]` and `bias` None or `[N]` for the leaf `w [N, K]`
+    (as `F.linear` would raise; the native kernels would read past the weight)."""
+    n, k = w.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise InputError(f"{kind} linear: input {list(x.shape)} does not fit weight [{n}, {k}] "
+                         f"(expected [..., {k}])")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise InputError(f"{kind} linear: expected bias [{n}] for weight [{n}, {k}], found bias {list(bias.shape)}")
+
+
 def npu_available(x: torch.Tensor) -> bool:
     return x.device.type == "npu" and importlib.util.find_spec("torch_npu") is not None
 
 
 def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x [..., K] -> [..., N]` through the int8 leaf `w`."""
+    """`x [..., K] -> [..., N]` through the int8 leaf `w` (InputError for another width)."""
+    check_input("int8", w, x, bias)
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int8_linear(x, w.qdata, w.scales, bias)
@@ -69,7 +83,8 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
 
 
 def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x [..., K] -> [..., N]` through the int4 leaf `w`."""
+    """`x [..., K] -> [..., N]` through the int4 leaf `w` (InputError for another width)."""
+    check_input("int4", w, x, bias)
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
@@ -110,7 +125,8 @@ def dequantized_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> to
 
 def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x [..., K] -> [..., N]` through a dense leaf (on the CPU, few bf16 rows: the native
-    kernel, else the prepacked oneDNN weight)."""
+    kernel, else the prepacked oneDNN weight; InputError for another width)."""
+    check_input(w.scheme, w, x, bias)
     if w.packed is None:
         y = native.dense_bf16_linear(x, w.weight, bias)
         if y is not None:
@@ -123,12 +139,17 @@ def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
 
 def mkldnn_prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a bf16 CPU weight `[N, K]` (AMX / AVX-512 BF16 kernels), or
-    None where oneDNN is missing, the weight is not a bf16 CPU tensor, or the native bf16
-    kernel multiplies the plain weight."""
+    None where oneDNN or its bf16 path is missing (a CPU without AVX-512BW/VL/DQ or AVX-NE-CONVERT),
+    the weight is not a bf16 CPU tensor, or the native bf16 kernel multiplies the plain weight."""
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or tracing()
-            or not torch.backends.mkldnn.is_available() or native.bf16_fits(weight.shape[1])):
+            or not _mkldnn_bf16() or native.bf16_fits(weight.shape[1])):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+
+@functools.cache
+def _mkldnn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _npu_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
