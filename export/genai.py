@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pangu_fn.config import ModelConfig
+from pangu_fn.errors import FormatError
 
 SPACE = "\u2581"
 
@@ -82,7 +83,7 @@ def write_genai_files(folder: Path, cfg: ModelConfig, manifest: dict[str, Any], 
                                                               ensure_ascii=False))
             tokenizer_file = "tokenizer.json"
             _write_tokenizer_config(folder, tok)
-        except ValueError as e:
+        except FormatError as e:
             notes.append(f"tokenizer not converted for onnxruntime-genai: {e}")
     return {"config": "genai_config.json", "tokenizer": tokenizer_file, "notes": notes}
 
@@ -90,16 +91,21 @@ def write_genai_files(folder: Path, cfg: ModelConfig, manifest: dict[str, Any], 
 def sentencepiece_to_json(path: Path) -> dict[str, Any]:
     """A SentencePiece BPE model as a `tokenizers` JSON (dict): the same pieces and ids,
     merges ordered by the merged piece's score, byte fallback, spaces as U+2581 with the
-    dummy prefix the model adds. Raises ValueError for a non-BPE (unigram) model."""
+    dummy prefix the model adds. Raises FormatError for an unreadable or non-BPE (unigram) model."""
+    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
     proto = pb.ModelProto()
-    proto.ParseFromString(path.read_bytes())
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except (OSError, DecodeError) as e:
+        raise FormatError(f"{path}: expected a SentencePiece model (ModelProto), found an unreadable file: {e}") from None
     if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
-        raise ValueError(f"{path.name} is a {pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} "
-                         "SentencePiece model; only BPE models are converted")
+        raise FormatError(f"{path}: trainer_spec.model_type: expected BPE, found "
+                          f"{pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)}; only BPE "
+                          "SentencePiece models convert to tokenizer.json")
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     normal = {pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED}

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 FAMILIES = ("gpt", "alpha", "openpangu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "fast_gelu", "silu")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ModelConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" (up -> act -> down) | "swiglu" (act(gate) * up -> down)
-    activation: str = "gelu_tanh"  # "gelu_tanh" | "gelu" | "silu"
+    activation: str = "gelu_tanh"  # "gelu_tanh" | "gelu" | "fast_gelu" (x * sigmoid(1.702 x)) | "silu"
     positions: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
     query_layer: bool = False
@@ -46,6 +47,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # the layout the weights were read from (e.g. MindSpore "mindformers" / "release" naming):
+    # the default layout to write them back in; not part of the architecture (not compared)
+    source_layout: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -60,7 +64,7 @@ class ModelConfig:
         need(self.num_heads % self.num_kv_heads == 0, "num_heads divisible by num_kv_heads")
         need(self.norm in ("layernorm", "rmsnorm"), "norm 'layernorm' or 'rmsnorm'")
         need(self.mlp in ("gelu", "swiglu"), "mlp 'gelu' or 'swiglu'")
-        need(self.activation in ("gelu_tanh", "gelu", "silu"), "activation gelu_tanh|gelu|silu")
+        need(self.activation in ACTIVATIONS, f"activation in {ACTIVATIONS}")
         need(self.positions in ("learned", "rope"), "positions 'learned' or 'rope'")
         need(self.positions != "rope" or self.head_dim % 2 == 0, "an even head_dim for RoPE")
 

@@ -74,10 +74,14 @@ def norm(x: torch.Tensor, p: Params, cfg: ModelConfig) -> torch.Tensor:
 
 
 def activation(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """`cfg.activation` elementwise: tanh GELU, erf GELU, fast GELU (`x * sigmoid(1.702 x)`,
+    MindSpore's FastGeLU, the default of mindformers' PanGu-α) or SiLU."""
     if cfg.activation == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
     if cfg.activation == "gelu":
         return F.gelu(x)
+    if cfg.activation == "fast_gelu":
+        return x * torch.sigmoid(1.702 * x)
     return F.silu(x)
 
 

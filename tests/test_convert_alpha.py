@@ -154,7 +154,7 @@ def test_mindspore_training_entries_are_skipped_and_listed(alpha, tmp_path):
     # the head count comes from a gpt_pangu config.json beside the file
     (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg)))
     source = open_source(f)
-    assert source.layout == "mindspore (variant A)"
+    assert source.layout == "mindspore (release names)"
     assert {"global_step", "scale_sense", "note", "adam_m.backbone.blocks.0.layernorm1.gamma"} <= set(source.skipped)
     assert len(source.skipped) == 3 + 16 * (cfg.num_layers + 1)
     p, c = pf.load(f)

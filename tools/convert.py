@@ -19,6 +19,7 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pangu_fn.io.alpha import MS_NAMINGS
     from pangu_fn.io.checkpoint import LAYOUTS
     from pangu_fn.io.writers import WRITERS
 
@@ -32,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=WRITERS, default=None,
                    help="output layout (default: mindspore for a .ckpt DST, else pangu-fn)")
     p.add_argument("--config", default=None,
-                   help="preset name or config.json giving what MindSpore/.pt files do not store (head count, ...)")
+                   help="preset name, config.json or mindformers run yaml giving what MindSpore/.pt files do not "
+                        "store (head count, activation, ...)")
+    p.add_argument("--layout", choices=list(MS_NAMINGS), default=None,
+                   help="MindSpore output: tensor names (default: the naming the source was read from, else release)")
     p.add_argument("--dtype", default=None, help="cast floating tensors: fp32 | bf16 | fp16 (default: as stored)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB, 2GB, 1GiB (default 2GB)")
     p.add_argument("--verify", action="store_true", help="compare logits of source and result on a few prompts")
@@ -56,7 +60,7 @@ def parse_size(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pangu_fn.io import writers
+    from pangu_fn.io import alpha, writers
     from pangu_fn.io.checkpoint import open_source
     from pangu_fn.io.destination import check_destination
     from pangu_fn.params import parse_dtype
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(src, args.fmt, args.config)
     cfg = source.cfg
     fmt = writers.output_format(dst, args.to, cfg)
-    writers.check_writable(source, fmt)
+    writers.check_writable(source, fmt, args.layout)
     tokenizer = {} if args.no_tokenizer else _tokenizer_files(source.folder)
     if source.layout == "gguf" and not args.no_tokenizer:
         from pangu_fn.io.gguf import tokenizer_files as gguf_tokenizer
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         on_tensor = lambda name, n: bar.update(n)
         if fmt == "mindspore":
             writers.write_mindspore(source, dst, dtype, crc=not args.no_crc, on_tensor=on_tensor,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, naming=args.layout)
             _copy_beside(tokenizer, dst.parent)
         else:
             write = {"pangu-fn": writers.write_ours, "hf": writers.write_hf, "gpt_pangu": writers.write_gpt_pangu}[fmt]
@@ -91,7 +95,13 @@ def run(args: argparse.Namespace) -> int:
     if source.skipped:
         shown = ", ".join(source.skipped[:8]) + (f", ... ({len(source.skipped)} in all)" if len(source.skipped) > 8 else "")
         print(f"  skipped: {shown}", file=sys.stderr)
-    print(f"wrote {dst} ({fmt}{', tokenizer: ' + ', '.join(tokenizer) if tokenizer else ''})", file=sys.stderr)
+    notes, written = source.notes, fmt
+    if fmt == "mindspore":
+        written = f"mindspore, {alpha.mindspore_naming(cfg, args.layout).name} names"
+        notes = notes + alpha.mindspore_notes(cfg, args.layout)
+    for note in notes:
+        print(f"  note: {note}", file=sys.stderr)
+    print(f"wrote {dst} ({written}{', tokenizer: ' + ', '.join(tokenizer) if tokenizer else ''})", file=sys.stderr)
     if args.verify:
         diff = verify(source, dst, fmt)
         print(f"verify: largest |logit difference| between {src} and {dst}: {diff:.3g}")

@@ -1,6 +1,7 @@
-"""PanGu-α checkpoint layouts: MindSpore `.ckpt` (naming variants A, B, C), the Hugging Face
-`gpt_pangu` port, and the Megatron GPU port; readers into a `Source` and name plans for the
-MindSpore and gpt_pangu writers.
+"""PanGu-α checkpoint layouts: MindSpore `.ckpt` (three namings: the 2021 release's, the
+late-2021 model zoo's, mindformers'), the Hugging Face `gpt_pangu` port, and the Megatron GPU
+port; readers into a `Source`, name plans for the MindSpore and gpt_pangu writers, and configs
+from mindformers run yamls.
 
 Facts (from `reference/pangu-checkpoints.md`): MindSpore's `nn.Dense` (q/k/v) stores
 `[out, in]` like torch, its `Mapping` weights (attention `projection`, `output.mapping`,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +30,46 @@ from .source import Source, TensorRef, WeightFiles, config_from_shapes
 # hidden size -> heads of the released PanGu-α models (350M, 2.6B, 13B, 200B)
 KNOWN_HEADS = {1024: 16, 2560: 32, 5120: 40, 16384: 128}
 
-# our block suffix -> (MindSpore suffix, stored [in, out] so transposed)
+# our block suffix -> (MindSpore suffix, stored [in, out] so transposed), in the order
+# mindformers' PanguAlphaHeadModel lists (and saves) a block's parameters
 MS_BLOCK = {
     "attn_norm.weight": ("layernorm1.gamma", False), "attn_norm.bias": ("layernorm1.beta", False),
+    "mlp_norm.weight": ("layernorm2.gamma", False), "mlp_norm.bias": ("layernorm2.beta", False),
+    "attn.o.weight": ("attention.projection.weight", True), "attn.o.bias": ("attention.projection.bias", False),
     "attn.q.weight": ("attention.dense1.weight", False), "attn.q.bias": ("attention.dense1.bias", False),
     "attn.k.weight": ("attention.dense2.weight", False), "attn.k.bias": ("attention.dense2.bias", False),
     "attn.v.weight": ("attention.dense3.weight", False), "attn.v.bias": ("attention.dense3.bias", False),
-    "attn.o.weight": ("attention.projection.weight", True), "attn.o.bias": ("attention.projection.bias", False),
-    "mlp_norm.weight": ("layernorm2.gamma", False), "mlp_norm.bias": ("layernorm2.beta", False),
     "mlp.up.weight": ("output.mapping.weight", True), "mlp.up.bias": ("output.mapping.bias", False),
     "mlp.down.weight": ("output.projection.weight", True), "mlp.down.bias": ("output.projection.bias", False),
 }
-# word, position and query embedding names of the three MindSpore naming variants
-MS_EMBEDDINGS = {
-    "A": ("backbone.word_embedding.embedding_table", "backbone.position_embedding.embedding_table",
-          "backbone.top_query_embedding.embedding_table"),
-    "B": ("embedding_table", "backbone.embedding.embedding.position_embedding.embedding_table",
-          "backbone.top_query_embedding_table"),
-    "C": ("backbone.embedding.word_embedding.embedding_table", "backbone.embedding.position_embedding.embedding_table",
-          "backbone.top_query_embedding.embedding_table"),
-}
+
+
+@dataclass(frozen=True)
+class MindSporeNaming:
+    """One MindSpore naming of PanGu-α: its word, position and query embedding names (every
+    other name is shared) and the activation its model code uses by default, which is what a
+    `.ckpt` of that naming is assumed to use when no config says otherwise."""
+
+    name: str
+    word: str
+    position: str
+    query: str
+    activation: str
+    what: str
+
+
+MS_NAMINGS = {n.name: n for n in (
+    MindSporeNaming("release", "backbone.word_embedding.embedding_table", "backbone.position_embedding.embedding_table",
+                    "backbone.top_query_embedding.embedding_table", "gelu_tanh",
+                    "the 2021 release's PanGu-α code"),
+    MindSporeNaming("modelzoo", "embedding_table", "backbone.embedding.embedding.position_embedding.embedding_table",
+                    "backbone.top_query_embedding_table", "gelu_tanh", "the late-2021 MindSpore model zoo PanGu-α code"),
+    MindSporeNaming("mindformers", "backbone.embedding.word_embedding.embedding_table",
+                    "backbone.embedding.position_embedding.embedding_table",
+                    "backbone.top_query_embedding.embedding_table", "fast_gelu",
+                    "mindformers' PanguAlphaHeadModel"),
+)}
+MINDFORMERS_ACTIVATIONS = {"fast_gelu": "fast_gelu", "gelu": "gelu_tanh"}  # hidden_act -> ours (nn.GELU is tanh)
 HF_BLOCK = {
     "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
     "attn.q.weight": "attn.q_proj.weight", "attn.q.bias": "attn.q_proj.bias",
@@ -70,7 +92,8 @@ MEGATRON_BLOCK = {
     "mlp.up.weight": "mlp.dense_h_to_4h.weight", "mlp.up.bias": "mlp.dense_h_to_4h.bias",
     "mlp.down.weight": "mlp.dense_4h_to_h.weight", "mlp.down.bias": "mlp.dense_4h_to_h.bias",
 }
-GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+              "quick_gelu": "fast_gelu"}
 
 
 def _count_blocks(names: list[str], prefix: str) -> int:
@@ -109,58 +132,140 @@ def _resolve(table: Mapping[str, tuple[str, bool]], refs: Mapping[str, TensorRef
     return out, ignored
 
 
-def _table(layers: int, block: Mapping[str, Any], block_prefix: str, query_prefix: str,
-           top: Mapping[str, str], with_transpose: bool) -> dict[str, tuple[str, bool]]:
+def _table(layers: int, block: Mapping[str, str], block_prefix: str, query_prefix: str,
+           top: Mapping[str, str]) -> dict[str, tuple[str, bool]]:
+    """Our flat name -> (stored name, False) for a layout storing torch's orientation."""
     table = {ours: (stored, False) for ours, stored in top.items()}
     for i in range(layers):
-        for suffix, v in block.items():
-            stored, t = v if with_transpose else (v, False)
-            table[f"blocks.{i}.{suffix}"] = (f"{block_prefix}{i}.{stored}", t)
-    for suffix, v in block.items():
-        stored, t = v if with_transpose else (v, False)
-        table[f"query_layer.{suffix}"] = (f"{query_prefix}{stored}", t)
+        table.update({f"blocks.{i}.{suffix}": (f"{block_prefix}{i}.{stored}", False) for suffix, stored in block.items()})
+    table.update({f"query_layer.{suffix}": (f"{query_prefix}{stored}", False) for suffix, stored in block.items()})
     return table
 
 
 # -- MindSpore ---------------------------------------------------------------------------------
 
-def mindspore_table(layers: int, variant: str = "A") -> dict[str, tuple[str, bool]]:
-    """Our flat name -> (MindSpore name, transposed) for `layers` ordinary blocks."""
-    word, pos, query = MS_EMBEDDINGS[variant]
-    top = {"tok_embed.weight": word, "pos_embed.weight": pos, "query_embed.weight": query,
-           "final_norm.weight": "backbone.layernorm.gamma", "final_norm.bias": "backbone.layernorm.beta"}
-    return _table(layers, MS_BLOCK, "backbone.blocks.", "backbone.top_query_layer.", top, True)
+def mindspore_table(layers: int, naming: str = "release") -> dict[str, tuple[str, bool]]:
+    """Our flat name -> (MindSpore name, transposed) for `layers` ordinary blocks, in
+    mindformers' parameter order (embeddings, final norm, blocks, query embedding and layer)."""
+    n = MS_NAMINGS[naming]
+    table = {"tok_embed.weight": (n.word, False), "pos_embed.weight": (n.position, False),
+             "final_norm.weight": ("backbone.layernorm.gamma", False),
+             "final_norm.bias": ("backbone.layernorm.beta", False)}
+    for i in range(layers):
+        table.update({f"blocks.{i}.{ours}": (f"backbone.blocks.{i}.{stored}", t) for ours, (stored, t) in MS_BLOCK.items()})
+    table["query_embed.weight"] = (n.query, False)
+    table.update({f"query_layer.{ours}": (f"backbone.top_query_layer.{stored}", t) for ours, (stored, t) in MS_BLOCK.items()})
+    return table
 
 
 def open_mindspore(path: Path, hint: ModelConfig | None = None) -> Source:
-    """A PanGu-α MindSpore `.ckpt` (variant A, B or C detected from the embedding names).
-    Optimizer and training entries are skipped and listed in `Source.skipped`."""
+    """A PanGu-α MindSpore `.ckpt` in any naming of `MS_NAMINGS` (detected from the word
+    embedding's name). Optimizer and training entries are skipped and listed in
+    `Source.skipped`. A `.ckpt` stores no activation: without `hint` the naming's default is
+    assumed, and `Source.notes` says so. Raises FormatError for other files."""
     reader = CheckpointReader(path)
     skipped = [n for n, e in reader.entries.items() if is_training_entry(n) or not e.is_tensor]
     refs = {n: TensorRef(e.shape, e.dtype, lambda n=n: reader.read(n))  # type: ignore[arg-type]
             for n, e in reader.entries.items() if n not in skipped}
-    variant = next((v for v, names in MS_EMBEDDINGS.items() if names[0] in refs), None)
-    if variant is None:
+    naming = next((n for n in MS_NAMINGS.values() if n.word in refs), None)
+    if naming is None:
         raise FormatError(f"{path}: no PanGu-α word embedding; expected one of "
-                          f"{[n[0] for n in MS_EMBEDDINGS.values()]}, found names {list(refs)[:6]}")
+                          f"{[n.word for n in MS_NAMINGS.values()]}, found names {list(refs)[:6]}")
     if not any(n.startswith("backbone.top_query_layer.") for n in refs):
         raise FormatError(f"{path}: no backbone.top_query_layer.*; the pipeline-training layout (query layer "
                           "stored as the last block) is not supported")
     layers = _count_blocks(list(refs), "backbone.blocks.")
-    flat, _ = _resolve(mindspore_table(layers, variant), refs, str(path))
+    flat, _ = _resolve(mindspore_table(layers, naming.name), refs, str(path))
     cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, hint, KNOWN_HEADS, str(path))
-    return Source(path, f"mindspore (variant {variant})", cfg, flat, skipped=skipped, folder=path.parent)
+    if hint is None:
+        cfg = cfg.replace(activation=naming.activation)
+        notes = [(f"activation {naming.activation} assumed: a .ckpt stores none, and {naming.what} uses it by default; "
+                 "pass --config (a mindformers run yaml, config.json or preset) if the model was trained with another")]
+    else:
+        notes = [f"activation {cfg.activation} from the config given"]
+        if cfg.activation != naming.activation:
+            notes[0] += f" ({naming.what} uses {naming.activation} by default)"
+    return Source(path, f"mindspore ({naming.name} names)", cfg.replace(source_layout=naming.name), flat,
+                  skipped=skipped, folder=path.parent, notes=notes)
 
 
-def mindspore_plan(cfg: ModelConfig, names: list[str]) -> list[tuple[str, str, bool]]:
-    """(MindSpore name, our flat name, transpose) for writing a PanGu-α tree in variant A.
-    Raises ConfigError for other families or an untied head."""
+def mindspore_naming(cfg: ModelConfig, naming: str | None = None) -> MindSporeNaming:
+    """`naming` if given, else the naming the model was read from, else the release's.
+    Raises ConfigError for an unknown name."""
+    name = naming or (cfg.source_layout if cfg.source_layout in MS_NAMINGS else "release")
+    if name not in MS_NAMINGS:
+        raise ConfigError(f"MindSpore layout {name!r}: expected one of {list(MS_NAMINGS)}")
+    return MS_NAMINGS[name]
+
+
+def mindspore_plan(cfg: ModelConfig, names: list[str], naming: str | None = None) -> list[tuple[str, str, bool]]:
+    """(MindSpore name, our flat name, transpose) for writing a PanGu-α tree in `naming`
+    (see `mindspore_naming`). Raises ConfigError for other families, an untied head or an
+    unknown naming."""
+    n = mindspore_naming(cfg, naming)
     if cfg.family != "alpha":
         raise ConfigError(f"the MindSpore writer writes PanGu-α (family 'alpha'); this model is {cfg.family!r}")
     if "lm_head.weight" in names:
         raise ConfigError("the PanGu-α MindSpore layout has a tied head; this model stores lm_head.weight")
-    table = mindspore_table(cfg.num_layers)
-    return [(stored, ours, t) for ours, (stored, t) in table.items()]
+    return [(stored, ours, t) for ours, (stored, t) in mindspore_table(cfg.num_layers, n.name).items()]
+
+
+def mindspore_notes(cfg: ModelConfig, naming: str | None = None) -> list[str]:
+    """What a reader of the written `.ckpt` must be told: the activation, when it differs from
+    the one that naming's model code (and our reader) assumes."""
+    n = mindspore_naming(cfg, naming)
+    if cfg.activation == n.activation:
+        return []
+    return [(f"this model uses activation {cfg.activation}, but {n.what} uses {n.activation} by default and a "
+             f".ckpt stores none: load it with a config that says {cfg.activation} (pangu convert --config ...)")]
+
+
+def read_mindformers_yaml(path: Path) -> ModelConfig:
+    """ModelConfig from a mindformers run yaml (`model.model_config` of type PanguAlphaConfig,
+    e.g. `run_pangualpha_2_6b.yaml`) or a bare PanguAlphaConfig yaml. Raises ConfigError."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{path}: reading a mindformers yaml needs PyYAML (pip install pyyaml)") from None
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: expected a mindformers yaml, found an unreadable file: {e}") from None
+    return mindformers_config(d, str(path))
+
+
+def mindformers_config(d: Any, where: str) -> ModelConfig:
+    """ModelConfig from a mindformers run config (dict): `model.model_config` or the
+    PanguAlphaConfig keys themselves; mindformers' PanguAlphaConfig defaults fill what is
+    missing (its `num_layers` counts the query layer; `hidden_act` fast_gelu; LayerNorm eps
+    1e-5). Raises ConfigError for other models and settings pangu-fn does not compute."""
+    mc = d.get("model", {}).get("model_config", d) if isinstance(d, dict) and isinstance(d.get("model"), dict) else d
+    if not isinstance(mc, dict):
+        raise ConfigError(f"{where}: expected a mindformers config (a mapping with model.model_config), "
+                          f"found {type(mc).__name__}")
+    kind = mc.get("type", "PanguAlphaConfig")
+    if kind != "PanguAlphaConfig":
+        raise ConfigError(f"{where}: model.model_config.type: expected PanguAlphaConfig, found {kind!r}")
+    act = mc.get("hidden_act", "fast_gelu")
+    if act not in MINDFORMERS_ACTIVATIONS:
+        raise ConfigError(f"{where}: model.model_config.hidden_act: expected one of {sorted(MINDFORMERS_ACTIVATIONS)}, "
+                          f"found {act!r}")
+    for key, ok in (("post_layernorm_residual", False), ("use_moe", False)):
+        if bool(mc.get(key, ok)) != ok:
+            raise ConfigError(f"{where}: model.model_config.{key}: expected {ok}, found {mc[key]!r} "
+                              "(pangu-fn computes pre-LayerNorm dense PanGu-α)")
+    try:
+        h, heads, layers = int(mc.get("hidden_size", 2560)), int(mc.get("num_heads", 32)), int(mc.get("num_layers", 32))
+        return ModelConfig(family="alpha", vocab_size=int(mc.get("vocab_size", 40000)), hidden_size=h,
+                           num_layers=layers - 1, num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+                           intermediate_size=int(mc.get("ffn_hidden_size") or 4 * h),
+                           max_seq_len=int(mc.get("seq_length", 1024)),
+                           norm_eps=float(mc.get("layernorm_epsilon", 1e-5)), activation=MINDFORMERS_ACTIVATIONS[act],
+                           query_layer=True, tie_embeddings=True, eos_token_id=mc.get("eos_token_id", 8),
+                           pad_token_id=mc.get("pad_token_id", 6), source_layout="mindformers")
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{where}: model.model_config: expected integer hidden_size, num_heads, num_layers (> 1), "
+                          f"vocab_size, seq_length; {e}") from None
 
 
 # -- Hugging Face gpt_pangu port ------------------------------------------------------------------
@@ -182,7 +287,8 @@ def gpt_pangu_config(d: Mapping[str, Any]) -> ModelConfig:
                            max_seq_len=int(d.get("max_position_embeddings", 1024)),
                            norm_eps=float(d.get("layer_norm_epsilon", 1e-5)), activation=GELU_NAMES[act],
                            query_layer=True, tie_embeddings=True, bos_token_id=d.get("bos_token_id"),
-                           eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
+                           eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+                           source_layout="gpt_pangu")
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -193,7 +299,7 @@ def gpt_pangu_table(layers: int) -> dict[str, tuple[str, bool]]:
     top = {"tok_embed.weight": "transformer.wte.weight", "pos_embed.weight": "transformer.wpe.weight",
            "query_embed.weight": "transformer.wqe.weight", "final_norm.weight": "transformer.ln_f.weight",
            "final_norm.bias": "transformer.ln_f.bias"}
-    return _table(layers, HF_BLOCK, "transformer.h.", f"transformer.h.{layers}.", top, False)
+    return _table(layers, HF_BLOCK, "transformer.h.", f"transformer.h.{layers}.", top)
 
 
 def open_gpt_pangu(folder: Path, d: Mapping[str, Any], hint: ModelConfig | None = None) -> Source:
@@ -214,7 +320,8 @@ def open_gpt_pangu(folder: Path, d: Mapping[str, Any], hint: ModelConfig | None 
         else:
             flat["lm_head.weight"] = head
     cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, base, KNOWN_HEADS, str(folder))
-    return Source(folder, "gpt_pangu", cfg, flat, skipped=skipped + ignored, folder=folder)
+    return Source(folder, "gpt_pangu", cfg.replace(source_layout="gpt_pangu"), flat, skipped=skipped + ignored,
+                  folder=folder)
 
 
 def gpt_pangu_plan(cfg: ModelConfig) -> dict[str, str]:
@@ -227,7 +334,7 @@ def gpt_pangu_plan(cfg: ModelConfig) -> dict[str, str]:
 
 
 def gpt_pangu_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}.get(cfg.activation)
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "fast_gelu": "quick_gelu"}.get(cfg.activation)
     if act is None or cfg.norm != "layernorm" or cfg.num_kv_heads != cfg.num_heads:
         raise ConfigError(f"gpt_pangu layout needs LayerNorm, GELU and MHA; found {cfg.norm}, {cfg.activation}, "
                           f"{cfg.num_heads}/{cfg.num_kv_heads} heads")
@@ -261,7 +368,7 @@ def megatron_source(path: Path, tensors: dict[str, torch.Tensor], skipped: list[
            "query_embed.weight": "topQueryEmbedding.top_query_embeddings.weight",
            "final_norm.weight": "transformer.final_layernorm.weight",
            "final_norm.bias": "transformer.final_layernorm.bias"}
-    table = _table(layers, MEGATRON_BLOCK, "transformer.layers.", "transformer.topQueryLayer.", top, False)
+    table = _table(layers, MEGATRON_BLOCK, "transformer.layers.", "transformer.topQueryLayer.", top)
     flat, _ = _resolve(table, refs, str(path))
     cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, hint, KNOWN_HEADS, str(path))
-    return Source(path, "megatron", cfg, flat, skipped=skipped, folder=path.parent)
+    return Source(path, "megatron", cfg.replace(source_layout="megatron"), flat, skipped=skipped, folder=path.parent)

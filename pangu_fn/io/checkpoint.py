@@ -144,8 +144,8 @@ def detect_layout(path: str | Path) -> Layout:
 
 def config_hint(path: Path, explicit: ModelConfig | str | Path | None = None) -> ModelConfig | None:
     """What fills the gaps of layouts that store no config (MindSpore, .pt): `explicit` (a
-    ModelConfig, a preset name, or a config.json of ours / HF / gpt_pangu), else a config.json
-    beside the checkpoint file."""
+    ModelConfig, a preset name, a config.json of ours / HF / gpt_pangu, or a mindformers run
+    yaml), else a config.json beside the checkpoint file."""
     if isinstance(explicit, ModelConfig):
         return explicit
     if explicit is not None:
@@ -154,6 +154,8 @@ def config_hint(path: Path, explicit: ModelConfig | str | Path | None = None) ->
         if str(explicit) in PRESETS:
             return PRESETS[str(explicit)]
         f = Path(explicit)
+        if f.is_file() and f.suffix in (".yaml", ".yml"):
+            return alpha.read_mindformers_yaml(f)
         if f.is_file():
             return _config_from_json_dict(_read_json(f), f)
         if (f / "config.json").is_file():

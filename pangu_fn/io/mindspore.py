@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 from .atomic import atomic_file
 from .source import tensor_chunks
 
@@ -420,17 +420,17 @@ def write_checkpoint(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor
     does. With `crc`, the CRC trailer MindSpore's `crc_check=True` writes is appended.
     `on_tensor(name, nbytes)` is called after each tensor (progress)."""
     if split_bytes <= 0:
-        raise ValueError("split_bytes must be positive")
+        raise ConfigError(f"write_checkpoint {path}: split_bytes: expected a positive byte count, found {split_bytes}")
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         out = _CrcWriter(f)
         for name, t in tensors:
             if not isinstance(t, torch.Tensor):
-                raise FormatError(f"write_checkpoint: {name} is a {type(t).__name__}, not a tensor; "
-                                  "dequantize before writing MindSpore checkpoints")
+                raise FormatError(f"write_checkpoint {path}: tensor {name!r}: expected a torch.Tensor, found a "
+                                  f"{type(t).__name__}; dequantize before writing MindSpore checkpoints")
             cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
             if cast not in TYPE_NAMES:
-                raise FormatError(f"write_checkpoint: tensor {name} has dtype {cast}, which MindSpore "
-                                  f"checkpoints cannot hold; expected one of {sorted(map(str, TYPE_NAMES))}")
+                raise FormatError(f"write_checkpoint {path}: tensor {name!r}: expected a dtype MindSpore checkpoints "
+                                  f"hold ({sorted(map(str, TYPE_NAMES))}), found {cast}")
             nbytes = t.numel() * _itemsize(cast)
             header = _field(1, name.encode())
             dims = b"".join(_varint(1 << 3) + _varint(d) for d in t.shape)

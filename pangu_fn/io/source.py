@@ -48,7 +48,8 @@ class TensorRef:
 class Source:
     """What `load`/`convert` read from: config, our flat names -> TensorRef, the source's
     entries deliberately left out (optimizer state, buffers), quantized-leaf descriptions
-    (our format only) and the folder where a tokenizer may sit."""
+    (our format only), the folder where a tokenizer may sit, and notes for the user (what
+    was assumed because the checkpoint does not store it, e.g. a MindSpore model's activation)."""
 
     path: Path
     layout: str
@@ -57,6 +58,7 @@ class Source:
     skipped: list[str] = field(default_factory=list)
     leaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     folder: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
     def flat(self) -> dict[str, torch.Tensor]:
         """Every tensor read (contiguous), by flat name."""
@@ -193,7 +195,7 @@ def config_from_shapes(family: str, shapes: dict[str, tuple[int, ...]], hint: Mo
     else:
         raise FormatError(f"{source}: the number of attention heads cannot be read from the shapes "
                           f"(hidden size {hidden}); put a config.json beside the checkpoint or pass a "
-                          "config (pangu convert --config PRESET|config.json)")
+                          "config (pangu convert --config PRESET|config.json|run.yaml)")
     if heads <= 0 or q_rows % heads:
         raise ConfigError(f"{source}: {heads} heads do not divide the {q_rows} query rows of blocks.0.attn.q.weight")
     head_dim = q_rows // heads

@@ -98,13 +98,16 @@ def write_gpt_pangu(source: Source, path: str | Path, dtype: str | torch.dtype |
 
 
 def write_mindspore(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
-                    crc: bool = True, on_tensor: OnTensor | None = None, *, overwrite: bool = False) -> Path:
-    """A PanGu-α MindSpore `.ckpt` (variant A names, `Mapping` weights stored `[in, out]`),
-    with the CRC trailer unless `crc` is False. Raises ConfigError for other families."""
+                    crc: bool = True, on_tensor: OnTensor | None = None, *, overwrite: bool = False,
+                    naming: str | None = None) -> Path:
+    """A PanGu-α MindSpore `.ckpt` in `naming` ("release", "modelzoo" or "mindformers"; by
+    default the naming the model was read from, else "release"), `Mapping` weights stored
+    `[in, out]`, in mindformers' parameter order, with the CRC trailer unless `crc` is False.
+    Raises ConfigError for other families and unknown namings."""
     if source.leaves:
         raise ConfigError("write_mindspore: the model has quantized leaves; dequantize first")
     check_destination(path, overwrite=overwrite, sources=source_paths(source))
-    plan = alpha.mindspore_plan(source.cfg, list(source.tensors))
+    plan = alpha.mindspore_plan(source.cfg, list(source.tensors), naming)
     cast = parse_dtype(dtype) if dtype is not None else None
 
     def tensors():
@@ -115,13 +118,16 @@ def write_mindspore(source: Source, path: str | Path, dtype: str | torch.dtype |
     return write_checkpoint(path, tensors(), crc=crc, dtype=cast, on_tensor=on_tensor)
 
 
-def check_writable(source: Source, fmt: str) -> None:
-    """Raise ConfigError now (before anything is written) if `fmt` cannot hold this model."""
+def check_writable(source: Source, fmt: str, naming: str | None = None) -> None:
+    """Raise ConfigError now (before anything is written) if `fmt` (with MindSpore `naming`)
+    cannot hold this model."""
     cfg = source.cfg
     if fmt != "pangu-fn" and source.leaves:
         raise ConfigError(f"the {fmt} layout cannot hold quantized leaves; dequantize first or write pangu-fn")
+    if naming is not None and fmt != "mindspore":
+        raise ConfigError(f"--layout {naming!r} names MindSpore tensors; the output layout is {fmt!r}")
     if fmt == "mindspore":
-        alpha.mindspore_plan(cfg, list(source.tensors))
+        alpha.mindspore_plan(cfg, list(source.tensors), naming)
     elif fmt == "gpt_pangu":
         alpha.gpt_pangu_config_dict(cfg)
         alpha.gpt_pangu_plan(cfg)
