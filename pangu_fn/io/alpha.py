@@ -256,16 +256,21 @@ def mindformers_config(d: Any, where: str) -> ModelConfig:
                               "(pangu-fn computes pre-LayerNorm dense PanGu-α)")
     try:
         h, heads, layers = int(mc.get("hidden_size", 2560)), int(mc.get("num_heads", 32)), int(mc.get("num_layers", 32))
-        return ModelConfig(family="alpha", vocab_size=int(mc.get("vocab_size", 40000)), hidden_size=h,
-                           num_layers=layers - 1, num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-                           intermediate_size=int(mc.get("ffn_hidden_size") or 4 * h),
-                           max_seq_len=int(mc.get("seq_length", 1024)),
-                           norm_eps=float(mc.get("layernorm_epsilon", 1e-5)), activation=MINDFORMERS_ACTIVATIONS[act],
-                           query_layer=True, tie_embeddings=True, eos_token_id=mc.get("eos_token_id", 8),
-                           pad_token_id=mc.get("pad_token_id", 6), source_layout="mindformers")
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ConfigError(f"{where}: model.model_config: expected integer hidden_size, num_heads, num_layers (> 1), "
-                          f"vocab_size, seq_length; {e}") from None
+        sizes = {"vocab_size": int(mc.get("vocab_size", 40000)), "max_seq_len": int(mc.get("seq_length", 1024)),
+                 "intermediate_size": int(mc.get("ffn_hidden_size") or 4 * h),
+                 "norm_eps": float(mc.get("layernorm_epsilon", 1e-5))}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: model.model_config: expected numbers for hidden_size, num_heads, num_layers, "
+                          f"vocab_size, seq_length, ffn_hidden_size; {e}") from None
+    if heads <= 0 or h % heads:
+        raise ConfigError(f"{where}: model.model_config.num_heads: expected a divisor of hidden_size {h}, found {heads}")
+    try:
+        return ModelConfig(family="alpha", hidden_size=h, num_layers=layers - 1, num_heads=heads, num_kv_heads=heads,
+                           head_dim=h // heads, activation=MINDFORMERS_ACTIVATIONS[act], query_layer=True,
+                           tie_embeddings=True, eos_token_id=mc.get("eos_token_id", 8),
+                           pad_token_id=mc.get("pad_token_id", 6), source_layout="mindformers", **sizes)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: model.model_config (num_layers counts the query layer): {e}") from None
 
 
 # -- Hugging Face gpt_pangu port ------------------------------------------------------------------
