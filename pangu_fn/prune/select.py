@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import InputError
+
 # keys of one tensor: the tensor itself, or a function that makes it (recomputed on each pass,
 # so a global selection never holds the keys of the whole model at once)
 Keys = torch.Tensor | Callable[[], torch.Tensor]
@@ -66,7 +68,7 @@ def smallest_k_masks(keys: Sequence[Keys], k: int, total: int | None = None) -> 
     earliest positions."""
     total = sum(_materialize(t).numel() for t in keys) if total is None else total
     if not 0 <= k <= total:
-        raise ValueError(f"smallest_k_masks: k={k} outside [0, {total}]")
+        raise InputError(f"smallest_k_masks: expected k in [0, {total}] (the number of weights), found k={k}")
     if k == 0:
         return [torch.zeros_like(_materialize(t), dtype=torch.bool) for t in keys]
     threshold, below = kth_smallest(keys, k)

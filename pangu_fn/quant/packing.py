@@ -3,7 +3,7 @@
 - Canonical (ONNX `MatMulNBits`): `[N, K/G, G/2]` uint8, two values per byte along K, low
   nibble first. Saved, exported and handed to other runtimes.
 - CPU kernel (`torch._weight_int4pack_mm_for_cpu`): the layout `_convert_weight_to_int4pack_for_cpu`
-  makes, machine dependent (it blocks rows by the SIMD width). Built once per leaf and cached;
+  makes, machine dependent (it blocks rows by the SIMD width). Built when a leaf is made;
   `cpu_unpack` inverts it (checked once per process against torch's packer) so the leaf need
   not keep both copies.
 """
@@ -92,13 +92,11 @@ def cpu_layout_known() -> bool:
     return _cpu_layout() is not None
 
 
-def cpu_row_block() -> int:
+def cpu_row_block() -> int | None:
     """Rows per block of this machine's packed layout: slices of a packed weight start at
-    multiples of it (needs `cpu_layout_known()`)."""
+    multiples of it (None when `cpu_layout_known()` is false)."""
     layout = _cpu_layout()
-    if layout is None:
-        raise RuntimeError("cpu_row_block: this machine's int4 pack layout is not known")
-    return layout[0]
+    return None if layout is None else layout[0]
 
 
 @functools.lru_cache(maxsize=1)

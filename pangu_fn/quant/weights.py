@@ -5,14 +5,17 @@ its `compute_dtype` (the activations' dtype; scales are kept in it), `dequantize
 `linear(x, bias)` (kernel choice in `kernels.py`), `embedding(tokens)` (for a quantized tied
 embedding), `.to(device)`, `.astype(dtype)`, and the save protocol of `pangu_fn.io.leaves`.
 
-Machine-specific copies (the CPU int4 pack, oneDNN's blocked bf16 weight, the NPU int4 pack)
-are built once, when the leaf is made or first used (not while tracing), and never saved. Where
-the native kernels run (`native.py`), none is needed on the CPU: they read the stored layout.
+Leaves are values: nothing a leaf holds changes after it is made, so threads may share a tree.
+Machine-specific copies are never saved. The CPU ones (torch's int4 pack, oneDNN's blocked bf16
+weight) are made with the leaf (not while tracing); the CUDA and NPU packs on first use, each
+built once under a lock and only then published. Where the native kernels run (`native.py`),
+no CPU copy is needed: they read the stored layout.
 """
 
 from __future__ import annotations
 
-import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,25 +48,9 @@ def _size(t: Any) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def _reference_counts(holder: Any, attr: str) -> tuple[int, int, bool]:
-    """(Python references to `holder.attr`, uses of its storage, not a view)."""
-    t = getattr(holder, attr)
-    return sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata), t._base is None
-
-
-class _Holder:
-    def __init__(self) -> None:
-        self.t = torch.zeros(1)
-
-
-# what the counts are, on this interpreter, for a tensor that one attribute alone holds
-_SOLE = _reference_counts(_Holder(), "t") if hasattr(torch._C, "_storage_Use_Count") else None
-
-
-def _only_reference(holder: Any, attr: str) -> bool:
-    """True when nothing but `holder.attr` references that tensor: no other name, container
-    or view holds it or its storage, so its memory may be reused in place."""
-    return _SOLE is not None and _reference_counts(holder, attr) == _SOLE
+# held while a leaf builds a kernel copy on first use (CUDA / NPU packs), so that no thread
+# sees a half-built one and none is built twice
+_COPY_LOCK = threading.RLock()
 
 
 def _need(ok: bool, message: str) -> None:
@@ -76,6 +63,15 @@ class _Leaf:
 
     shape: torch.Size
     compute_dtype: torch.dtype
+    _copies: dict[str, Any]
+
+    def _kernel_copy(self, key: str, build: Callable[[], Any]) -> Any:
+        """The kernel copy `key` of this leaf, built by `build()` on first use, under a lock."""
+        if key not in self._copies:
+            with _COPY_LOCK:
+                if key not in self._copies:
+                    self._copies[key] = build()
+        return self._copies[key]
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
@@ -105,12 +101,39 @@ class _Leaf:
     @classmethod
     def _parts(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any],
                required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """The stored tensors, checked: a dict description, the expected names, tensors only."""
+        if not isinstance(description, dict):
+            raise FormatError(f"{cls.kind} leaf: expected a description object, found {type(description).__name__}")
         missing = [k for k in required if k not in tensors]
         extra = [k for k in tensors if k not in required + optional]
         if missing or extra:
             raise FormatError(f"{cls.kind} leaf: expected tensors {list(required + optional)}, "
                               f"found {sorted(tensors)} (description {description})")
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"{cls.kind} leaf: expected tensor {name!r}, found {type(t).__name__}")
         return tensors
+
+    @classmethod
+    def _flag(cls, description: dict[str, Any], key: str) -> bool:
+        value = description.get(key, False)
+        if not isinstance(value, bool):
+            raise FormatError(f"{cls.kind} leaf: expected {key!r} true or false in its description, found {value!r}")
+        return value
+
+    @classmethod
+    def _made(cls, make: Callable[[], _Leaf], description: dict[str, Any]) -> _Leaf:
+        """`make()`, with a tensor mismatch reported as FormatError, and the description's
+        `shape` (when given) checked against the leaf's."""
+        try:
+            leaf = make()
+        except ShapeError as e:
+            raise FormatError(f"{cls.kind} leaf: {e}") from e
+        shape = description.get("shape")
+        if shape is not None and shape != list(leaf.shape):
+            raise FormatError(f"{cls.kind} leaf: its description says shape {shape!r}, its tensors make "
+                              f"{list(leaf.shape)}")
+        return leaf
 
 
 @register_leaf
@@ -128,7 +151,7 @@ class Int8Weight(_Leaf):
         self.qdata, self.scales = qdata.contiguous(), scales.contiguous()  # kernels need row-major
         self.shape = torch.Size(qdata.shape)
         self.compute_dtype = scales.dtype
-        self._npu: tuple | None = None
+        self._copies = {}
 
     @property
     def scheme(self) -> str:
@@ -154,12 +177,10 @@ class Int8Weight(_Leaf):
         return (self.qdata[tokens].float() * self.scales[tokens].float()[..., None]).to(self.compute_dtype)
 
     def npu_kernel_data(self, dtype: torch.dtype) -> tuple:
-        if self._npu is None:
-            self._npu = kernels.npu_int8_data(self, dtype)
-        return self._npu
+        return self._kernel_copy(f"npu-{dtype}", lambda: kernels.npu_int8_data(self, dtype))
 
     def _held(self) -> list[Any]:
-        return [self.qdata, self.scales, self._npu]
+        return [self.qdata, self.scales, *self._copies.values()]
 
     def to(self, device: str | torch.device) -> Int8Weight:
         return Int8Weight(self.qdata.to(device), self.scales.to(device))
@@ -176,7 +197,7 @@ class Int8Weight(_Leaf):
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> Int8Weight:
         t = cls._parts(tensors, description, ("qdata", "scales"))
-        return cls(t["qdata"], t["scales"])
+        return cls._made(lambda: cls(t["qdata"], t["scales"]), description)
 
 
 @register_leaf
@@ -186,9 +207,10 @@ class Int4Weight(_Leaf):
     `[N, K/G]` (values 0..15) or None for symmetric (zero point 8); weight = (code - zero) * scale.
 
     On the CPU with bf16 compute the native int4 kernel reads `qdata` as it is. Where it cannot
-    run, the leaf holds torch's CPU kernel's packed copy instead of `qdata` (rebuilt on demand,
-    e.g. for saving) when that layout is invertible here, unless `keep_qdata`; a tied
-    embedding's token lookup then unpacks only the row blocks it needs."""
+    run, the leaf is made holding torch's CPU kernel's packed copy, in place of `qdata` (rebuilt
+    on demand, e.g. for saving) when that layout is invertible here, unless `keep_qdata`; a tied
+    embedding's token lookup then unpacks only the row blocks it needs. The tensors passed in
+    are never written."""
 
     kind = "int4"
 
@@ -209,74 +231,59 @@ class Int4Weight(_Leaf):
         self.keep_qdata = keep_qdata
         self.shape = torch.Size((n, blocks * group_size))
         self.compute_dtype = scales.dtype
-        self._qdata: torch.Tensor | None = qdata.contiguous()
-        self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._cpu_tried = False
-        self._native: tuple | None | bool = False  # False: not looked at yet
-        self._cuda: tuple | None | bool = False
-        self._npu: tuple | None = None
+        self._copies = {}
+        qdata = qdata.contiguous()
+        native_runs = (qdata.device.type == "cpu" and self.compute_dtype == torch.bfloat16
+                       and native.int4_fits(self.shape[1], self.group_size))
+        self._native = (qdata, self.scales, self.zero_points) if native_runs else None
+        self._cpu, invertible = (None, False) if native_runs else self._cpu_pack(qdata)
+        self._qdata = None if invertible and not keep_qdata else qdata
 
-    def _prepare_cpu(self) -> None:
-        """Build the CPU kernel's packed weight and `scales_and_zeros [K/G, N, 2]` (value =
-        (code - 8) * scale + zero, so zero = (8 - zero point) * scale), once, on first use.
-
-        Rows are packed in chunks (whole row blocks of the packer), so the staging copies stay
-        small. When nothing but this leaf references `qdata` (after `load` or `quantize`
-        returned) and the layout is invertible, the pack is written over `qdata`'s own memory:
-        no second buffer, and no freed buffer left to the allocator."""
-        self._cpu_tried = True
-        if (self._qdata.device.type != "cpu" or self.compute_dtype != torch.bfloat16
-                or self.group_size not in (32, 64, 128, 256) or kernels.tracing()
-                or self.native_kernel_data is not None):  # the native kernel reads qdata itself
-            return
+    def _cpu_pack(self, qdata: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, bool]:
+        """((packed weight, `scales_and_zeros [K/G, N, 2]`) for torch's CPU kernel or None where
+        it does not apply, whether `cpu_unpack` recovers the codes from the pack). Rows are
+        packed in chunks (whole row blocks of the packer), so the staging copies stay small."""
+        if (qdata.device.type != "cpu" or self.compute_dtype != torch.bfloat16
+                or self.group_size not in (32, 64, 128, 256) or kernels.tracing()):
+            return None, False
         n, k = self.shape
         pad = -n % CPU_ROW_MULTIPLE
-        sz = kernels.scales_and_zeros(self.scales, self.zero_points, pad)
-        invertible = not self.keep_qdata and cpu_layout_known()
-        in_place = invertible and not pad and _only_reference(self, "_qdata")
-        packed = self._qdata.view(n, k // 2) if in_place else torch.empty(n + pad, k // 2, dtype=torch.uint8)
+        packed = torch.empty(n + pad, k // 2, dtype=torch.uint8)
+        invertible = cpu_layout_known()
         for r0 in range(0, n, PACK_ROWS):
             r1 = min(r0 + PACK_ROWS, n)
-            codes = from_matmul_nbits(self._qdata[r0:r1])
+            codes = from_matmul_nbits(qdata[r0:r1])
             if r1 == n and pad:
                 codes = torch.cat([codes, codes.new_full((pad, k), 8)])
             chunk = cpu_pack(codes)
-            if invertible and r0 == 0 and not torch.equal(cpu_unpack(chunk, len(codes), k), codes):
-                raise RuntimeError("int4 CPU pack: the packer's layout differs from the one probed")
+            if invertible and r0 == 0:  # the layout probed once per process, confirmed on real rows
+                invertible = torch.equal(cpu_unpack(chunk, len(codes), k), codes)
             packed[r0:r0 + len(codes)] = chunk
-        self._cpu = (packed, sz)
-        if invertible:
-            self._qdata = None  # one copy in memory; `qdata` rebuilds the canonical layout
+        return (packed, kernels.scales_and_zeros(self.scales, self.zero_points, pad)), invertible
 
     @property
     def native_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """(qdata, scales, zero_points) for `native.int4_linear`, or None where it cannot run
         (another device or compute dtype, a (K, G) it does not take, or no native kernels)."""
-        if self._native is False:
-            fits = (self._qdata is not None and self._qdata.device.type == "cpu" and self.compute_dtype == torch.bfloat16
-                    and native.int4_fits(self.shape[1], self.group_size))
-            self._native = (self._qdata, self.scales, self.zero_points) if fits else None
         return self._native
 
     @property
     def cpu_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(packed weight, scales_and_zeros) for `_weight_int4pack_mm_for_cpu`, or None
-        where that kernel does not apply (built on first use)."""
-        if not self._cpu_tried:
-            self._prepare_cpu()
+        where that kernel does not apply (made with the leaf)."""
         return self._cpu
 
     @property
     def cuda_kernel_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(packed weight, scales_and_zeros) for torch's CUDA int4 kernel, or None where it does
         not apply (built on first use; the leaf then holds both copies)."""
-        if self._cuda is False:
-            self._cuda = kernels.cuda_int4_data(self) if self.scales.device.type == "cuda" else None
-        return self._cuda
+        if self.scales.device.type != "cuda":
+            return None
+        return self._kernel_copy("cuda", lambda: kernels.cuda_int4_data(self))
 
     def codes(self, rows: slice = slice(None)) -> torch.Tensor:
         """Codes `[N, K]` uint8 (0..15), or those of `rows` (a step-1 slice whose start is a
-        multiple of 64, the CPU packer's row block, when only the CPU pack is held)."""
+        multiple of the CPU packer's row block, `cpu_row_block()`, when only the CPU pack is held)."""
         if self._qdata is not None:
             return from_matmul_nbits(self._qdata[rows])
         n, k = self.shape
@@ -318,7 +325,7 @@ class Int4Weight(_Leaf):
         if self._qdata is not None:
             codes = from_matmul_nbits(self._qdata[flat])
         else:
-            block, n = cpu_row_block(), self.shape[0]
+            block, n = cpu_row_block(), self.shape[0]  # known: the pack alone is held only then
             starts = (flat // block * block).tolist()
             blocks = {s: self.codes(slice(s, min(s + block, n))) for s in set(starts)}
             codes = torch.stack([blocks[s][t - s] for t, s in zip(flat.tolist(), starts)])
@@ -327,12 +334,10 @@ class Int4Weight(_Leaf):
         return rows.view(*tokens.shape, self.shape[1])
 
     def npu_kernel_data(self, dtype: torch.dtype) -> tuple:
-        if self._npu is None:
-            self._npu = kernels.npu_int4_data(self, dtype)
-        return self._npu
+        return self._kernel_copy(f"npu-{dtype}", lambda: kernels.npu_int4_data(self, dtype))
 
     def _held(self) -> list[Any]:
-        return [self._qdata, self.scales, self.zero_points, self._cpu, self._cuda or None, self._npu]
+        return [self._qdata, self.scales, self.zero_points, self._cpu, *self._copies.values()]
 
     def to(self, device: str | torch.device) -> Int4Weight:
         zp = None if self.zero_points is None else self.zero_points.to(device)
@@ -361,9 +366,14 @@ class Int4Weight(_Leaf):
     def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> Int4Weight:
         t = cls._parts(tensors, description, ("qdata", "scales"), ("zero_points",))
         group = description.get("group_size")
-        if not isinstance(group, int) or group < 2:
-            raise FormatError(f"int4 leaf: expected an integer group_size in its description, found {description}")
-        return cls(t["qdata"], t["scales"], t.get("zero_points"), group, bool(description.get("keep_qdata", False)))
+        if not isinstance(group, int) or isinstance(group, bool) or group < 2 or group % 2:
+            raise FormatError(f"int4 leaf: expected an even integer group_size >= 2 in its description, "
+                              f"found {group!r}")
+        keep = cls._flag(description, "keep_qdata")
+        zeros = t.get("zero_points")
+        if zeros is not None and zeros.dtype == torch.uint8 and zeros.numel() and int(zeros.max()) > 15:
+            raise FormatError(f"int4 leaf: expected zero_points 0..15, found {int(zeros.max())}")
+        return cls._made(lambda: cls(t["qdata"], t["scales"], zeros, group, keep), description)
 
 
 @register_leaf
@@ -434,7 +444,8 @@ class DenseWeight(_Leaf):
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> DenseWeight:
         t = cls._parts(tensors, description, ("weight",))
-        return cls(t["weight"], bool(description.get("keep_dense", False)))
+        keep = cls._flag(description, "keep_dense")
+        return cls._made(lambda: cls(t["weight"], keep), description)
 
 
 def is_quantized(leaf: Any) -> bool:
