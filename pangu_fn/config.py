@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,10 +75,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config from a dict (as `to_dict` writes). Raises ConfigError for unknown or
+        missing keys and for a value whose JSON type differs from the field's (a string
+        number, a bool for an int, a non-finite float) or an int beyond 2**31."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k)[:40] for k in set(d) - set(fields))
         if unknown:
-            raise ConfigError(f"ModelConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+            raise ConfigError(f"ModelConfig: unknown keys {unknown}; expected a subset of {sorted(fields)}")
+        for key, value in d.items():
+            kind = str(fields[key].type)
+            if not _JSON_TYPES.get(kind, lambda v: True)(value):
+                raise ConfigError(f"ModelConfig: {key} expected {kind}, found {repr(value)[:80]}")
         try:
             return cls(**d)
         except TypeError as e:  # missing required fields
@@ -90,8 +98,8 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"ModelConfig: expected JSON, found a parse error: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, deep nesting
+            raise ConfigError(f"ModelConfig: expected JSON, found a parse error: {str(e)[:200]}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"ModelConfig: expected a JSON object, found {type(d).__name__}")
         return cls.from_dict(d)
@@ -110,6 +118,20 @@ class ModelConfig:
     def num_blocks(self) -> int:
         """Blocks holding a KV cache: ordinary blocks plus the query layer."""
         return self.num_layers + int(self.query_layer)
+
+
+def _int(v: Any) -> bool:
+    return type(v) is int and abs(v) < 2**31
+
+
+def _float(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+# checks of the JSON values `from_dict` accepts, by field annotation
+_JSON_TYPES: dict[str, Any] = {
+    "int": _int, "float": _float, "str": lambda v: type(v) is str, "bool": lambda v: type(v) is bool,
+    "int | None": lambda v: v is None or _int(v), "str | None": lambda v: v is None or type(v) is str}
 
 
 def _gpt(**kw: Any) -> ModelConfig:

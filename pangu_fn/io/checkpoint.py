@@ -30,6 +30,7 @@ from .source import Source, TensorRef, WeightFiles
 
 FORMAT, VERSION = "pangu-fn", 1
 DEFAULT_SHARD_SIZE = 2 * 1024**3
+MAX_CONFIG = 10_000_000  # bytes of a config.json
 PT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -47,12 +48,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     f = path / "config.json"
     if not f.is_file():
         raise FormatError(f"{path}: expected a model folder with config.json, found none")
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{f}: not valid JSON: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{f}: unreadable: {e}") from None
+    d = _read_json(f)
     if not isinstance(d, dict):
         raise FormatError(f"{f}: expected a JSON object, found {type(d).__name__}")
     return d
@@ -86,15 +82,15 @@ def _is_ckpt(path: Path) -> bool:
 
 def _open_ours(path: Path, hint: ModelConfig | None) -> Source:
     d = read_config_json(path)
-    _check_version(d, path)
-    cfg = ModelConfig.from_dict(d["config"])
+    cfg = our_config(d, path / "config.json")
     files = WeightFiles(path)
     refs = {name: files.ref(name) for name in files.keys()}  # noqa: SIM118  (keys() only, not a mapping)
-    return Source(path, FORMAT, cfg, refs, leaves=d.get("leaves", {}), folder=path)
+    described = leaves.check_descriptions(d.get("leaves", {}), f"{path}/config.json")
+    return Source(path, FORMAT, cfg, refs, leaves=described, folder=path)
 
 
 def _open_hf(path: Path, hint: ModelConfig | None) -> Source:
-    cfg = hf.config_from_hf(read_config_json(path))
+    cfg = hf.config_from_hf(read_config_json(path), where=str(path / "config.json"))
     files = WeightFiles(path)
     flat = hf.hf_to_flat(files.get, files.keys(), cfg, source=str(path))
     return Source(path, "hf", cfg, {n: TensorRef.of(t) for n, t in flat.items()}, folder=path)
@@ -169,9 +165,11 @@ def config_hint(path: Path, explicit: ModelConfig | str | Path | None = None) ->
 
 def _read_json(f: Path) -> dict[str, Any]:
     try:
+        if f.stat().st_size > MAX_CONFIG:
+            raise FormatError(f"{f}: {f.stat().st_size} bytes; expected a config.json of at most {MAX_CONFIG}")
         d = json.loads(f.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{f}: not valid JSON: {e}") from None
+    except (ValueError, OSError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise FormatError(f"{f}: not valid JSON: {str(e)[:200]}") from None
     if not isinstance(d, dict):
         raise FormatError(f"{f}: expected a JSON object, found {type(d).__name__}")
     return d
@@ -179,11 +177,11 @@ def _read_json(f: Path) -> dict[str, Any]:
 
 def _config_from_json_dict(d: dict[str, Any], where: Path) -> ModelConfig:
     if d.get("format") == FORMAT:
-        return ModelConfig.from_dict(d["config"])
+        return our_config(d, where)
     if alpha.is_gpt_pangu(d):
         return alpha.gpt_pangu_config(d)
     if hf.is_hf_config(d):
-        return hf.config_from_hf(d)
+        return hf.config_from_hf(d, where=str(where))
     try:
         return ModelConfig.from_dict(d)
     except ConfigError as e:
@@ -214,10 +212,9 @@ def load_config(path: str | Path) -> ModelConfig:
     if path.is_dir() and (path / "config.json").is_file():
         d = read_config_json(path)
         if d.get("format") == FORMAT:
-            _check_version(d, path)
-            return ModelConfig.from_dict(d["config"])
+            return our_config(d, path / "config.json")
         if hf.is_hf_config(d):
-            return hf.config_from_hf(d)
+            return hf.config_from_hf(d, where=str(path / "config.json"))
     return open_source(path).cfg
 
 
@@ -236,7 +233,8 @@ def load(path: str | Path, device: str | torch.device | None = None,
 def materialise(source: Source, device: str | torch.device | None = None,
                 dtype: str | torch.dtype | None = None) -> tuple[Params, ModelConfig]:
     """Read every tensor of `source` into a validated params tree."""
-    flat = leaves.decode(source.flat(), source.leaves) if source.leaves else source.flat()
+    flat = leaves.decode(source.flat(), source.leaves, str(source.path)) if source.leaves else source.flat()
+    leaves.check_no_stray_parts(flat, str(source.path))
     params = unflatten(flat)
     validate(params, source.cfg)
     if dtype is not None:
@@ -267,9 +265,19 @@ def save(path: str | Path, params: Params, cfg: ModelConfig, shard_size: int = D
                       overwrite=overwrite)
 
 
-def _check_version(d: dict[str, Any], path: Path) -> None:
-    if not isinstance(d.get("version"), int) or d["version"] > VERSION:
-        raise FormatError(f"{path}/config.json: format version {d.get('version')!r} is newer than "
-                          f"this pangu-fn reads ({VERSION}); upgrade pangu-fn")
+def our_config(d: dict[str, Any], where: Path) -> ModelConfig:
+    """The ModelConfig of our config.json dict `d` (read from `where`). Raises FormatError for
+    a newer or malformed format version or a missing config object, ConfigError (naming the
+    file and the key) for a config that ModelConfig refuses."""
+    version = d.get("version")
+    if type(version) is not int or version < 1:
+        raise FormatError(f"{where}: expected an integer format version >= 1, found {repr(version)[:40]}")
+    if version > VERSION:
+        raise FormatError(f"{where}: format version {version} is newer than this pangu-fn reads ({VERSION}); "
+                          "upgrade pangu-fn")
     if not isinstance(d.get("config"), dict):
-        raise FormatError(f"{path}/config.json: expected a 'config' object, found {type(d.get('config')).__name__}")
+        raise FormatError(f"{where}: expected a 'config' object, found {type(d.get('config')).__name__}")
+    try:
+        return ModelConfig.from_dict(d["config"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

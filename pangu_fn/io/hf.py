@@ -6,6 +6,7 @@ config -> our flat names and ModelConfig, and back (so transformers loads what w
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,45 +27,102 @@ def is_hf_config(d: Mapping[str, Any]) -> bool:
     return d.get("model_type") == "gpt2" or d.get("model_type") in LLAMA_TYPES
 
 
-def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from a GPT-2 or LLaMA/openPangu `config.json` dict."""
-    mt = d.get("model_type")
+_MISSING = object()
+MAX_SIZE = 2**31 - 1  # sizes must fit in int32
+
+
+def _field(d: Mapping[str, Any], key: str, kind: str, default: Any = _MISSING, *, where: str) -> Any:
+    """`d[key]` checked to be `kind` ("size": an int in [1, MAX_SIZE], "id": a token id or
+    null, "float": a finite number, "bool", "str"); `default` when absent (required without).
+    Raises ConfigError naming the key, what was expected and what was found."""
+    if key not in d or (d[key] is None and kind != "id"):
+        if default is _MISSING:
+            raise ConfigError(f"{where}: missing key {key!r} ({kind})")
+        return default
+    value = d[key]
+    ok = {"size": lambda v: type(v) is int and 1 <= v <= MAX_SIZE,
+          "id": lambda v: v is None or (type(v) is int and 0 <= v <= MAX_SIZE),
+          "float": lambda v: type(v) in (int, float) and math.isfinite(v),
+          "bool": lambda v: type(v) is bool, "str": lambda v: type(v) is str}[kind](value)
+    if not ok:
+        expected = {"size": f"an integer in [1, {MAX_SIZE}]", "id": "a token id (a non-negative integer) or null",
+                    "float": "a finite number", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"{where}: {key!r} expected {expected}, found {repr(value)[:80]}")
+    return value
+
+
+def _eos(d: Mapping[str, Any], where: str) -> int | None:
     eos = d.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    if isinstance(eos, list):  # several end tokens: the first one stops generation
+        if not eos:
+            return None
+        eos = eos[0]
+    return _field({"eos_token_id": eos}, "eos_token_id", "id", None, where=where)
+
+
+def config_from_hf(d: Mapping[str, Any], where: str = "Hugging Face config.json") -> ModelConfig:
+    """ModelConfig from a GPT-2 or LLaMA/openPangu `config.json` dict. Raises ConfigError
+    naming the key for a missing key, a value of the wrong type or range (string numbers,
+    `n_head: 0`), sizes that do not divide, or an unsupported feature."""
+    mt = d.get("model_type")
     if mt == "gpt2":
+        where = f"{where} (gpt2)"
         if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
-            raise ConfigError("GPT-2 config: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+            raise ConfigError(f"{where}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
         act = d.get("activation_function", "gelu_new")
-        if act not in GELU_NAMES:
-            raise ConfigError(f"GPT-2 config: activation_function {act!r} not in {sorted(GELU_NAMES)}")
-        h, heads = d["n_embd"], d["n_head"]
-        return ModelConfig(family="gpt", vocab_size=d["vocab_size"], hidden_size=h, num_layers=d["n_layer"],
-                           num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-                           intermediate_size=d.get("n_inner") or 4 * h, max_seq_len=d["n_positions"],
-                           norm_eps=d.get("layer_norm_epsilon", 1e-5), activation=GELU_NAMES[act],
-                           tie_embeddings=d.get("tie_word_embeddings", True),
-                           bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
-                           pad_token_id=d.get("pad_token_id"))
-    if mt in LLAMA_TYPES:
+        if not isinstance(act, str) or act not in GELU_NAMES:
+            raise ConfigError(f"{where}: activation_function {str(act)[:40]!r} not in {sorted(GELU_NAMES)}")
+        h, heads = _field(d, "n_embd", "size", where=where), _field(d, "n_head", "size", where=where)
+        if h % heads:
+            raise ConfigError(f"{where}: n_embd {h} is not divisible by n_head {heads}")
+        return _config(where, family="gpt", vocab_size=_field(d, "vocab_size", "size", where=where), hidden_size=h,
+                       num_layers=_field(d, "n_layer", "size", where=where), num_heads=heads, num_kv_heads=heads,
+                       head_dim=h // heads, intermediate_size=_field(d, "n_inner", "size", 4 * h, where=where),
+                       max_seq_len=_field(d, "n_positions", "size", where=where),
+                       norm_eps=_field(d, "layer_norm_epsilon", "float", 1e-5, where=where),
+                       activation=GELU_NAMES[act],
+                       tie_embeddings=_field(d, "tie_word_embeddings", "bool", True, where=where),
+                       bos_token_id=_field(d, "bos_token_id", "id", None, where=where), eos_token_id=_eos(d, where),
+                       pad_token_id=_field(d, "pad_token_id", "id", None, where=where))
+    if isinstance(mt, str) and mt in LLAMA_TYPES:
+        where = f"{where} ({mt})"
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{where}: rope_parameters / rope_scaling expected an object, found {str(rope)[:80]!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ConfigError(f"LLaMA config: rope scaling {rope} is not supported (default RoPE only)")
+            raise ConfigError(f"{where}: rope scaling {str(rope)[:120]} is not supported (default RoPE only)")
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"LLaMA config: expected hidden_act 'silu', found {d.get('hidden_act')!r}")
-        heads = d["num_attention_heads"]
+            raise ConfigError(f"{where}: expected hidden_act 'silu', found {str(d.get('hidden_act'))[:40]!r}")
+        hidden, heads = _field(d, "hidden_size", "size", where=where), _field(d, "num_attention_heads", "size", where=where)
+        head_dim = _field(d, "head_dim", "size", hidden // heads or 1, where=where)
+        if "head_dim" not in d and hidden % heads:
+            raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                              "(and no head_dim is given)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = _field({"rope_theta": theta}, "rope_theta", "float", where=where)
         bias = d.get("attention_bias", d.get("bias", False))
-        return ModelConfig(family="openpangu", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                           num_layers=d["num_hidden_layers"], num_heads=heads,
-                           num_kv_heads=d.get("num_key_value_heads") or heads,
-                           head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                           intermediate_size=d["intermediate_size"],
-                           max_seq_len=d.get("max_position_embeddings", 2048), norm="rmsnorm",
-                           norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", activation="silu",
-                           positions="rope", rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-                           tie_embeddings=d.get("tie_word_embeddings", False), attn_bias=bool(bias),
-                           mlp_bias=bool(d.get("mlp_bias", False)), bos_token_id=d.get("bos_token_id"),
-                           eos_token_id=eos, pad_token_id=d.get("pad_token_id"))
-    raise ConfigError(f"unsupported Hugging Face model_type {mt!r}; expected 'gpt2' or one of {LLAMA_TYPES}")
+        bias = False if bias is None else bias
+        return _config(where, family="openpangu", vocab_size=_field(d, "vocab_size", "size", where=where),
+                       hidden_size=hidden, num_layers=_field(d, "num_hidden_layers", "size", where=where),
+                       num_heads=heads, num_kv_heads=_field(d, "num_key_value_heads", "size", heads, where=where),
+                       head_dim=head_dim, intermediate_size=_field(d, "intermediate_size", "size", where=where),
+                       max_seq_len=_field(d, "max_position_embeddings", "size", 2048, where=where), norm="rmsnorm",
+                       norm_eps=_field(d, "rms_norm_eps", "float", 1e-6, where=where), mlp="swiglu",
+                       activation="silu", positions="rope", rope_theta=float(theta),
+                       tie_embeddings=_field(d, "tie_word_embeddings", "bool", False, where=where),
+                       attn_bias=_field({"bias": bias}, "bias", "bool", where=where),
+                       mlp_bias=_field(d, "mlp_bias", "bool", False, where=where),
+                       bos_token_id=_field(d, "bos_token_id", "id", None, where=where), eos_token_id=_eos(d, where),
+                       pad_token_id=_field(d, "pad_token_id", "id", None, where=where))
+    raise ConfigError(f"{where}: unsupported Hugging Face model_type {str(mt)[:40]!r}; expected 'gpt2' or one of "
+                      f"{LLAMA_TYPES}")
+
+
+def _config(where: str, **fields: Any) -> ModelConfig:
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def hf_to_flat(get: Callable[[str], torch.Tensor], keys: list[str], cfg: ModelConfig,

@@ -1,30 +1,39 @@
-"""safetensors files read and written one tensor at a time, with a strict header check.
+"""safetensors files: a strict header check of our own, then the `safetensors` library's
+`safe_open` for the tensor bytes; and a streaming writer.
 
 Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, then
 the byte buffer (offsets relative to its start; it must be covered exactly, without holes or
-overlaps). `read_header` checks all of that and raises FormatError naming the file, the tensor
-and the byte offset, so hostile files never reach a lower-level library. `SafetensorsFile.get`
-reads one tensor with `readinto` (no memory map, so memory is one tensor); `write_safetensors`
-streams tensors out in chunks after writing a header computed from their shapes.
+overlaps). `read_header` checks all of that before the library sees the file, because the
+library accepts duplicate names and shapes whose strides overflow (`[0, 2**62, 2**62]`) and
+reports the rest without naming the tensor; it raises FormatError naming the file, the tensor,
+the field, what was expected and the byte offset. `SafetensorsFile.get` / `read_slice` then
+read through `safe_open` (memory-mapped, lazy), opening the file per read so that a tensor
+dropped by the caller releases its pages: converting costs about one tensor of memory.
+`write_safetensors` streams tensors out in chunks after writing a header computed from their
+shapes (the library's `save_file` needs every tensor of a shard in memory at once; see
+docs/convert.md for the measurement).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from ..errors import FormatError
+from ..errors import FormatError, InputError
 from .source import tensor_chunks
 
 MAX_HEADER = 100_000_000
+MAX_STRIDE_BYTES = 2**63 - 1  # strides and byte offsets are int64 in torch
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
@@ -42,30 +51,28 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """({name: TensorInfo}, metadata) of a safetensors file, after checking every rule of the
-    format against the file size. Raises FormatError naming file, tensor and offset."""
+    format against the file size: the header length against the file size and MAX_HEADER
+    before reading it, UTF-8 JSON without duplicate names, known dtypes, non-negative integer
+    dims whose strides fit in 64 bits, byte sizes equal to the offsets' span, offsets inside
+    the buffer that cover it exactly. Raises FormatError naming file, tensor and offset."""
     path = Path(path)
-    own = f is None
     try:
-        f = f or open(path, "rb")  # noqa: SIM115  (closed below when this call opened it)
-        size = path.stat().st_size
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: {size} bytes; a safetensors file starts with an 8-byte header length")
+            n = struct.unpack("<Q", head)[0]
+            if n > MAX_HEADER:
+                raise FormatError(f"{path}: header length {n} at offset 0 exceeds the limit of {MAX_HEADER} bytes")
+            if 8 + n > size:
+                raise FormatError(f"{path}: header length {n} at offset 0 runs past the end of the file "
+                                  f"({size} bytes); the file is truncated or not safetensors")
+            raw = f.read(n)
     except OSError as e:
-        raise FormatError(f"{path}: cannot open: {e.strerror or e}") from None
-    try:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FormatError(f"{path}: {size} bytes; a safetensors file starts with an 8-byte header length")
-        n = struct.unpack("<Q", head)[0]
-        if n > MAX_HEADER:
-            raise FormatError(f"{path}: header length {n} at offset 0 exceeds the limit of {MAX_HEADER} bytes")
-        if 8 + n > size:
-            raise FormatError(f"{path}: header length {n} at offset 0 runs past the end of the file "
-                              f"({size} bytes); the file is truncated or not safetensors")
-        raw = f.read(n)
-    finally:
-        if own:
-            f.close()
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
@@ -75,14 +82,17 @@ def read_header(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, Tensor
     except RecursionError:
         raise FormatError(f"{path}: header (offset 8) nests JSON too deeply; expected a flat object") from None
     except _Duplicate as e:
-        raise FormatError(f"{path}: header (offset 8) names {e.args[0]!r} twice; expected unique names") from None
+        raise FormatError(f"{path}: header (offset 8) names {str(e.args[0])[:80]!r} twice; expected unique "
+                          "names") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise FormatError(f"{path}: header (offset 8) is not valid JSON: {str(e)[:120]}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header (offset 8) is a JSON {type(header).__name__}; expected an object")
     meta = header.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise FormatError(f"{path}: __metadata__ must map strings to strings, found {str(meta)[:80]}")
     data_start, data_len = 8 + n, size - 8 - n
-    infos = {name: _entry(path, name, d, data_start) for name, d in header.items()}
+    infos = {name: _entry(path, name, d, data_start, data_len) for name, d in header.items()}
     covered = 0
     for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if info.begin - data_start != covered:
@@ -109,19 +119,27 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _entry(path: Path, name: str, d: Any, data_start: int) -> TensorInfo:
+def _entry(path: Path, name: str, d: Any, data_start: int, data_len: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(d, dict):
         raise FormatError(f"{where}: header entry is {type(d).__name__}; expected an object")
     dtype, shape, offsets = d.get("dtype"), d.get("shape"), d.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"{where}: dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise FormatError(f"{where}: shape {shape!r}; expected a list of non-negative integers")
+        raise FormatError(f"{where}: shape {str(shape)[:80]}; expected a list of non-negative integers")
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if math.prod(max(s, 1) for s in shape) * itemsize > MAX_STRIDE_BYTES:
+        raise FormatError(f"{where}: shape {shape} of {dtype} overflows 64-bit byte strides; expected "
+                          "dimensions whose product fits in 2**63 bytes")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
-        raise FormatError(f"{where}: data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
-    need = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        raise FormatError(f"{where}: data_offsets {str(offsets)[:80]}; expected [begin, end] integers with "
+                          "0 <= begin <= end")
+    if offsets[1] > data_len:
+        raise FormatError(f"{where}: data_offsets {offsets} run past the end of the {data_len}-byte buffer "
+                          f"at offset {data_start}")
+    need = math.prod(shape) * itemsize
     if offsets[1] - offsets[0] != need:
         raise FormatError(f"{where}: shape {shape} of {dtype} needs {need} bytes, data_offsets "
                           f"{offsets} hold {offsets[1] - offsets[0]} (at offset {data_start + offsets[0]})")
@@ -129,30 +147,58 @@ def _entry(path: Path, name: str, d: Any, data_start: int) -> TensorInfo:
 
 
 class SafetensorsFile:
-    """One safetensors file: validated header, tensors read on demand."""
+    """One safetensors file: validated header (`infos`, `metadata`), tensors read on demand."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115  (closed by close() / __exit__)
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot open: {e.strerror or e}") from None
-        self.infos, self.metadata = read_header(self.path, self._f)
+        self.infos, self.metadata = read_header(self.path)
 
     def keys(self) -> list[str]:
         return list(self.infos)
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.infos[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        n = info.end - info.begin
-        if n:
-            self._f.seek(info.begin)
-            got = self._f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-            if got != n:
-                raise FormatError(f"{self.path}: tensor {name!r}: expected {n} bytes at offset {info.begin}, "
-                                  f"read {got} (the file changed or is truncated)")
-        return out
+        """The tensor `name` (memory-mapped, copy-on-write). Raises FormatError for an unknown
+        name or a file that changed since its header was checked."""
+        return self._read(name, lambda f: f.get_tensor(name))
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of tensor `name` along `dim` (only those bytes are read). Raises
+        InputError for a dim or range outside the tensor's shape."""
+        info = self._info(name)
+        if not -len(info.shape) <= dim < len(info.shape):
+            raise InputError(f"{self.path}: tensor {name!r} of shape {list(info.shape)}: dim {dim} is out of range")
+        dim %= len(info.shape)
+        if not 0 <= start <= stop <= info.shape[dim]:
+            raise InputError(f"{self.path}: tensor {name!r} of shape {list(info.shape)}: expected "
+                             f"0 <= start <= stop <= {info.shape[dim]} along dim {dim}, found {start}:{stop}")
+        index = (slice(None),) * dim + (slice(start, stop),)
+        return self._read(name, lambda f: f.get_slice(name)[index])
+
+    def _info(self, name: str) -> TensorInfo:
+        if name not in self.infos:
+            raise FormatError(f"{self.path}: no tensor {name!r}; it holds {sorted(self.infos)[:8]}")
+        return self.infos[name]
+
+    def _read(self, name: str, read: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        info = self._info(name)
+        try:
+            with safe_open(self.path, framework="pt") as f:  # opened per read: see the module docstring
+                t = read(f)
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{self.path}: tensor {name!r}: expected {info.end - info.begin} bytes at offset "
+                              f"{info.begin}, the file no longer holds them ({e}); it changed after its header "
+                              "was checked") from None
+        if t.dtype != info.dtype:
+            raise FormatError(f"{self.path}: tensor {name!r}: read {t.dtype}, the header says {info.dtype}")
+        return t
+
+
+def read_slice(path: str | Path, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Elements `start:stop` along `dim` of the tensor `name` in the safetensors file `path`,
+    reading only those bytes (for tensor parallelism: each rank reads its rows or columns).
+    The header is checked as by `read_header`. Raises FormatError for a bad file or unknown
+    name, InputError for a dim or range outside the tensor's shape."""
+    return SafetensorsFile(path).get_slice(name, dim, start, stop)
 
 
 def write_safetensors(path: Path, plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],

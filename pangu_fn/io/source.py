@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
 
 CHUNK_BYTES = 4 * 1024**2
+MAX_INDEX = 100_000_000  # bytes of a *.index.json
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,27 @@ class WeightFiles:
                     self._file_of[name] = f
 
     def _from_index(self, index: Path) -> None:
+        """Read a shard index: a JSON object (at most MAX_INDEX bytes) whose weight_map maps
+        tensor names to file names inside the folder (symlinks resolved)."""
+        if index.stat().st_size > MAX_INDEX:
+            raise FormatError(f"{index}: {index.stat().st_size} bytes; expected a shard index of at most "
+                              f"{MAX_INDEX} bytes")
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             items = list(weight_map.items())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{index}: expected a JSON object with a weight_map, found {e!r}") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{index}: expected a JSON object with a weight_map object, found {e!r}"[:300]) from None
         root = self.folder.resolve()
         for name, shard in items:
-            path = (self.folder / str(shard)).resolve()
-            if root not in path.parents or not path.is_file():
-                raise FormatError(f"{index}: tensor {name} points to {shard!r}, not a file in {self.folder}")
+            if not isinstance(shard, str) or not shard or "\x00" in shard:
+                raise FormatError(f"{index}: tensor {name!r} points to {str(shard)[:80]!r}; expected a file name")
+            try:
+                path = (self.folder / shard).resolve()
+                inside = root in path.parents and path.is_file()
+            except (OSError, RuntimeError):  # a name too long, a symlink loop
+                inside = False
+            if not inside:
+                raise FormatError(f"{index}: tensor {name!r} points to {shard!r}, not a file in {self.folder}")
             self._file_of[name] = path
         for path in set(self._file_of.values()):
             stored = set(self._handle(path).keys())
