@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from . import tensor_parallel
 from .common import TextStream, add_model_args, parse_prompt_ids, resolve_model, tokenizer_for, write_json
 
 
@@ -31,16 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-dtype", default=None, help="dtype of a draft model (default: --dtype, else as stored)")
     p.add_argument("--adaptive", action="store_true", help="choose each step's draft length from the recent "
                                                            "acceptance rate (falls back to plain decoding)")
+    tensor_parallel.add_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import pangu_fn as pf
 
+    if args.tp > 1 and not tensor_parallel.is_rank():
+        return tensor_parallel.start(args)
     sampling = pf.SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     tokenizer = tokenizer_for(args.model) if args.prompt is not None else None
     prompts = [tokenizer.encode(args.prompt)] if tokenizer else parse_prompt_ids(args.prompt_ids)
-    params, cfg, _ = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
+    if args.tp > 1:
+        params, cfg, _ = tensor_parallel.rank_model(args)
+    else:
+        params, cfg, _ = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
     eos = () if args.no_eos else None
     stats, events = None, pf.stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos)
     if args.draft:

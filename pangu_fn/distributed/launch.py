@@ -14,7 +14,6 @@ import datetime
 import os
 import queue
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +30,12 @@ POLL_S = 0.05
 
 
 class RankFailed(PanguError, RuntimeError):
-    """A worker process of a tensor-parallel run exited non-zero (its error is on stderr)."""
+    """A worker process of a tensor-parallel run exited non-zero (its error is on stderr);
+    `exit_codes` holds every rank's (negative: stopped by that signal)."""
+
+    def __init__(self, message: str, exit_codes: list[int]) -> None:
+        super().__init__(message)
+        self.exit_codes = exit_codes
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
@@ -81,7 +85,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, device: str = "c
     drain()
     if failed is not None:
         raise RankFailed(f"tensor-parallel rank {failed[0]} of {world_size} exited with code {failed[1]}; "
-                         "its error is above on stderr")
+                         "its error is above on stderr", [p.exitcode for p in procs])
     while len(out) < world_size:  # results put just before exiting may still be in the pipe
         rank, value = results.get(timeout=timeout_s)
         out[rank] = value
@@ -101,19 +105,15 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, args: Sequence[A
     results.put((rank, value))
 
 
-def run_command(argv: Sequence[str], world_size: int, threads: int | None = None,
-                timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-    """Run `pangu <argv>` as `world_size` ranks (subprocesses of this interpreter), rank 0's
-    stdout passed through and the others' dropped; returns 0, or the first failing rank's
+def run_processes(command: Sequence[str], world_size: int, env: dict[str, str] | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """Run `command` as `world_size` local ranks (torchrun's environment plus `env`), rank
+    0's stdout passed through and the others' dropped; returns 0, or the first failing rank's
     exit code after stopping the rest."""
     store = _store(timeout_s)
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, **rank_env(rank, world_size, store.port)}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        procs.append(subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", *argv], env=env,
-                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+    procs = [subprocess.Popen(list(command), env={**os.environ, **(env or {}), **rank_env(r, world_size, store.port)},
+                              stdout=None if r == 0 else subprocess.DEVNULL)
+             for r in range(world_size)]
     failed = supervise(procs, lambda p: p.poll(), lambda: None)
     return 0 if failed is None else failed[1]
 

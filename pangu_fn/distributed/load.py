@@ -19,14 +19,14 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..io.checkpoint import FORMAT, _check_version, read_config_json
+from ..io.checkpoint import FORMAT, load_config, read_config_json
 from ..io.leaves import leaf_type
 from ..io.safetensors_io import read_header
 from ..params import Params, astype, parse_dtype, to_device, validate
 from ..tree import unflatten
 from .plan import REPLICATE, split_plan
 from .shard import wrap
-from .slicing import Reader, cut
+from .slicing import Reader, cut, described
 
 INDEX = "model.safetensors.index.json"
 
@@ -43,13 +43,12 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
     if d.get("format") != FORMAT:
         raise FormatError(f"{folder}: load_shard reads pangu-fn folders (config.json format {FORMAT!r}), found "
                           f"format {d.get('format')!r}; convert it first with `pangu convert`")
-    _check_version(d, folder)
-    cfg = ModelConfig.from_dict(d["config"])
-    described: dict[str, dict[str, Any]] = d.get("leaves", {})
+    cfg = load_config(folder)  # checks the format version
+    leaves: dict[str, dict[str, Any]] = d.get("leaves", {})
     infos = {name: (file, info) for file in _weight_files(folder) for name, info in read_header(file)[0].items()}
-    owner = {f"{leaf}.{suffix}": leaf for leaf in described for suffix in _suffixes(infos, leaf)}
+    owner = {f"{leaf}.{suffix}": leaf for leaf in leaves for suffix in _suffixes(infos, leaf)}
     shapes = {name: tuple(info.shape) for name, (_, info) in infos.items() if name not in owner}
-    shapes.update({leaf: tuple(desc.get("shape", ())) for leaf, desc in described.items()})
+    shapes.update({leaf: tuple(desc.get("shape", ())) for leaf, desc in leaves.items()})
     validate(unflatten({n: torch.empty(s, device="meta") for n, s in shapes.items()}), cfg)
     plan = split_plan(shapes, cfg, rank, world_size)
     handles: dict[Path, Any] = {}
@@ -64,10 +63,10 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
     flat: dict[str, Any] = {}
     for name, shape in shapes.items():
         split, k = plan.get(name, REPLICATE), (shape[1] if len(shape) > 1 else 0)
-        if name in described:
+        if name in leaves:
             parts = {s: cut(reader(f"{name}.{s}"), tuple(infos[f"{name}.{s}"][1].shape), k, split, f"{name}.{s}")
                      for s in _suffixes(infos, name)}
-            flat[name] = leaf_type(described[name]["kind"]).from_tensors(parts, described[name])
+            flat[name] = leaf_type(leaves[name]["kind"]).from_tensors(parts, described(leaves[name], shape, split))
         else:
             flat[name] = cut(reader(name), shape, k, split, name)
     handles.clear()

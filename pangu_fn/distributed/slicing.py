@@ -45,6 +45,20 @@ def cut(read: Reader, shape: tuple[int, ...], k: int, split: Split, where: str) 
     return t
 
 
+def cut_shape(shape: tuple[int, ...], split: Split) -> list[int]:
+    """The logical shape of the part `split` keeps of a weight of `shape`."""
+    if split.how == "replicate":
+        return list(shape)
+    out = list(shape)
+    out[split.dim] = sum(b - a for a, b in split.ranges) + split.pad
+    return out
+
+
+def described(description: dict[str, Any], shape: tuple[int, ...], split: Split) -> dict[str, Any]:
+    """A quantized leaf's description with the shape of its part."""
+    return {**description, "shape": cut_shape(shape, split)}
+
+
 def tensor_reader(t: torch.Tensor) -> Reader:
     """A Reader over a tensor in memory (each slice copied, so no part keeps the whole alive)."""
     return lambda dim, a, b: t.narrow(dim, a, b - a).clone()
@@ -60,4 +74,4 @@ def take(leaf: Any, split: Split, where: str) -> Any:
     k = leaf.shape[1]
     parts = {name: cut(tensor_reader(t), tuple(t.shape), k, split, f"{where}.{name}")
              for name, t in leaf.to_tensors().items()}
-    return leaf_type(leaf.kind).from_tensors(parts, leaf.describe())
+    return leaf_type(leaf.kind).from_tensors(parts, described(leaf.describe(), tuple(leaf.shape), split))

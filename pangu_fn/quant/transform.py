@@ -54,6 +54,11 @@ def quantize(params: Params, recipe: QuantRecipe | str, cfg: ModelConfig | None 
     if not isinstance(recipe, QuantRecipe):
         raise ConfigError(f"quantize: expected a QuantRecipe or a scheme name, found {type(recipe).__name__}")
     flat = flatten(params)
+    wrappers = {n: leaf for n, leaf in flat.items() if hasattr(leaf, "with_local")}
+    if wrappers:  # leaves holding a local weight (tensor-parallel ones): quantize what they hold
+        inner = flatten(quantize(unflatten({**flat, **{n: w.local for n, w in wrappers.items()}}),
+                                 recipe, cfg, calib, progress, hessians))
+        return unflatten({**inner, **{n: w.with_local(inner[n]) for n, w in wrappers.items()}})
     already = [n for n, leaf in flat.items() if not isinstance(leaf, torch.Tensor)]
     if already:
         raise ConfigError(f"quantize: expected a float tree, found {already[0]} already quantized "

@@ -1,0 +1,256 @@
+"""Tensor parallelism on gloo: the sharded model against the same model in one process.
+
+Spawning a process group costs seconds (torch imports in every process), so each spawned test
+runs one worker that makes many checks and returns their numbers; the assertions run here.
+The reference is always the unsharded tree in the same process (forward, generate, stream,
+speculative decoding), so a check fails when a rank's part, a collective or the sharding
+rules are wrong. Tests that need no process group (sizes, bad world sizes) run in-process.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+import torch
+from helpers import random_model
+
+import pangu_fn as pf
+from pangu_fn.distributed import RankFailed, launch, load_shard, shard, split_plan, valid_world_sizes
+from pangu_fn.distributed.plan import kv_heads_for
+from pangu_fn.errors import ConfigError
+from pangu_fn.tree import flatten, nbytes
+
+TOL = 1e-5
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3, 50], [64, 65, 66, 67]]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max |a - b| over the scale of the values (the logits of these redrawn models reach tens)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1)).item()
+
+
+def _logit_checks(params, cfg, sharded) -> dict[str, float]:
+    """Max |logit difference| of the sharded tree against `params`: causal scoring, a ragged
+    prefill, three decode steps, and decoding again after a rollback of two positions."""
+    out = {}
+    tokens = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    with torch.inference_mode():
+        out["no_cache"] = _max_diff(pf.forward(params, cfg, tokens)[0], pf.forward(sharded, cfg, tokens)[0])
+        caches = [pf.init_cache(p, cfg, 2, 24) for p in (params, sharded)]
+        lengths = torch.tensor([7, 4])
+        for name, step in [("prefill", tokens), ("decode1", tokens[:, :1]), ("decode2", tokens[:, 1:2]),
+                           ("decode3", tokens[:, 2:3]), ("after_rollback", tokens[:, 3:5])]:
+            results = []
+            for i, p in enumerate((params, sharded)):
+                logits, caches[i] = pf.forward(p, cfg, step, caches[i])
+                if name == "prefill":
+                    caches[i] = caches[i].with_lengths(lengths)  # ragged: row 1 keeps 4 of its 7 tokens
+                if name == "decode3":
+                    caches[i] = caches[i].rollback([2, 2])
+                results.append(logits)
+            out[name] = _max_diff(*results)
+    return out
+
+
+def _token_checks(params, cfg, sharded) -> dict[str, bool]:
+    sampled = pf.SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
+    out = {}
+    for name, sp in [("greedy", pf.SamplingParams()), ("sampled", sampled)]:
+        ref = pf.generate(params, cfg, PROMPTS, 10, sp, seed=3, eos_token_ids=())
+        got = pf.generate(sharded, cfg, PROMPTS, 10, sp, seed=3, eos_token_ids=())
+        out[f"generate_{name}"] = [c.tokens for c in ref] == [c.tokens for c in got]
+    events = list(pf.stream(params, cfg, PROMPTS[:2], 6, sampled, seed=1))
+    out["stream"] = events == list(pf.stream(sharded, cfg, PROMPTS[:2], 6, sampled, seed=1))
+    return out
+
+
+def _family_models() -> dict[str, tuple[dict, pf.ModelConfig]]:
+    return {"gpt_tied": random_model("tiny-gpt", seed=1),
+            "gpt_untied": random_model("tiny-gpt", seed=2, tie_embeddings=False),
+            "alpha": random_model("tiny-alpha", seed=3),
+            "openpangu_untied": random_model("tiny-openpangu", seed=4, tie_embeddings=False)}
+
+
+def two_rank_checks(rank: int, world: int) -> dict:
+    """Everything the 2-rank group checks: logits and tokens of every family, quantized trees
+    both ways round, a pruned tree, speculative decoding and a compiled decode step."""
+    out: dict = {}
+    for name, (params, cfg) in _family_models().items():
+        sharded = shard(params, cfg, rank, world)
+        out[name] = {**_logit_checks(params, cfg, sharded), **_token_checks(params, cfg, sharded)}
+
+    params, cfg = random_model("tiny-openpangu", seed=5)
+    tokens = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        exact = pf.forward(params, cfg, tokens)[0]
+        for scheme in ("int8", "int4"):
+            recipe = pf.QuantRecipe(scheme=scheme, group_size=32, compute_dtype="fp32", prepack=False)
+            quantized = pf.quantize(params, recipe)
+            ref = pf.forward(quantized, cfg, tokens)[0]
+            then_shard = pf.forward(shard(quantized, cfg, rank, world), cfg, tokens)[0]
+            shard_then = pf.forward(pf.quantize(shard(params, cfg, rank, world), recipe), cfg, tokens)[0]
+            out[scheme] = {"quantize_then_shard": _max_diff(then_shard, ref),
+                           "shard_then_quantize": _max_diff(shard_then, ref),
+                           "shard_then_quantize_error": _max_diff(shard_then, exact),
+                           "quantize_error": _max_diff(ref, exact)}
+
+    recipe = pf.PruneRecipe(method="structured", remove_heads={0: (1,)}, remove_neurons={1: tuple(range(0, 128, 2))})
+    pruned, _ = pf.prune(params, recipe, cfg=cfg)
+    out["pruned"] = _logit_checks(pruned, cfg, shard(pruned, cfg, rank, world))
+
+    draft, draft_cfg = random_model("tiny-openpangu", seed=6, num_layers=1)
+    sharded = shard(params, cfg, rank, world)
+    plain = pf.generate(params, cfg, PROMPTS, 12, eos_token_ids=())
+    spec = pf.speculative_generate(sharded, cfg, PROMPTS, 12, eos_token_ids=(), drafter=(draft, draft_cfg), k=3)
+    out["speculative_greedy_equal"] = [c.tokens for c in plain] == [c.tokens for c in spec]
+
+    cache = pf.init_cache(sharded, cfg, 1, 16)
+    with torch.inference_mode():
+        _, cache = pf.forward(sharded, cfg, tokens, cache)
+        step = torch.compile(lambda t, c: pf.forward(sharded, cfg, t, c)[0], backend="eager", fullgraph=True)
+        compiled = step(tokens[:, :1], cache.clone())
+        eager = pf.forward(sharded, cfg, tokens[:, :1], cache.clone())[0]
+    out["compiled_decode_step"] = _max_diff(compiled, eager)
+    return out
+
+
+def test_two_ranks_equal_one_process():
+    results = launch(two_rank_checks, 2, threads=1)
+    r0 = results[0]
+    for family in _family_models():
+        for check, value in r0[family].items():
+            if isinstance(value, bool):
+                assert value, (family, check)
+            else:
+                assert value <= TOL, (family, check, value)
+    for scheme in ("int8", "int4"):
+        assert r0[scheme]["quantize_then_shard"] <= TOL, r0[scheme]
+        if scheme == "int4":  # groups lie inside one rank's inputs: the same codes and scales
+            assert r0[scheme]["shard_then_quantize"] <= TOL, r0[scheme]
+        else:  # int8 scales of a row-parallel weight come from the rank's own columns
+            assert r0[scheme]["shard_then_quantize_error"] <= 1.5 * r0[scheme]["quantize_error"] + TOL, r0[scheme]
+    assert max(r0["pruned"].values()) <= TOL, r0["pruned"]
+    assert r0["speculative_greedy_equal"]
+    assert r0["compiled_decode_step"] <= TOL
+    assert results[1] == results[0] or all(  # every rank sees the same tokens
+        results[1][f][c] == r0[f][c] for f in _family_models() for c in r0[f] if isinstance(r0[f][c], bool))
+
+
+def _three_rank_models() -> dict[str, tuple[dict, pf.ModelConfig]]:
+    """6 query heads; the openPangu one has 2 KV heads, which 3 ranks cannot split (replicated);
+    vocab 250 is not a multiple of 3 (the last rank's rows are padded)."""
+    return {"gpt": random_model("tiny-gpt", seed=7, hidden_size=48, num_heads=6, num_kv_heads=6, head_dim=8,
+                                intermediate_size=96, vocab_size=250, tie_embeddings=False),
+            "alpha": random_model("tiny-alpha", seed=8, hidden_size=48, num_heads=6, num_kv_heads=6, head_dim=8,
+                                  intermediate_size=96, vocab_size=250),
+            "openpangu_gqa": random_model("tiny-openpangu", seed=9, num_heads=6, num_kv_heads=2, head_dim=8,
+                                          intermediate_size=96, vocab_size=250)}
+
+
+def three_rank_checks(rank: int, world: int) -> dict:
+    return {name: {**_logit_checks(params, cfg, sharded := shard(params, cfg, rank, world)),
+                   **_token_checks(params, cfg, sharded)}
+            for name, (params, cfg) in _three_rank_models().items()}
+
+
+def test_three_ranks_replicated_kv_heads_and_padded_vocab():
+    results = launch(three_rank_checks, 3, threads=1)
+    for family, checks in results[0].items():
+        for check, value in checks.items():
+            assert value is True or (not isinstance(value, bool) and value <= TOL), (family, check, value)
+
+
+def test_rank_bytes_are_a_share_of_the_sharded_tensors_plus_the_replicated_rest():
+    params, cfg = random_model("tiny-openpangu", seed=1)  # 4 query / 2 KV heads, tied, vocab 256
+    flat = flatten(params)
+    size = {n: t.numel() * t.element_size() for n, t in flat.items()}
+    replicated = sum(s for n, s in size.items() if "norm" in n or n.endswith(("o.bias", "down.bias")))
+    kv = sum(s for n, s in size.items() if ".attn.k." in n or ".attn.v." in n)
+    split = sum(size.values()) - replicated - kv
+    for world in (2, 4):
+        for rank in range(world):
+            # one KV head of two a rank: TP 2 splits them; at TP 4 a rank's one query head reads one
+            assert nbytes(shard(params, cfg, rank, world)) == split // world + kv // 2 + replicated
+    assert kv_heads_for(4, 2, 3, 4) == [1]
+    assert kv_heads_for(12, 6, 1, 4) == [1, 2, 2]  # openPangu-1B at TP 4: query heads 3, 4, 5
+    assert kv_heads_for(6, 2, 1, 3) == [0, 1] and kv_heads_for(6, 2, 0, 3) == [0]
+
+
+def test_bad_world_sizes_name_the_valid_ones():
+    params, cfg = random_model("tiny-gpt")
+    with pytest.raises(ConfigError, match=r"valid sizes: \[1, 2, 4\]"):
+        shard(params, cfg, 0, 3)
+    with pytest.raises(ConfigError, match="rank in"):
+        shard(params, cfg, 2, 2)
+    one_b = pf.init_params(pf.ModelConfig.preset("openpangu-embedded-1b"), device="meta")
+    shapes = {n: tuple(t.shape) for n, t in flatten(one_b).items()}
+    assert valid_world_sizes(shapes, pf.ModelConfig.preset("openpangu-embedded-1b")) == [1, 2, 3, 4, 6, 12]
+    plan = split_plan(shapes, pf.ModelConfig.preset("openpangu-embedded-1b"), 1, 4)
+    assert plan["blocks.0.attn.k.weight"].ranges == ((128, 384), (256, 384))  # KV heads 1, 2, 2
+    with pytest.raises(ConfigError, match="split a group"):
+        shard(pf.quantize(params, pf.QuantRecipe(scheme="int4", group_size=64)), cfg, 0, 2)  # o: 32 inputs a rank
+
+
+def failing_decode(rank: int, world: int) -> None:
+    params, cfg = random_model("tiny-gpt")
+    sharded = shard(params, cfg, rank, world)
+    for i, _ in enumerate(pf.stream(sharded, cfg, PROMPTS[:1], 50, eos_token_ids=())):
+        if rank == 1 and i == 3:
+            raise RuntimeError("boom on rank 1 during decode")
+
+
+def test_a_rank_raising_during_decode_stops_every_rank(capfd):
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 of 2") as info:
+        launch(failing_decode, 2, threads=1, timeout_s=20)
+    assert time.monotonic() - start < 60
+    assert all(code not in (0, None) for code in info.value.exit_codes), info.value.exit_codes
+    assert "boom on rank 1 during decode" in capfd.readouterr().err
+
+
+def load_and_measure(rank: int, world: int, folder: str) -> dict:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params, cfg = load_shard(folder, rank, world)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    full, _ = pf.load(folder)
+    with torch.inference_mode():
+        diff = _max_diff(pf.forward(full, cfg, torch.tensor([PROMPTS[0]]))[0],
+                         pf.forward(params, cfg, torch.tensor([PROMPTS[0]]))[0])
+    return {"peak": peak, "bytes": nbytes(params), "diff": diff}
+
+
+def test_load_shard_reads_only_the_ranks_slices(tmp_path):
+    """A model of ~100 MB of fp32 (mostly its 2 x 24000-row embedding and head): each rank's
+    peak memory while loading stays near its half, far below the checkpoint."""
+    cfg = pf.ModelConfig.preset("tiny-gpt").replace(vocab_size=24000, hidden_size=512, num_heads=8,
+                                                    num_kv_heads=8, head_dim=64, intermediate_size=1024,
+                                                    tie_embeddings=False)
+    pf.save(tmp_path / "m", pf.init_params(cfg, seed=0), cfg, shard_size=30 * 2**20)  # several files + index
+    assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    total = sum(f.stat().st_size for f in (tmp_path / "m").glob("*.safetensors"))
+    results = launch(load_and_measure, 2, str(tmp_path / "m"), threads=1)
+    for r in results:
+        assert r["diff"] <= TOL
+        assert r["bytes"] < 0.55 * total
+        assert r["peak"] < 0.75 * total, (r["peak"], total)
+
+
+def test_cli_generate_tp_2_equals_one_process(capsys):
+    import json
+    import subprocess
+    import sys
+
+    from pangu_tools.cli import main
+
+    args = ["generate", "--model", "tiny-openpangu", "--prompt-ids", "5 6 7; 9 1", "--max-new-tokens", "6",
+            "--no-eos", "--json"]
+    assert main(args) == 0
+    single = capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-m", "pangu_tools.cli", *args, "--tp", "2"], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["completions"] == json.loads(single)["completions"]
+    assert main(["generate", "--model", "tiny-openpangu", "--prompt-ids", "5", "--tp", "3"]) == 2
+    assert "valid sizes: [1, 2, 4]" in capsys.readouterr().err

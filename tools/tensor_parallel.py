@@ -1,0 +1,133 @@
+"""`--tp N` for the commands: check the size, start N ranks, and give each its part of the model.
+
+`pangu generate ... --tp N` checks N against the model's shapes and the devices before any
+process starts, then runs the same command as N ranks (`python -m pangu_tools.tensor_parallel`,
+the arguments passed as JSON in `PANGU_TP_ARGS`) and waits for them. A rank (started so, or by
+torchrun: `torchrun --nproc-per-node N -m pangu_tools.cli generate ... --tp N`) joins the
+group, loads only its slices (`load_shard`, for our folders; other layouts load whole, then
+shard) and runs the command; only rank 0 writes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ARGS_ENV = "PANGU_TP_ARGS"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism over N processes (gloo on CPU, nccl on CUDA, hccl on NPU)")
+
+
+def is_rank() -> bool:
+    """True inside a rank (started by `start` or by torchrun)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def start(args: argparse.Namespace, threads: int | None = None) -> int:
+    """Check `args.tp` against the model and devices, then run `args.command` as that many ranks.
+    Returns the exit code (the first failing rank's). Raises ConfigError before starting any
+    process for a size the model or the devices cannot take."""
+    from pangu_fn.distributed.launch import default_threads, run_processes
+
+    check(args)
+    threads = threads or default_threads(args.device, args.tp)
+    env = {ARGS_ENV: json.dumps({k: v for k, v in vars(args).items() if k != "func"})}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return run_processes([sys.executable, "-m", "pangu_tools.tensor_parallel"], args.tp, env)
+
+
+def check(args: argparse.Namespace) -> None:
+    import torch
+
+    import pangu_fn as pf
+    from pangu_fn.distributed.plan import check_world
+    from pangu_fn.errors import ConfigError
+
+    if args.tp < 1:
+        raise ConfigError(f"--tp: expected a number of processes >= 1, found {args.tp}")
+    device = pf.select_device(args.device)
+    count = {"cuda": torch.cuda.device_count, "npu": lambda: torch.npu.device_count()}.get(device.type)  # type: ignore[attr-defined]
+    if count is not None and args.tp > count():
+        raise ConfigError(f"--tp {args.tp}: expected at most the {count()} {device.type} devices here")
+    shapes, cfg = model_shapes(args.model)
+    check_world(shapes, cfg, args.tp)
+
+
+def model_shapes(spec: str) -> tuple[dict[str, tuple[int, ...]], Any]:
+    """Logical parameter shapes and config of a preset or a checkpoint, without reading weights
+    (layouts that store no shapes apart from the tensors, e.g. .pt, are read)."""
+    import pangu_fn as pf
+    from pangu_fn.io.checkpoint import open_source
+
+    if not Path(spec).exists() and spec in pf.PRESETS:
+        cfg = pf.ModelConfig.preset(spec)
+        meta = pf.init_params(cfg, device="meta")
+    else:
+        source = open_source(spec)
+        cfg = source.cfg
+        shapes = {n: ref.shape for n, ref in source.tensors.items()}
+        for leaf, desc in source.leaves.items():
+            shapes = {n: s for n, s in shapes.items() if not n.startswith(leaf + ".")}
+            shapes[leaf] = tuple(desc["shape"])
+        return shapes, cfg
+    from pangu_fn.tree import flatten
+
+    return {n: tuple(t.shape) for n, t in flatten(meta).items()}, cfg
+
+
+def rank_model(args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """Inside a rank: join the group and return (this rank's params, cfg, is_random), like
+    `common.resolve_model`. Ranks other than 0 stop writing to stdout."""
+    import pangu_fn as pf
+    from pangu_fn.distributed import init, load_shard, shard
+    from pangu_fn.io.checkpoint import FORMAT, read_config_json
+
+    from .common import resolve_model
+
+    rank, world = init(args.device)
+    if world != args.tp:
+        from pangu_fn.errors import ConfigError
+
+        raise ConfigError(f"--tp {args.tp}: started as {world} processes; pass --tp {world}")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the rank)
+    device = pf.select_device(args.device)
+    from pangu_fn.distributed.group import local_device
+
+    device = local_device(device)
+    path = Path(args.model)
+    if path.is_dir() and (path / "config.json").is_file() and read_config_json(path).get("format") == FORMAT:
+        params, cfg = load_shard(path, rank, world, device, args.dtype)
+        return params, cfg, False
+    params, cfg, random = resolve_model(args.model, str(device), args.dtype, args.weights_seed)
+    return shard(params, cfg, rank, world), cfg, random
+
+
+def main() -> int:
+    """A rank started by `start`: rebuild the arguments and run the command."""
+    import importlib
+
+    from pangu_fn.distributed import destroy
+    from pangu_fn.errors import PanguError
+
+    args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
+    command = importlib.import_module(f"pangu_tools.{args.command.replace('-', '_')}")
+    try:
+        return int(command.run(args) or 0)
+    except PanguError as e:
+        print(f"pangu {args.command} (rank {os.environ['RANK']}): error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
