@@ -343,3 +343,26 @@ def test_fuzzed_manifests_raise_only_bundle_errors(bundle, data):
             load_manifest(out)
         except PanguRuntimeError:
             pass
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def test_bad_files_print_one_line_and_exit_2(tmp_path, bundle, capsys):
+    from pangu_tools.cli import main
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "config.json").write_text(json.dumps({**GPT2, "n_head": 0}))
+    (hostile / "model.safetensors").write_bytes(
+        st_bytes({"a": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}, b""))
+    assert main(["convert", str(hostile), str(tmp_path / "out")]) == 2
+    assert "'n_head' expected an integer" in capsys.readouterr().err
+    (hostile / "config.json").write_text(json.dumps(GPT2))
+    assert main(["convert", str(hostile), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "overflows 64-bit byte strides" in err
+    folder, m = bundle
+    assert main(["run", str(write_manifest(folder, {**m, "cache": {}})), "--prompt-ids", "1 2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cache.layout: expected one of" in err
+    assert not (tmp_path / "out").exists()
