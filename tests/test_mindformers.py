@@ -9,6 +9,7 @@ write exactly the tensor names mindformers saved, so that mindformers' loader fi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,35 @@ def test_fast_gelu_matches_transformers_quick_gelu(tmp_path):
     assert (ours - ref).abs().max() < 1e-4
     assert (pf.forward(params, cfg.replace(activation="gelu_tanh"), ids)[0] - ref).abs().max() > 1e-3
     assert pf.load(tmp_path / "hf")[1].activation == "fast_gelu"
+
+
+def test_fast_gelu_exports_for_ascend(tmp_path):
+    """fast_gelu lowers to Sigmoid and Mul: the Ascend (ATC) profile accepts the graph and
+    ONNX Runtime computes forward's logits from it."""
+    from pangu_export import check_ascend, export_bundle
+    from pangu_runtime import Session
+
+    params, cfg = random_model("tiny-alpha", seed=6, activation="fast_gelu")
+    export_bundle(params, cfg, tmp_path / "b", "ascend", batch_size=1, kv_len=32, prefill_lengths=[1, 16],
+                  progress=False)
+    assert check_ascend(tmp_path / "b" / "model.onnx") == []
+    prompt = RECORD["tokens"][:9]
+    with torch.no_grad():
+        ref = pf.forward(params, cfg, torch.tensor([prompt]))[0][0].numpy()
+        off = pf.forward(params, cfg.replace(activation="gelu_tanh"), torch.tensor([prompt]))[0][0].numpy()
+    got = Session(tmp_path / "b").logits([prompt])[0]
+    assert abs(got - ref).max() < 1e-4 < abs(got - off).max()
+
+
+@pytest.mark.skipif(not os.environ.get("PANGU_SLOW_TESTS"), reason="a second export (~20 s); set PANGU_SLOW_TESTS=1")
+def test_fast_gelu_runs_in_onnxruntime_genai(tmp_path):
+    """onnxruntime-genai runs our ONNX decoder as it is (genai_config.json declares names and
+    sizes only), so fast_gelu needs nothing from its builder: greedy tokens equal generate's."""
+    pytest.importorskip("onnxruntime_genai")
+    from pangu_export import export_bundle
+    from test_export_genai import genai_greedy
+
+    params, cfg = random_model("tiny-alpha", seed=6, activation="fast_gelu")
+    export_bundle(params, cfg, tmp_path / "b", "ort", progress=False)
+    prompt = RECORD["tokens"][:9]
+    assert genai_greedy(tmp_path / "b", prompt, 16) == pf.generate(params, cfg, [prompt], 16, eos_token_ids=())[0].tokens
