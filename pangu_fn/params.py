@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from .config import ModelConfig
 from .errors import ConfigError, ShapeError
-from .tree import leaves_with_names, map_with_names, tree_map
+from .tree import leaves_with_names, map_with_names
 
 Params = dict[str, Any]
 
@@ -210,12 +211,12 @@ def astype(params: Params, dtype: str | torch.dtype) -> Params:
             return leaf.to(dtype) if leaf.is_floating_point() else leaf
         return leaf.astype(dtype)
 
-    return decode_layout(tree_map(cast, params))
+    return decode_layout(pytree.tree_map(cast, params))
 
 
 def to_device(params: Params, device: str | torch.device) -> Params:
     """A new tree with every leaf on `device` (laid out as `decode_layout` says for it)."""
-    return decode_layout(tree_map(lambda leaf: leaf.to(device), params))
+    return decode_layout(pytree.tree_map(lambda leaf: leaf.to(device), params))
 
 
 def decode_layout(params: Params) -> Params:

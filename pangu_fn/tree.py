@@ -1,30 +1,40 @@
-"""Pytree helpers for parameter trees: nested dicts and lists whose leaves are tensors or
-quantized-tensor objects (anything that is not a dict or list is a leaf).
+"""Parameter trees: nested dicts and lists whose leaves are tensors or quantized-tensor objects.
 
-Dotted names address leaves: `blocks.3.attn.q.weight`. Integer path parts are list indices.
+Traversal is torch's pytree (`torch.utils._pytree`, which `cache.py` registers KVCache with):
+map a tree with `pytree.tree_map(fn, tree)`. This module adds what pytree does not give:
+dotted names for leaves (`blocks.3.attn.q.weight`; integer parts are list indices) and back,
+and parameter / byte counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 Tree = Any
 
 
-def leaves_with_names(tree: Tree, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield `(dotted_name, leaf)` in a stable order (dict insertion order, list order)."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = ((str(i), v) for i, v in enumerate(tree))
-    else:
-        yield prefix, tree
-        return
-    for key, value in items:
-        yield from leaves_with_names(value, f"{prefix}.{key}" if prefix else str(key))
+def dotted_name(path: tuple[pytree.KeyEntry, ...]) -> str:
+    """A pytree key path as a dotted name: dict keys, list indices and attribute names joined by '.'."""
+    parts = []
+    for key in path:
+        if isinstance(key, pytree.MappingKey):
+            parts.append(str(key.key))
+        elif isinstance(key, pytree.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, pytree.GetAttrKey):
+            parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def leaves_with_names(tree: Tree) -> list[tuple[str, Any]]:
+    """`(dotted_name, leaf)` pairs in pytree order (dict insertion order, list order)."""
+    return [(dotted_name(path), leaf) for path, leaf in pytree.tree_flatten_with_path(tree)[0]]
 
 
 def flatten(tree: Tree) -> dict[str, Any]:
@@ -53,22 +63,9 @@ def unflatten(flat: dict[str, Any]) -> Tree:
     return listify(root)
 
 
-def tree_map(fn: Callable[[Any], Any], tree: Tree) -> Tree:
-    """Apply `fn` to every leaf; returns a new tree (the input is untouched)."""
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [tree_map(fn, v) for v in tree]
-    return fn(tree)
-
-
-def map_with_names(fn: Callable[[str, Any], Any], tree: Tree, prefix: str = "") -> Tree:
-    """Apply `fn(dotted_name, leaf)` to every leaf; returns a new tree."""
-    if isinstance(tree, dict):
-        return {k: map_with_names(fn, v, f"{prefix}.{k}" if prefix else k) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [map_with_names(fn, v, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(tree)]
-    return fn(prefix, tree)
+def map_with_names(fn: Callable[[str, Any], Any], tree: Tree) -> Tree:
+    """Apply `fn(dotted_name, leaf)` to every leaf; returns a new tree (the input is untouched)."""
+    return pytree.tree_map_with_path(lambda path, leaf: fn(dotted_name(path), leaf), tree)
 
 
 def leaf_numel(leaf: Any) -> int:
@@ -85,18 +82,18 @@ def leaf_nbytes(leaf: Any) -> int:
 
 def count_params(tree: Tree) -> int:
     """Logical parameter count. A tied LM head is counted once (it is not a leaf)."""
-    return sum(leaf_numel(x) for _, x in leaves_with_names(tree))
+    return sum(leaf_numel(x) for x in pytree.tree_leaves(tree))
 
 
 def nbytes(tree: Tree) -> int:
     """Storage bytes of all leaves."""
-    return sum(leaf_nbytes(x) for _, x in leaves_with_names(tree))
+    return sum(leaf_nbytes(x) for x in pytree.tree_leaves(tree))
 
 
 def bytes_by_dtype(tree: Tree) -> dict[str, int]:
     """Storage bytes grouped by dtype name (quantized leaves report their scheme name)."""
     out: dict[str, int] = {}
-    for _, leaf in leaves_with_names(tree):
+    for leaf in pytree.tree_leaves(tree):
         key = str(leaf.dtype).replace("torch.", "") if isinstance(leaf, torch.Tensor) else leaf.scheme
         out[key] = out.get(key, 0) + leaf_nbytes(leaf)
     return out

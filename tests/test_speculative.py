@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
@@ -26,7 +27,7 @@ from pangu_fn.speculative import (
     speculative_generate,
     speculative_stream,
 )
-from pangu_fn.tree import flatten, tree_map
+from pangu_fn.tree import flatten
 
 # repeats in the prompts give prompt lookup something to find
 SINGLE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
@@ -59,7 +60,7 @@ def drafter_for(name: str, preset: str):
     if name == "draft":
         params, cfg = flat_model(preset)
         gen = torch.Generator().manual_seed(7)
-        noisy = tree_map(lambda t: t + 0.05 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t,
+        noisy = pytree.tree_map(lambda t: t + 0.05 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t,
                          params)
         return DraftModel(noisy, cfg)
     if name.startswith("lookup+"):

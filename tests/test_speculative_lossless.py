@@ -14,12 +14,12 @@ import math
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from helpers import random_model
 
 import pangu_fn as pf
 from pangu_fn.sampling import penalize, probabilities
 from pangu_fn.speculative import DraftModel, LookupFirst, PromptLookup, SelfDraft, accept, speculative_generate
-from pangu_fn.tree import tree_map
 
 V = 8
 PROMPT = [3, 1, 4, 1, 5, 3, 1, 4]  # repeats, so prompt lookup proposes drafts
@@ -49,7 +49,7 @@ def small_model() -> tuple[dict, pf.ModelConfig]:
 def perturbed(params: dict, seed: int = 5, noise: float = 0.5) -> dict:
     """The draft model: the target with every matrix perturbed by `noise` times its std."""
     gen = torch.Generator().manual_seed(seed)
-    return tree_map(lambda t: t + noise * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t,
+    return pytree.tree_map(lambda t: t + noise * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t,
                     params)
 
 

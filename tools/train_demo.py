@@ -80,13 +80,14 @@ def demo_config(tokenizer: Any, layers: int, hidden: int, heads: int, kv_heads: 
 
 def draft_init(target: Any, draft_cfg: Any, seed: int) -> Any:
     """Draft params that start from the target's embedding, first blocks and final norm."""
+    import torch.utils._pytree as pytree
+
     import pangu_fn as pf
-    from pangu_fn.tree import tree_map
 
     params = pf.init_params(draft_cfg, seed=seed + 1)
     params["tok_embed"] = {k: v.clone() for k, v in target["tok_embed"].items()}
     params["final_norm"] = {k: v.clone() for k, v in target["final_norm"].items()}
-    params["blocks"] = [tree_map(lambda t: t.clone(), b) for b in target["blocks"][:draft_cfg.num_layers]]
+    params["blocks"] = [pytree.tree_map(lambda t: t.clone(), b) for b in target["blocks"][:draft_cfg.num_layers]]
     return params
 
 
