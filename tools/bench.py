@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import ort_bench, quant_bench, spec_bench
+from . import ort_bench, quant_bench, spec_bench, tensor_parallel
 from .common import add_model_args, resolve_model, write_json
 
 
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    tensor_parallel.add_args(p)  # --tp N: N ranks of threads // N threads against one process
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
     p.set_defaults(func=run)
 
@@ -142,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     import pangu_fn as pf
     from pangu_fn import native
 
+    if args.tp > 1:
+        from . import tp_bench
+
+        return tp_bench.run(args, measure, pangu_engine)
     torch.set_num_threads(args.threads)
     params, cfg, random = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
     gen = torch.Generator().manual_seed(1234)

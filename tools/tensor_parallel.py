@@ -30,15 +30,16 @@ def is_rank() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def start(args: argparse.Namespace, threads: int | None = None) -> int:
-    """Check `args.tp` against the model and devices, then run `args.command` as that many ranks.
+def start(args: argparse.Namespace, threads: int | None = None, env: dict[str, str] | None = None) -> int:
+    """Check `args.tp` against the model and devices, then run `args.command` as that many ranks
+    (`threads` CPU threads each, default the cores shared out; `env` added to theirs).
     Returns the exit code (the first failing rank's). Raises ConfigError before starting any
     process for a size the model or the devices cannot take."""
     from pangu_fn.distributed.launch import default_threads, run_processes
 
     check(args)
     threads = threads or default_threads(args.device, args.tp)
-    env = {ARGS_ENV: json.dumps({k: v for k, v in vars(args).items() if k != "func"})}
+    env = {**(env or {}), ARGS_ENV: json.dumps({k: v for k, v in vars(args).items() if k != "func"})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return run_processes([sys.executable, "-m", "pangu_tools.tensor_parallel"], args.tp, env)
