@@ -208,3 +208,22 @@ def test_writers_round_trip_through_every_alpha_layout(alpha, tmp_path):
         assert c == cfg
         a, b = flatten(params), flatten(p)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_megatron_writer_writes_the_ports_nested_state(alpha, tmp_path):
+    from pangu_fn.io.checkpoint import source_of
+    from pangu_fn.io.writers import write_megatron
+
+    params, cfg = alpha
+    write_megatron(source_of(params, cfg), tmp_path / "model_optim_rng.pt")
+    written = torch.load(tmp_path / "model_optim_rng.pt", weights_only=True)
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+    want = dict(leaves(megatron_pt(params, cfg)["model"]))
+    got = dict(leaves(written["model"]))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    p, c = pf.load(tmp_path / "model_optim_rng.pt", config=cfg)
+    assert c == cfg and c.source_layout == "megatron" and torch.equal(logits(p, c), logits(params, cfg))

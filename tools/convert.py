@@ -1,5 +1,6 @@
 """`pangu convert SRC DST`: read a checkpoint in any layout pangu-fn knows and write it as our
-folder (default), a MindSpore `.ckpt`, a Hugging Face folder or a PanGu-α gpt_pangu folder.
+folder (default), a MindSpore `.ckpt` (release, model zoo or mindformers names), a Hugging Face
+folder, a PanGu-α gpt_pangu folder or a PanGu-α Megatron `.pt`.
 
 Streams one tensor at a time (except HF-folder and .pt sources/outputs, which need the whole
 state dict), writes atomically, copies the tokenizer files beside the weights, and with
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="source layouts:\n" + "\n".join(f"  {lay.name:10s} {lay.what}" for lay in LAYOUTS))
     p.add_argument("src", help="checkpoint file or folder")
-    p.add_argument("dst", help="output folder (or a .ckpt file for MindSpore)")
+    p.add_argument("dst", help="output folder (or a .ckpt file for MindSpore, a .pt file for --to megatron)")
     p.add_argument("--from", dest="fmt", choices=[lay.name for lay in LAYOUTS], default=None,
                    help="source layout (default: detected)")
     p.add_argument("--to", choices=WRITERS, default=None,
@@ -85,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "mindspore":
             writers.write_mindspore(source, dst, dtype, crc=not args.no_crc, on_tensor=on_tensor,
                                     overwrite=args.overwrite, naming=args.layout)
+            _copy_beside(tokenizer, dst.parent)
+        elif fmt == "megatron":
+            writers.write_megatron(source, dst, dtype, on_tensor, overwrite=args.overwrite)
             _copy_beside(tokenizer, dst.parent)
         else:
             write = {"pangu-fn": writers.write_ours, "hf": writers.write_hf, "gpt_pangu": writers.write_gpt_pangu}[fmt]
@@ -146,7 +150,7 @@ def verify(source, dst: Path, fmt: str, prompts: int = 3, length: int = 16, seed
     from pangu_fn.io.checkpoint import materialise
 
     a, cfg_a = materialise(source, dtype="fp32")
-    b, cfg_b = pf.load(dst, dtype="fp32", config=cfg_a if fmt == "mindspore" else None)
+    b, cfg_b = pf.load(dst, dtype="fp32", config=cfg_a if fmt in ("mindspore", "megatron") else None)
     if cfg_b.replace(max_seq_len=cfg_a.max_seq_len) != cfg_a.replace(max_seq_len=cfg_a.max_seq_len):
         print(f"verify: configs differ:\n  source {cfg_a}\n  result {cfg_b}", file=sys.stderr)
     gen = torch.Generator().manual_seed(seed)

@@ -358,6 +358,16 @@ def is_megatron(names: list[str]) -> bool:
     return any("language_model.transformer.topQueryLayer." in n for n in names)
 
 
+def megatron_table(layers: int) -> dict[str, tuple[str, bool]]:
+    """Our flat name -> (name under `model.language_model.`, False) of the Megatron port."""
+    top = {"tok_embed.weight": "embedding.word_embeddings.weight",
+           "pos_embed.weight": "embedding.position_embeddings.weight",
+           "query_embed.weight": "topQueryEmbedding.top_query_embeddings.weight",
+           "final_norm.weight": "transformer.final_layernorm.weight",
+           "final_norm.bias": "transformer.final_layernorm.bias"}
+    return _table(layers, MEGATRON_BLOCK, "transformer.layers.", "transformer.topQueryLayer.", top)
+
+
 def megatron_source(path: Path, tensors: dict[str, torch.Tensor], skipped: list[str],
                     hint: ModelConfig | None = None) -> Source:
     """PanGu-Alpha-GPU (Megatron) state dict, flattened: names under `...language_model.`."""
@@ -368,12 +378,25 @@ def megatron_source(path: Path, tensors: dict[str, torch.Tensor], skipped: list[
             continue
         refs[name.split("language_model.", 1)[1]] = TensorRef.of(t)
     layers = _count_blocks(list(refs), "transformer.layers.")
-    top = {"tok_embed.weight": "embedding.word_embeddings.weight",
-           "pos_embed.weight": "embedding.position_embeddings.weight",
-           "query_embed.weight": "topQueryEmbedding.top_query_embeddings.weight",
-           "final_norm.weight": "transformer.final_layernorm.weight",
-           "final_norm.bias": "transformer.final_layernorm.bias"}
-    table = _table(layers, MEGATRON_BLOCK, "transformer.layers.", "transformer.topQueryLayer.", top)
-    flat, _ = _resolve(table, refs, str(path))
+    flat, _ = _resolve(megatron_table(layers), refs, str(path))
     cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, hint, KNOWN_HEADS, str(path))
     return Source(path, "megatron", cfg.replace(source_layout="megatron"), flat, skipped=skipped, folder=path.parent)
+
+
+def megatron_state(cfg: ModelConfig, flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Our flat tensors as the port's `model_optim_rng.pt` object: `{"model": {"language_model":
+    {"embedding": ..., "topQueryEmbedding": ..., "transformer": {flat names}}}}` (no `args`,
+    so it loads with `weights_only=True`). Raises ConfigError for other families or an untied head."""
+    if cfg.family != "alpha":
+        raise ConfigError(f"the Megatron writer writes PanGu-α (family 'alpha'); this model is {cfg.family!r}")
+    if "lm_head.weight" in flat:
+        raise ConfigError("the PanGu-α Megatron layout has a tied head; this model stores lm_head.weight")
+    lm: dict[str, Any] = {}
+    for ours, (stored, _) in megatron_table(cfg.num_layers).items():
+        group, rest = stored.split(".", 1)
+        node = lm.setdefault(group, {})
+        if group != "transformer":  # embedding modules nest one dict per module
+            module, rest = rest.split(".", 1)
+            node = node.setdefault(module, {})
+        node[rest] = flat[ours]
+    return {"model": {"language_model": lm}, "checkpoint_version": 3.0}

@@ -1,5 +1,5 @@
 """Writers from a `Source`: our folder, Hugging Face GPT-2 / LLaMA (openPangu) folders, the
-PanGu-α gpt_pangu folder and MindSpore `.ckpt`. Each writes atomically (a temporary name
+PanGu-α gpt_pangu folder, MindSpore `.ckpt` (three namings) and the PanGu-α Megatron `.pt`. Each writes atomically (a temporary name
 renamed into place), refuses a destination that equals or contains the source, replaces an
 existing one only with `overwrite=True` (see `destination.py`) and, except the Hugging Face one (which needs the whole tree to fuse or
 rename), streams one tensor at a time, so memory stays about one tensor.
@@ -17,14 +17,14 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..params import parse_dtype
 from . import alpha, hf
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file
 from .destination import check_destination
 from .mindspore import write_checkpoint
 from .safetensors_io import write_sharded
 from .source import Source
 
 OnTensor = Callable[[str, int], None]
-WRITERS = ("pangu-fn", "hf", "gpt_pangu", "mindspore")
+WRITERS = ("pangu-fn", "hf", "gpt_pangu", "mindspore", "megatron")
 
 
 def _target_dtype(t_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -118,6 +118,26 @@ def write_mindspore(source: Source, path: str | Path, dtype: str | torch.dtype |
     return write_checkpoint(path, tensors(), crc=crc, dtype=cast, on_tensor=on_tensor)
 
 
+def write_megatron(source: Source, path: str | Path, dtype: str | torch.dtype | None = None,
+                   on_tensor: OnTensor | None = None, *, overwrite: bool = False) -> Path:
+    """A PanGu-α `model_optim_rng.pt` of the Megatron GPU port (nested dicts under
+    `model.language_model`, torch `[out, in]` weights, tied head), written with `torch.save`;
+    reads the whole tree. Raises ConfigError for other families and untied heads."""
+    if source.leaves:
+        raise ConfigError("write_megatron: the model has quantized leaves; dequantize first")
+    check_destination(path, overwrite=overwrite, sources=source_paths(source))
+    cast = parse_dtype(dtype) if dtype is not None else None
+    flat = {}
+    for name, ref in source.tensors.items():
+        flat[name] = ref.read().to(_target_dtype(ref.dtype, cast)).contiguous()
+        if on_tensor is not None:
+            on_tensor(name, flat[name].nbytes)
+    state = alpha.megatron_state(source.cfg, flat)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
 def check_writable(source: Source, fmt: str, naming: str | None = None) -> None:
     """Raise ConfigError now (before anything is written) if `fmt` (with MindSpore `naming`)
     cannot hold this model."""
@@ -128,6 +148,8 @@ def check_writable(source: Source, fmt: str, naming: str | None = None) -> None:
         raise ConfigError(f"--layout {naming!r} names MindSpore tensors; the output layout is {fmt!r}")
     if fmt == "mindspore":
         alpha.mindspore_plan(cfg, list(source.tensors), naming)
+    elif fmt == "megatron":
+        alpha.megatron_state(cfg, dict.fromkeys(source.tensors))
     elif fmt == "gpt_pangu":
         alpha.gpt_pangu_config_dict(cfg)
         alpha.gpt_pangu_plan(cfg)
