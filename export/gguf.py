@@ -264,7 +264,7 @@ def _tokenizer_metadata(tokenizer: str | Path | None, chat_template: str | None,
         return [("add_tokenizer_model", ("none",)), *_special_calls({}, 0, cfg)]
     config = _tokenizer_config(file.parent)
     reader = _sentencepiece_vocab if file.suffix == ".model" else _bpe_vocab
-    tokens, scores, types, ids, calls = reader(file, config)
+    tokens, scores, types, ids, calls = reader(file, config, notes)
     if len(tokens) > cfg.vocab_size:
         raise FormatError(f"GGUF: tokenizer {file} has {len(tokens)} tokens, more than the model's vocabulary "
                           f"{cfg.vocab_size}")
@@ -312,7 +312,7 @@ def _special_id(config: dict[str, Any], kind: str, lookup: Callable[[str], int |
 Vocab = tuple[list[str], list[float] | None, list[int], dict[str, int | None], list[tuple[str, tuple[Any, ...]]]]
 
 
-def _sentencepiece_vocab(file: Path, config: dict[str, Any]) -> Vocab:
+def _sentencepiece_vocab(file: Path, config: dict[str, Any], notes: list[str]) -> Vocab:
     """(tokens, scores, types, special ids, other writer calls) of a SentencePiece model;
     `added_tokens_decoder` entries of tokenizer_config.json become control / user tokens."""
     gguf = require_gguf()
@@ -335,6 +335,9 @@ def _sentencepiece_vocab(file: Path, config: dict[str, Any]) -> Vocab:
         if isinstance(tok, dict) and i < len(tokens) and isinstance(tok.get("content"), str):
             tokens[i] = tok["content"]
             types[i] = gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED
+    if m.normalizer_spec.precompiled_charsmap:
+        notes.append(f"{file.name} normalizes text ({m.normalizer_spec.name or 'NFKC'} rules); GGUF's llama "
+                     "tokenizer does not, so llama.cpp may split such text differently")
     spec = m.trainer_spec
     ids = {"bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id, "unk": spec.unk_id}
     for kind in ("bos", "eos", "pad", "unk"):
@@ -350,7 +353,7 @@ def _sentencepiece_vocab(file: Path, config: dict[str, Any]) -> Vocab:
     return tokens, scores, types, {k: (i if i >= 0 else None) for k, i in ids.items()}, calls
 
 
-def _bpe_vocab(file: Path, config: dict[str, Any]) -> Vocab:
+def _bpe_vocab(file: Path, config: dict[str, Any], notes: list[str]) -> Vocab:
     """(tokens, None, types, special ids, other writer calls) of a byte-level BPE
     `tokenizer.json`; its added special tokens become control tokens."""
     gguf = require_gguf()

@@ -186,7 +186,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     arch = f.arch
     if arch not in ARCHS:
         raise FormatError(f"{f.path}: general.architecture {arch!r} is not one pangu-fn reads; expected one of {ARCHS}")
-    key = lambda k: k.format(arch=arch)  # noqa: E731
+    key = lambda k: k.format(arch=arch)
     gguf = require_gguf()
     K = gguf.Keys
     heads, kv_heads, ffn = (f.get(key(k)) for k in (K.Attention.HEAD_COUNT, K.Attention.HEAD_COUNT_KV,
@@ -194,9 +194,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if heads is None or ffn is None:
         raise FormatError(f"{f.path}: expected {key(K.Attention.HEAD_COUNT)} and {key(K.LLM.FEED_FORWARD_LENGTH)}")
     for what, v in (("head counts", heads), ("KV head counts", kv_heads), ("feed-forward widths", ffn)):
-        if isinstance(v, list):
-            if len(set(v)) != 1:
-                raise FormatError(f"{f.path}: per-layer {what} {v[:8]}...; pangu-fn reads uniform layers only")
+        if isinstance(v, list) and len(set(v)) != 1:
+            raise FormatError(f"{f.path}: per-layer {what} {v[:8]}...; pangu-fn reads uniform layers only")
     heads, kv_heads, ffn = (v[0] if isinstance(v, list) else v for v in (heads, kv_heads, ffn))
     hidden = int(f.need(key(K.LLM.EMBEDDING_LENGTH)))
     embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
@@ -263,7 +262,8 @@ def open_gguf(path: Path, hint: ModelConfig | None = None) -> Source:
 def _tree_dtype(f: GGUFFile, table: dict[str, list[str]]) -> torch.dtype:
     gguf = require_gguf()
     T = gguf.GGMLQuantizationType
-    types = {f.qtype(n) for n in table if len(f.shape(n)) == 2 and "pos_embd" not in n}
+    position = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight"  # kept f32 whatever the type
+    types = {f.qtype(n) for n in table if len(f.shape(n)) == 2 and n != position}
     return {frozenset([T.F16]): torch.float16, frozenset([T.BF16]): torch.bfloat16}.get(frozenset(types), torch.float32)
 
 
