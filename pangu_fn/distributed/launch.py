@@ -72,22 +72,25 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, device: str = "c
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    raised: dict[int, float] = {}  # rank -> when it raised: the first is the cause, the rest followed
 
     def drain() -> None:
         try:
             while True:
-                rank, value = results.get_nowait()
-                out[rank] = value
+                rank, ok, value = results.get_nowait()
+                (out if ok else raised)[rank] = value
         except queue.Empty:
             pass
 
     failed = supervise(procs, lambda p: p.exitcode, drain)
     drain()
     if failed is not None:
-        raise RankFailed(f"tensor-parallel rank {failed[0]} of {world_size} exited with code {failed[1]}; "
-                         "its error is above on stderr", [p.exitcode for p in procs])
+        first = min(raised, key=raised.__getitem__) if raised else failed[0]
+        codes = [p.exitcode for p in procs]
+        raise RankFailed(f"tensor-parallel rank {first} of {world_size} failed (exit codes {codes}); "
+                         "its error is above on stderr", codes)
     while len(out) < world_size:  # results put just before exiting may still be in the pipe
-        rank, value = results.get(timeout=timeout_s)
+        rank, _, value = results.get(timeout=timeout_s)
         out[rank] = value
     return [out[r] for r in range(world_size)]
 
@@ -100,9 +103,12 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, args: Sequence[A
     init(device, timeout_s)
     try:
         value = fn(rank, world_size, *args)
+    except BaseException:
+        results.put((rank, False, time.time()))
+        raise
     finally:
         destroy()
-    results.put((rank, value))
+    results.put((rank, True, value))
 
 
 def run_processes(command: Sequence[str], world_size: int, env: dict[str, str] | None = None,
