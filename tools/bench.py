@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import ort_bench, quant_bench, spec_bench, tensor_parallel
+from . import gguf_bench, ort_bench, quant_bench, spec_bench, tensor_parallel
 from .common import add_model_args, resolve_model, write_json
 
 
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     quant_bench.add_args(p)
     spec_bench.add_args(p)
     ort_bench.add_args(p)
+    gguf_bench.add_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -167,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)
+    rows += gguf_bench.gguf_rows(params, cfg, args, prompt, pangu_engine)
     base = rows[0]
     hf_row = next((r for r in rows if r["engine"] == "transformers"), None)
     for row in rows:
