@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             body = tokenizer.decode(c.tokens) if tokenizer else " ".join(map(str, c.tokens))
             print(f"{'[' + str(i) + '] ' if len(prompts) > 1 else ''}{body}")
     n = sum(len(c.tokens) for c in completions)
+    if not tensor_parallel.is_lead():
+        return 0
     print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s)", file=sys.stderr)
     if stats:
         print(f"speculative ({args.draft}, k {args.k}{', adaptive' if args.adaptive else ''}): {stats.summary()}",

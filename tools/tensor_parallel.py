@@ -30,6 +30,11 @@ def is_rank() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def is_lead() -> bool:
+    """False only in a rank other than 0 (which leaves reporting to rank 0)."""
+    return not is_rank() or os.environ["RANK"] == "0"
+
+
 def start(args: argparse.Namespace, threads: int | None = None, env: dict[str, str] | None = None) -> int:
     """Check `args.tp` against the model and devices, then run `args.command` as that many ranks
     (`threads` CPU threads each, default the cores shared out; `env` added to theirs).
