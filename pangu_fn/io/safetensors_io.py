@@ -120,17 +120,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _entry(path: Path, name: str, d: Any, data_start: int, data_len: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {name[:120]!r}"
     if not isinstance(d, dict):
         raise FormatError(f"{where}: header entry is {type(d).__name__}; expected an object")
     dtype, shape, offsets = d.get("dtype"), d.get("shape"), d.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"{where}: dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise FormatError(f"{where}: dtype {repr(dtype)[:80]}; expected one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise FormatError(f"{where}: shape {str(shape)[:80]}; expected a list of non-negative integers")
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     if math.prod(max(s, 1) for s in shape) * itemsize > MAX_STRIDE_BYTES:
-        raise FormatError(f"{where}: shape {shape} of {dtype} overflows 64-bit byte strides; expected "
+        raise FormatError(f"{where}: shape {str(shape)[:200]} of {dtype} overflows 64-bit byte strides; expected "
                           "dimensions whose product fits in 2**63 bytes")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
