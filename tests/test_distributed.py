@@ -247,3 +247,20 @@ def test_cli_generate_tp_2_equals_one_process(capfd):
     assert json.loads(capfd.readouterr().out)["completions"] == json.loads(single)["completions"]
     assert main(["generate", "--model", "tiny-openpangu", "--prompt-ids", "5", "--tp", "3"]) == 2
     assert "valid sizes: [1, 2, 4]" in capfd.readouterr().err
+
+
+def test_readme_example_runs_and_every_rank_gets_the_single_process_tokens(tmp_path):
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("```python tp\n") + len("```python tp\n")
+    (tmp_path / "tp_example.py").write_text(readme[start:readme.index("```", start)])
+    run = subprocess.run([sys.executable, "tp_example.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240, check=False)
+    assert run.returncode == 0, run.stderr
+    cfg = pf.ModelConfig.preset("tiny-openpangu")
+    single = pf.generate(pf.init_params(cfg, seed=0), cfg, [[1, 5, 9]], max_new_tokens=8)[0].tokens
+    assert ast.literal_eval(run.stdout.strip()) == [single, single]
