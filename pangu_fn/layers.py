@@ -5,63 +5,23 @@ Shapes: B batch, T new tokens, S attended positions, H hidden, D head_dim.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import backend
 from .config import ModelConfig
 from .params import Params
 
 
 def linear(x: torch.Tensor, p: Params) -> torch.Tensor:
     """`x @ W.T + b` for `p = {"weight": W [out, in], "bias"?: [out]}`. A weight that is not a
-    tensor is a quantized leaf and brings its own kernel: `W.linear(x, bias)`. Few rows of bf16
-    on the CPU go through the native bf16 kernel (`native.py`) where it runs."""
+    tensor is a quantized (or sharded) leaf and brings its own kernel: `W.linear(x, bias)`."""
     w, b = p["weight"], p.get("bias")
     if not isinstance(w, torch.Tensor):
         return w.linear(x, b)
-    if w.dtype == torch.bfloat16:
-        y = native.dense_bf16_linear(x, w, b)
-        if y is not None:
-            return y
-    parts = _split_k_parts(x, w)
-    if parts > 1:
-        return _split_k_linear(x, w, b, parts)
-    return F.linear(x, w, b)
-
-
-SPLIT_K_MAX_ROWS = 8
-
-
-def _split_k_parts(x: torch.Tensor, w: torch.Tensor) -> int:
-    """How many threads share a few-row fp32 product on the CPU (1 = use F.linear).
-
-    torch's CPU matrix-vector product runs on one thread (about 20 GB/s of weights here), while
-    a batched product over K-slices runs one slice per thread: 1.7x faster on GPT-2-small's
-    blocks and 2x on its LM head at 2 threads. It needs the weight column-major (the layout
-    `params.decode_layout` gives fp32 CPU weights), so that K-slices of W.T are contiguous.
-    Eager inference only: under autograd or tracing the plain product is used."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or x.numel() > SPLIT_K_MAX_ROWS * x.shape[-1] or not w.t().is_contiguous()):
-        return 1
-    parts, k = torch.get_num_threads(), w.shape[1]
-    while parts > 1 and k % parts:
-        parts -= 1
-    return parts
-
-
-def _split_k_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, parts: int) -> torch.Tensor:
-    """`x @ W.T + b` as the sum over `parts` K-slices, one batched matmul (one slice a thread)."""
-    k, n = w.shape[1], w.shape[0]
-    rows = x.reshape(-1, parts, k // parts).transpose(0, 1)  # [parts, M, K/parts]
-    y = torch.bmm(rows, w.t().view(parts, k // parts, n)).sum(0)  # [M, N]
-    if b is not None:
-        y = y + b
-    return y.view(*x.shape[:-1], n)
+    return backend.dense_linear(x, w, b)
 
 
 def norm(x: torch.Tensor, p: Params, cfg: ModelConfig) -> torch.Tensor:
@@ -87,35 +47,9 @@ def activation(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def rope_tables(positions: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype,
                 start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[B, 1, T, D]` for integer `positions [B, T]` (non-interleaved halves, as LLaMA).
-    Traced graphs compute them; eager calls gather rows of a table made once per
-    (theta, D, context, device, dtype), which saves a dozen small ops per decode step. With
-    `start` (every row's positions are `start .. start + T - 1`) they are a slice of the table,
-    `[1, 1, T, D]`: views, no gather."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        cos, sin = _rope_from_positions(positions, cfg.rope_theta, cfg.head_dim)
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
-    cos, sin = _rope_table(cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, positions.device, dtype)
-    if start is not None:
-        T = positions.shape[1]
-        return cos[None, None, start:start + T], sin[None, None, start:start + T]
-    return cos[positions][:, None], sin[positions][:, None]
-
-
-def _rope_from_positions(positions: torch.Tensor, theta: float, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
-    freqs = positions[..., None].float() * inv_freq  # [..., D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-@functools.lru_cache(maxsize=16)
-def _rope_table(theta: float, d: int, max_len: int, device: torch.device,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[max_len, D]` (computed in fp32 exactly as `_rope_from_positions`, then cast)."""
-    with torch.inference_mode(False), torch.no_grad():
-        cos, sin = _rope_from_positions(torch.arange(max_len, device=device), theta, d)
-    return cos.to(dtype), sin.to(dtype)
+    """cos, sin `[B, 1, T, D]` for integer `positions [B, T]` (`[1, 1, T, D]` when every row's
+    positions are `start .. start + T - 1`); see `backend.rope_tables`."""
+    return backend.rope_tables(positions, cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, dtype, start)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,11 +57,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-# Up to this many queries (a decode step, a speculative verification) CPU attention in a reduced
-# precision runs in fp32: 1.1-2x faster than torch's bf16 kernel at 1-8 queries over 40-250 keys.
-FEW_QUERIES = 8
 
 
 def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context,
@@ -152,21 +81,10 @@ def attention(p: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context,
         q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
     if kv is not None:
         key_buf, value_buf = kv
-        if ctx.write_at is not None:  # every row at the same length: a plain slice copy
-            key_buf[:, :, ctx.write_at:ctx.write_at + T] = k
-            value_buf[:, :, ctx.write_at:ctx.write_at + T] = v
-        else:
-            index = ctx.positions[:, None, :, None].expand(B, k.shape[1], T, d)
-            key_buf.scatter_(2, index, k)
-            value_buf.scatter_(2, index, v)
+        backend.write_kv(key_buf, k, ctx.positions, ctx.write_at)
+        backend.write_kv(value_buf, v, ctx.positions, ctx.write_at)
         k, v = key_buf[:, :, : ctx.kv_len], value_buf[:, :, : ctx.kv_len]
-    dtype = q.dtype
-    # exported graphs keep a static shape's choice (one query) and never guard on a dynamic T
-    few = T == 1 or (not torch.compiler.is_exporting() and T <= FEW_QUERIES)
-    if few and q.device.type == "cpu" and dtype != torch.float32 and not torch.compiler.is_compiling():
-        q, k, v = q.float(), k.float(), v.float()  # torch's bf16 CPU attention is up to 2x slower here
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
-                                         enable_gqa=q.shape[1] != k.shape[1]).to(dtype)
+    out = backend.attention(q, k, v, ctx.mask, ctx.causal)
     return linear(out.transpose(1, 2).reshape(B, T, -1), p["o"])
 
 

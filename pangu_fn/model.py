@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import backend
 from .cache import KVCache, compute_dtype
 from .config import ModelConfig
 from .errors import InputError
@@ -31,7 +32,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor, cache: KVCac
     the one passed in. Raises InputError for token ids outside the vocabulary or positions
     beyond the cache or the context length."""
     B, T = tokens.shape
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    tracing = backend.tracing()
     if not tracing:
         _check_tokens(tokens, cfg)
     ctx = _context(cfg, tokens, cache, compute_dtype(params), tracing)

@@ -1,0 +1,141 @@
+"""Kernel choice for the dense model: which implementation computes each piece of math.
+
+`layers.py` and `model.py` state the math; this module picks how it runs. Traced programs
+(`torch.compile`, `torch.export`, the ONNX exporter) always get the plain PyTorch op, which the
+compiler fuses or lowers; eager inference gets the choices measured faster on each device:
+
+| piece | eager (CPU) | traced |
+|---|---|---|
+| dense bf16 linear, few rows | `native.bf16_linear` | `F.linear` |
+| dense fp32 linear, few rows, column-major weight | split-K batched matmul (one K-slice a thread) | `F.linear` |
+| attention, <= `FEW_QUERIES` queries in a reduced precision | SDPA in fp32 | SDPA in the dtype |
+| cache write, every row at one length | slice copy | scatter at the positions |
+| RoPE cos / sin | rows of a table made once | computed from the positions |
+
+Quantized leaves choose their own kernels beside their type (`quant/kernels.py`), under the same
+`tracing()` predicate. Tracing is the only switch: eager and compiled programs share every line
+of `layers.py` / `model.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+# Up to this many rows a CPU fp32 product is split over K (see `_split_k_parts`).
+SPLIT_K_MAX_ROWS = 8
+# Up to this many queries (a decode step, a speculative verification) CPU attention in a reduced
+# precision runs in fp32: 1.1-2x faster than torch's bf16 kernel at 1-8 queries over 40-250 keys.
+FEW_QUERIES = 8
+
+
+def tracing() -> bool:
+    """True while torch.compile (dynamo) or torch.export traces the model: kernel choices then
+    fall back to plain PyTorch ops, and eager-only checks (`.tolist()` of lengths, token
+    range checks) are skipped."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`x [..., K] @ w [N, K].T + b [N]`: the native bf16 kernel or split-K where they are faster."""
+    if tracing():
+        return F.linear(x, w, b)
+    if w.dtype == torch.bfloat16:
+        y = native.dense_bf16_linear(x, w, b)
+        if y is not None:
+            return y
+    parts = _split_k_parts(x, w)
+    if parts > 1:
+        return _split_k_linear(x, w, b, parts)
+    return F.linear(x, w, b)
+
+
+def _split_k_parts(x: torch.Tensor, w: torch.Tensor) -> int:
+    """How many threads share a few-row fp32 product on the CPU (1 = use F.linear).
+
+    torch's CPU matrix-vector product runs on one thread (about 20 GB/s of weights here), while
+    a batched product over K-slices runs one slice per thread: 1.7x faster on GPT-2-small's
+    blocks and 2x on its LM head at 2 threads. It needs the weight column-major (the layout
+    `params.decode_layout` gives fp32 CPU weights), so that K-slices of W.T are contiguous.
+    Inference only: under autograd the plain product is used."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+            or torch.is_grad_enabled() or x.numel() > SPLIT_K_MAX_ROWS * x.shape[-1]
+            or not w.t().is_contiguous()):
+        return 1
+    parts, k = torch.get_num_threads(), w.shape[1]
+    while parts > 1 and k % parts:
+        parts -= 1
+    return parts
+
+
+def _split_k_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, parts: int) -> torch.Tensor:
+    """`x @ W.T + b` as the sum over `parts` K-slices, one batched matmul (one slice a thread)."""
+    k, n = w.shape[1], w.shape[0]
+    rows = x.reshape(-1, parts, k // parts).transpose(0, 1)  # [parts, M, K/parts]
+    y = torch.bmm(rows, w.t().view(parts, k // parts, n)).sum(0)  # [M, N]
+    if b is not None:
+        y = y + b
+    return y.view(*x.shape[:-1], n)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool) -> torch.Tensor:
+    """SDPA of `q [B, Hq, T, D]` over `k, v [B, Hkv, S, D]` (grouped when Hq > Hkv), in q's dtype.
+    Few CPU queries in a reduced precision run in fp32 eagerly (torch's bf16 CPU attention is up
+    to 2x slower there); exported graphs keep a static shape's choice (one query) and never
+    guard on a dynamic T; compiled graphs stay in the dtype."""
+    dtype, T = q.dtype, q.shape[2]
+    few = T == 1 or (not torch.compiler.is_exporting() and T <= FEW_QUERIES)
+    if few and q.device.type == "cpu" and dtype != torch.float32 and not torch.compiler.is_compiling():
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.to(dtype)
+
+
+def write_kv(buf: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, write_at: int | None) -> None:
+    """Write `new [B, H, T, D]` into the cache buffer `buf [B, H, S, D]` **in place** at
+    `positions [B, T]`: a slice copy at `write_at` when every row shares that start, else a
+    scatter (the only form a traced program uses: positions are a tensor there)."""
+    if write_at is not None:
+        buf[:, :, write_at:write_at + new.shape[2]] = new
+        return
+    B, H, T, D = new.shape
+    buf.scatter_(2, positions[:, None, :, None].expand(B, H, T, D), new)
+
+
+def rope_tables(positions: torch.Tensor, theta: float, d: int, max_len: int, dtype: torch.dtype,
+                start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[B, 1, T, D]` for integer `positions [B, T]`. Traced programs compute them;
+    eager calls gather rows of a table made once per (theta, D, max_len, device, dtype), which
+    saves a dozen small ops per decode step. With `start` (every row's positions are
+    `start .. start + T - 1`) they are views of the table, `[1, 1, T, D]`."""
+    if tracing():
+        cos, sin = rope_from_positions(positions, theta, d)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    cos, sin = _rope_table(theta, d, max_len, positions.device, dtype)
+    if start is not None:
+        T = positions.shape[1]
+        return cos[None, None, start:start + T], sin[None, None, start:start + T]
+    return cos[positions][:, None], sin[positions][:, None]
+
+
+def rope_from_positions(positions: torch.Tensor, theta: float, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[..., D]` (fp32) of `positions [...]`: non-interleaved halves, as LLaMA."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
+    freqs = positions[..., None].float() * inv_freq  # [..., D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(theta: float, d: int, max_len: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[max_len, D]` (computed in fp32 exactly as `rope_from_positions`, then cast)."""
+    with torch.inference_mode(False), torch.no_grad():
+        cos, sin = rope_from_positions(torch.arange(max_len, device=device), theta, d)
+    return cos.to(dtype), sin.to(dtype)
