@@ -366,3 +366,14 @@ def test_bad_files_print_one_line_and_exit_2(tmp_path, bundle, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cache.layout: expected one of" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_does_not_hide_bugs(tmp_path, monkeypatch):
+    from pangu_tools.cli import main
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr("pangu_fn.io.checkpoint.open_source", bug)
+    with pytest.raises(KeyError, match="a bug"):  # propagates: python -m prints its traceback
+        main(["convert", str(tmp_path), str(tmp_path / "out")])
