@@ -1,5 +1,5 @@
 """llama.cpp itself runs our GGUF files: its greedy tokens equal ours (f32 and f16) and its logits
-match ours to 1e-3 (f32), for the demo model and random openPangu (`pangu-embedded`, and `llama`
+match ours to 1e-3 (f32; gpt2: 1e-3 of the largest logit), for the demo model and random openPangu (`pangu-embedded`, and `llama`
 without biases, whose q/k rows are permuted for llama.cpp's RoPE) and GPT-style (`gpt2`) models.
 
 Needs llama-cpp-python (it compiles llama.cpp; see docs/export.md for the command), so the
@@ -88,7 +88,9 @@ def test_llama_cpp_matches_pangu_fn(tmp_path, name, type):
     path = tmp_path / f"{name}-{type}.gguf"
     summary = export_gguf(params, cfg, path, type, tokenizer=tokenizer, progress=False)
     assert summary.arch == ("pangu-embedded" if name == "demo" else name)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
+    f32 = llama_cpp.GGML_TYPE_F32  # llama.cpp's KV cache is f16 unless asked
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False,
+                          type_k=f32, type_v=f32)
     ours_tree, _ = pf.load(path, dtype="fp32")  # the file's weights (f16: rounded as llama.cpp reads them)
     for prompt in prompts:
         assert llama_greedy(llm, prompt) == ours_greedy(ours_tree, cfg, prompt), prompt
@@ -97,4 +99,7 @@ def test_llama_cpp_matches_pangu_fn(tmp_path, name, type):
             llm.eval(prompt)
             theirs = np.array(llm.scores[: len(prompt)])
             ours = pf.forward(params, cfg, torch.tensor([prompt]))[0][0].numpy()
-            assert np.abs(theirs - ours).max() < 1e-3, np.abs(theirs - ours).max()
+            # llama.cpp's CPU GELU reads a table indexed by the input rounded to f16 (ggml's
+            # GGML_GELU_FP16), so for gpt2 the bound is relative to the logits' size
+            bound = 1e-3 * (np.abs(ours).max() if name == "gpt2" else 1.0)
+            assert np.abs(theirs - ours).max() < bound, np.abs(theirs - ours).max()
