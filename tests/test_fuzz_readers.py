@@ -183,6 +183,24 @@ def test_fuzzed_safetensors_headers_raise_only_format_errors(header, tail, lengt
                 pass
 
 
+@FUZZ
+@given(index=mutated({"metadata": {"total_size": 22}, "weight_map": {"w": "model-1.safetensors",
+                                                                     "b": "model-1.safetensors"}},
+                     extra_keys=("weight_map", "../x.safetensors", "w")))
+def test_fuzzed_shard_indexes_raise_only_format_errors(index):
+    from pangu_fn.io.source import WeightFiles
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "model-1.safetensors").write_bytes(st_bytes(GOOD_HEADER, bytes(range(22))))
+        (Path(d) / "model.safetensors.index.json").write_text(json.dumps(index))
+        try:
+            files = WeightFiles(d)
+            for name in files.keys():
+                files.get(name)
+        except FormatError:
+            pass
+
+
 # -- our config.json ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
