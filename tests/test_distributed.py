@@ -107,6 +107,8 @@ def two_rank_checks(rank: int, world: int, folder: str) -> dict:
     spec = pf.speculative_generate(sharded, cfg, PROMPTS, 12, eos_token_ids=(), drafter=(draft, draft_cfg), k=3)
     out["speculative_greedy_equal"] = [c.tokens for c in plain] == [c.tokens for c in spec]
 
+    out["greedy_gathered"], out["ties"] = _greedy_gathers(sharded, cfg, rank, world)
+
     cache = pf.init_cache(sharded, cfg, 1, 16)
     with torch.inference_mode():
         _, cache = pf.forward(sharded, cfg, tokens, cache)
@@ -115,6 +117,30 @@ def two_rank_checks(rank: int, world: int, folder: str) -> dict:
         eager = pf.forward(sharded, cfg, tokens[:, :1], cache.clone())[0]
     out["compiled_decode_step"] = _max_diff(compiled, eager)
     return out
+
+
+def _greedy_gathers(sharded, cfg, rank: int, world: int) -> tuple[int, list]:
+    """(values all-gathered while greedy decoding 2 rows for 6 tokens, argmax of hand-made
+    logits whose maximum lies on rank 1, then is tied across ranks)."""
+    import pangu_fn.distributed.logits as sharded_logits
+
+    gathered, plain = [0], sharded_logits.all_gather_last
+
+    def counting(x, group):
+        gathered[0] += x.numel()
+        return plain(x, group)
+
+    sharded_logits.all_gather_last = counting
+    try:
+        pf.generate(sharded, cfg, PROMPTS[:2], 6, eos_token_ids=())
+    finally:
+        sharded_logits.all_gather_last = plain
+    half = cfg.vocab_size // world
+    local = torch.zeros(2, half)
+    local[0, 3] = 1.0 if rank == 1 else 0.5  # row 0: the maximum is id half + 3, on rank 1
+    local[1, 7] = 2.0  # row 1: tied between id 7 and id half + 7; the first wins
+    logits = sharded_logits.ShardedLogits(local, rank * half, half, cfg.vocab_size, torch.distributed.group.WORLD)
+    return gathered[0], logits.max(-1).indices.tolist()
 
 
 def test_two_ranks_equal_one_process(tmp_path):
@@ -138,6 +164,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert max(r0["pruned"].values()) <= TOL, r0["pruned"]
     assert r0["speculative_greedy_equal"]
     assert r0["compiled_decode_step"] <= TOL
+    assert r0["greedy_gathered"] == 6 * 2 * 2  # one (value, index) pair per row and step, no vocabulary
+    assert r0["ties"] == [128 + 3, 7]
 
 
 def load_and_measure(rank: int, world: int, folder: str) -> dict:

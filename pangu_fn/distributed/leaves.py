@@ -135,8 +135,15 @@ class VocabParallel(_Parallel):
         return all_reduce(rows, self._group)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits `[..., V]` of `x [..., H]`: the local `[..., V / world]`, gathered from every rank."""
-        y = all_gather_last(self._local_linear(x), self._group)[..., : self.vocab_size]
+        """Logits `[..., V]` of `x [..., H]` from the local `[..., V / world]`: in eager mode a
+        `ShardedLogits` that gathers them only when an op needs the whole vocabulary (greedy
+        decoding does not); traced, gathered from every rank."""
+        y = self._local_linear(x)
+        if bias is None and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            from .logits import ShardedLogits  # it imports this module
+
+            return ShardedLogits(y, self.start, self.rows, self.vocab_size, self._group)
+        y = all_gather_last(y, self._group)[..., : self.vocab_size]
         return y if bias is None else y + bias
 
     def with_local(self, local: Any) -> VocabParallel:
