@@ -86,3 +86,11 @@ def test_genai_text_in_text_out_on_demo(shared_dir):  # noqa: F811
     assert list(og_tok.encode(text)) == tok.encode(text)  # the converted tokenizer.json agrees
     assert genai_greedy(bundle, ids, 24) == want
     assert og_tok.decode(np.array(want, dtype=np.int32)).strip() == tok.decode(want).strip() != ""
+
+
+def test_unreadable_tokenizer_model_is_a_format_error(tmp_path):
+    from pangu_export.genai import sentencepiece_to_json
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\xff\x00 not a ModelProto")
+    with pytest.raises(pf.FormatError, match=r"tokenizer.model: expected a SentencePiece model"):
+        sentencepiece_to_json(tmp_path / "tokenizer.model")

@@ -202,3 +202,16 @@ def test_fuzzed_files_raise_only_format_error(tmp_path, data):
         read_all(path)
     except FormatError:
         pass
+
+
+def test_writer_errors_are_typed_and_leave_no_file(tmp_path):
+    from pangu_fn.errors import ConfigError
+
+    out = tmp_path / "w.ckpt"
+    with pytest.raises(ConfigError, match=r"w.ckpt: split_bytes: expected a positive byte count, found 0"):
+        write_checkpoint(out, [("a", torch.ones(2))], split_bytes=0)
+    with pytest.raises(FormatError, match=r"w.ckpt: tensor 'b': expected a torch.Tensor, found a list"):
+        write_checkpoint(out, [("a", torch.ones(2)), ("b", [1.0])])
+    with pytest.raises(FormatError, match=r"w.ckpt: tensor 'c': expected a dtype .* found torch.complex64"):
+        write_checkpoint(out, [("c", torch.ones(2, dtype=torch.complex64))])
+    assert list(tmp_path.iterdir()) == []

@@ -226,7 +226,7 @@ def read_mindformers_yaml(path: Path) -> ModelConfig:
     try:
         import yaml
     except ImportError:
-        raise ConfigError(f"{path}: reading a mindformers yaml needs PyYAML (pip install pyyaml)") from None
+        raise ConfigError(f"{path}: reading a mindformers yaml needs PyYAML: pip install 'pangu-fn[mindformers]'") from None
     try:
         d = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
