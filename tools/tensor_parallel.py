@@ -21,8 +21,14 @@ ARGS_ENV = "PANGU_TP_ARGS"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=1, metavar="N",
+    p.add_argument("--tp", type=_world_size, default=1, metavar="N",
                    help="tensor parallelism over N processes (gloo on CPU, nccl on CUDA, hccl on NPU)")
+
+
+def _world_size(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1, found {text!r}")
+    return int(text)
 
 
 def is_rank() -> bool:
@@ -57,8 +63,6 @@ def check(args: argparse.Namespace) -> None:
     from pangu_fn.distributed.plan import check_world
     from pangu_fn.errors import ConfigError
 
-    if args.tp < 1:
-        raise ConfigError(f"--tp: expected a number of processes >= 1, found {args.tp}")
     device = pf.select_device(args.device)
     count = {"cuda": torch.cuda.device_count, "npu": lambda: torch.npu.device_count()}.get(device.type)  # type: ignore[attr-defined]
     if count is not None and args.tp > count():
@@ -72,21 +76,17 @@ def model_shapes(spec: str) -> tuple[dict[str, tuple[int, ...]], Any]:
     (layouts that store no shapes apart from the tensors, e.g. .pt, are read)."""
     import pangu_fn as pf
     from pangu_fn.io.checkpoint import open_source
+    from pangu_fn.tree import flatten
 
     if not Path(spec).exists() and spec in pf.PRESETS:
         cfg = pf.ModelConfig.preset(spec)
-        meta = pf.init_params(cfg, device="meta")
-    else:
-        source = open_source(spec)
-        cfg = source.cfg
-        shapes = {n: ref.shape for n, ref in source.tensors.items()}
-        for leaf, desc in source.leaves.items():
-            shapes = {n: s for n, s in shapes.items() if not n.startswith(leaf + ".")}
-            shapes[leaf] = tuple(desc["shape"])
-        return shapes, cfg
-    from pangu_fn.tree import flatten
-
-    return {n: tuple(t.shape) for n, t in flatten(meta).items()}, cfg
+        return {n: tuple(t.shape) for n, t in flatten(pf.init_params(cfg, device="meta")).items()}, cfg
+    source = open_source(spec)
+    shapes = {n: ref.shape for n, ref in source.tensors.items()}
+    for leaf, desc in source.leaves.items():  # a quantized leaf: its stored tensors -> its logical shape
+        shapes = {n: s for n, s in shapes.items() if not n.startswith(leaf + ".")}
+        shapes[leaf] = tuple(desc["shape"])
+    return shapes, source.cfg
 
 
 def rank_model(args: argparse.Namespace) -> tuple[Any, Any, bool]:
