@@ -20,6 +20,7 @@ of `layers.py` / `model.py`.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,15 @@ def tracing() -> bool:
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """`x [..., K] @ w [N, K].T + b [N]`: the native bf16 kernel or split-K where they are faster."""
-    if tracing():
+    """`x [..., K] @ w [N, K].T + b [N]`: the native bf16 kernel or split-K where they are faster
+    (compiled CPU graphs call the native bf16 kernel as the custom op `pangu_backend::bf16_linear`;
+    exported graphs hold `F.linear`)."""
+    if torch.compiler.is_exporting():
+        return F.linear(x, w, b)
+    if torch.compiler.is_compiling():
+        if _native_bf16_fits(x, w):
+            y = torch.ops.pangu_backend.bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
+            return y.view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, b)
     if w.dtype == torch.bfloat16:
         y = native.dense_bf16_linear(x, w, b)
@@ -139,3 +147,57 @@ def _rope_table(theta: float, d: int, max_len: int, device: torch.device,
     with torch.inference_mode(False), torch.no_grad():
         cos, sin = rope_from_positions(torch.arange(max_len, device=device), theta, d)
     return cos.to(dtype), sin.to(dtype)
+
+
+# The native kernels are ctypes calls, which torch.compile cannot trace: as custom ops a compiled
+# graph calls them like any aten op (opaque to inductor, same arithmetic as eager).
+# torch.library infers the schemas from these hints; Optional[Tensor] is its spelling.
+# ruff: noqa: UP045
+
+
+@torch.compiler.assume_constant_result
+def _native_bf16_available() -> bool:
+    return native.bf16_kernels()
+
+
+def _native_bf16_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Where eager inference would take `native.dense_bf16_linear` (shapes are static when compiled)."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and x.shape[-1] % 32 == 0
+            and x.numel() <= native.BF16_MAX_ELEMENTS and not torch.is_grad_enabled() and _native_bf16_available())
+
+
+@torch.library.custom_op("pangu_backend::bf16_linear", mutates_args=())
+def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`x [M, K] @ weight [N, K].T + bias` by `native.bf16_linear`, else `F.linear`."""
+    y = native.bf16_linear(x, weight, bias)
+    return F.linear(x, weight, bias) if y is None else y
+
+
+@_bf16_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x [M, K] @ (qdata [N, K] * scales[:, None]).T` in bf16 (CPU, contiguous): the native
+    kernel, else `torch._weight_int8pack_mm`; in compiled graphs the custom op
+    `pangu_backend::int8_linear` doing the same."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pangu_backend.int8_linear(x, qdata, scales)
+    return _int8_linear_eager(x, qdata, scales)
+
+
+def _int8_linear_eager(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    y = native.int8_linear(x, qdata, scales)
+    return torch._weight_int8pack_mm(x, qdata, scales) if y is None else y
+
+
+@torch.library.custom_op("pangu_backend::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _int8_linear_eager(x, qdata, scales)
+
+
+@_int8_linear_op.register_fake
+def _(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qdata.shape[0]))

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compiled
 from .cache import init_cache
+from .compiled import CompileOptions
 from .config import ModelConfig
 from .errors import InputError
 from .model import forward
@@ -65,11 +67,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_to
 
 def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            sampling: SamplingParams = SamplingParams(), seed: int = 0,  # noqa: B008 (frozen)
-           eos_token_ids: Iterable[int] | None = None) -> Iterator[TokenEvent]:
+           eos_token_ids: Iterable[int] | None = None, *,
+           compile: bool | str | CompileOptions = False) -> Iterator[TokenEvent]:
     """Yield TokenEvents as they are produced, step by step across rows.
 
     `eos_token_ids` None means `cfg.eos_token_id` (if any); pass `()` to never stop early.
-    Runs on the device of the params. Sampling is reproducible for a given `seed`."""
+    Runs on the device of the params. Sampling is reproducible for a given `seed`.
+    `compile` (True, a torch.compile backend name or CompileOptions) runs the prefill and the
+    decode step as compiled programs over a static cache (`pangu_fn.compiled`): the same tokens
+    as eager decoding, logits within the dtype's rounding."""
     prompts = check_prompts(prompts, cfg, max_new_tokens)
     eos = set([cfg.eos_token_id] if eos_token_ids is None and cfg.eos_token_id is not None
               else (eos_token_ids or ()))
@@ -88,11 +94,17 @@ def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
         for i, p in enumerate(prompts):
             seen[i, p] = True
 
+    opts = compiled.options(compile)
     with torch.inference_mode():
-        cache = init_cache(params, cfg, B, T + max_new_tokens)
-        logits, cache = forward(params, cfg, tokens, cache, logits_index=lengths_t - 1)
-        cache = cache.with_lengths(lengths_t)
-        last = logits[:, 0]
+        if opts is None:
+            cache = init_cache(params, cfg, B, T + max_new_tokens)
+            logits, cache = forward(params, cfg, tokens, cache, logits_index=lengths_t - 1)
+            cache = cache.with_lengths(lengths_t)
+            last = logits[:, 0]
+        else:
+            progs = compiled.programs(params, cfg, opts)
+            cache = compiled.static_cache(params, cfg, B, T + max_new_tokens, opts)
+            last, cache = compiled.prefill(progs, params, prompts, cache)
 
     active = [True] * B
     for step in range(max_new_tokens):
@@ -110,17 +122,28 @@ def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
         if not any(active):
             return
         with torch.inference_mode():
-            logits, cache = forward(params, cfg, next_tokens[:, None], cache)
-            last = logits[:, -1]
+            if opts is None:
+                logits, cache = forward(params, cfg, next_tokens[:, None], cache)
+                last = logits[:, -1]
+            else:
+                last, _, cache = progs.decode(params, next_tokens, cache)
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), seed: int = 0,  # noqa: B008 (frozen)
-             eos_token_ids: Iterable[int] | None = None) -> list[Completion]:
+             eos_token_ids: Iterable[int] | None = None, *,
+             compile: bool | str | CompileOptions = False) -> list[Completion]:
     """New tokens for each prompt (a list of token-id lists of any lengths), with the reason
-    each stopped. Same arguments and semantics as `stream`."""
+    each stopped. Same arguments and semantics as `stream`; compiled greedy decoding reads the
+    tokens back once per `compiled.STOP_CHECK_EVERY` steps instead of every step."""
+    opts = compiled.options(compile)
+    if opts is not None and sampling.greedy and sampling.repetition_penalty == 1.0:
+        checked = check_prompts(prompts, cfg, max_new_tokens)
+        eos = [cfg.eos_token_id] if eos_token_ids is None and cfg.eos_token_id is not None else (eos_token_ids or ())
+        return [Completion(toks, reason)
+                for toks, reason in compiled.greedy_generate(params, cfg, checked, max_new_tokens, eos, opts)]
     out = [Completion([], "length") for _ in prompts]
-    for ev in stream(params, cfg, prompts, max_new_tokens, sampling, seed, eos_token_ids):
+    for ev in stream(params, cfg, prompts, max_new_tokens, sampling, seed, eos_token_ids, compile=compile):
         out[ev.row].tokens.append(ev.token)
         if ev.finish_reason:
             out[ev.row].finish_reason = ev.finish_reason

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time compiled decoding (torch.compile; BACKEND inductor (default), aot_eager "
+                        "or eager) in turns with eager decoding, with the compile seconds")
     tensor_parallel.add_args(p)  # --tp N: N ranks of threads // N threads against one process
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
     p.set_defaults(func=run)
@@ -138,6 +141,22 @@ def pruned_engine(params: Any, cfg: Any, spec: str) -> tuple[str, Engine, dict[s
     return f"pangu-fn pruned {spec}", pangu_engine(pruned, cfg), info
 
 
+def compiled_row(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], dtype: str) -> dict[str, Any]:
+    """Compiled decoding timed in turns with eager decoding (at least one warmup run each, which
+    compiles), with the seconds spent compiling (tracing and code generation, or loading it
+    from torch's on-disk cache)."""
+    from pangu_fn import compiled
+
+    opts = compiled.options(args.compile)
+    print(f"bench: pangu-fn compiled ({opts.backend}) in turns with eager ...", file=sys.stderr, flush=True)
+    eager, fast = measure_interleaved([pangu_engine(params, cfg), pangu_engine(params, cfg, compile=opts)], prompt,
+                                      args.new_tokens, args.repeats, max(1, args.warmup), rotate=True)
+    return {"engine": f"pangu-fn compiled {opts.backend}", "dtype": dtype, **fast,
+            "compile_s": round(compiled.programs(params, cfg, opts).compile_s, 2),
+            "in_turns": {"eager_decode_tok_s": eager["decode_tok_s"], "decode_tok_s": fast["decode_tok_s"],
+                         "decode_vs_eager": round(fast["decode_tok_s"] / eager["decode_tok_s"], 3)}}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -165,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     for name, engine in engines:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
+    if args.compile:
+        rows.append(compiled_row(params, cfg, args, prompt, dtype))
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-dtype", default=None, help="dtype of a draft model (default: --dtype, else as stored)")
     p.add_argument("--adaptive", action="store_true", help="choose each step's draft length from the recent "
                                                            "acceptance rate (falls back to plain decoding)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="decode through compiled programs (torch.compile; BACKEND inductor (default), "
+                        "aot_eager or eager); see docs/design.md")
     tensor_parallel.add_args(p)
     p.set_defaults(func=run)
 
@@ -49,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         params, cfg, _ = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
     eos = () if args.no_eos else None
-    stats, events = None, pf.stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos)
+    compile_ = args.compile or False
+    stats, events = None, pf.stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos,
+                                    compile=compile_)
     if args.draft:
         from pangu_fn.speculative import SpecStats, load_drafter, speculative_stream
 
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         events = speculative_stream(params, cfg, prompts, args.max_new_tokens, sampling, args.seed, eos,
                                     drafter=load_drafter(args.draft, params["tok_embed"]["weight"].device,
                                                          args.draft_dtype or args.dtype),
-                                    k=args.k, adaptive=args.adaptive, stats=stats)
+                                    k=args.k, adaptive=args.adaptive, stats=stats, compile=compile_)
 
     completions = [pf.Completion([], "length") for _ in prompts]
     text = TextStream(tokenizer) if tokenizer and len(prompts) == 1 else None

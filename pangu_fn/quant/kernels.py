@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import native
+from .. import backend, native
+from ..backend import tracing
 from ..errors import InputError
 
 # From this many rows of activations on (prefill, scoring), dequantizing the weight once and
@@ -35,10 +36,6 @@ DEQUANTIZE_ROWS = {"int8": 32, "int4": 128}
 # dequantize and a bf16 matmul are faster (768 x 3072, two threads, 32 rows: 0.90 vs 0.74 ms).
 NATIVE_INT4_ROWS = 32
 DEQUANTIZE_CHUNK = 4096  # weight rows dequantized at once (a multiple of the int4 PACK_ROWS)
-
-
-def tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +70,7 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.scales.dtype == torch.bfloat16
             and k % 16 == 0 and x.numel() < DEQUANTIZE_ROWS["int8"] * k):  # K % 16: other K crash it
         rows = _rows(x)
-        y = native.int8_linear(rows, w.qdata, w.scales)
-        if y is None:
-            y = torch._weight_int8pack_mm(rows, w.qdata, w.scales)
+        y = backend.int8_linear(rows, w.qdata, w.scales)
         return _add_bias(y, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)

@@ -29,10 +29,24 @@ if TYPE_CHECKING:
 
 
 class Model(NamedTuple):
-    """A model as the speculative functions take it: its parameter tree and config."""
+    """A model as the speculative functions take it: its parameter tree and config, and the
+    compiled programs (`pangu_fn.compiled.Programs`) its calls run through (None: eager)."""
 
     params: Params
     cfg: ModelConfig
+    compiled: Any = None
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """`model.forward(params, cfg, tokens, cache)`, compiled when `compiled` is set."""
+        if self.compiled is None:
+            return forward(self.params, self.cfg, tokens, cache)
+        return self.compiled.forward(self.params, tokens, cache)
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A fresh cache of at least `max_len` positions (a static bucket when compiled)."""
+        if self.compiled is None:
+            return init_cache(self.params, self.cfg, batch_size, max_len)
+        return self.compiled.init_cache(self.params, batch_size, max_len)
 
 
 # propose() returns (new drafter state, drafts [B, k'] int64 with k' <= k, draft probabilities
@@ -355,7 +369,7 @@ def _autoregress(model: Model, cache: KVCache, first: torch.Tensor, at: torch.Te
     the last column when None; the cache then set to `lengths` when given), then one call
     per further token. Sampling applies the same temperature / top-k / top-p / penalty as
     the target's distribution, so q and p are comparable. The cache is donated."""
-    params, cfg = model
+    params, cfg = model.params, model.cfg
     logits, cache = forward(params, cfg, first, cache)
     if at is None:
         logits = logits[:, -1]

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .. import compiled
+from ..compiled import CompileOptions
 from ..config import ModelConfig
 from ..generate import Completion, TokenEvent
 from ..params import Params
@@ -81,7 +83,8 @@ class SpecStats:
 def speculative_stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        sampling: SamplingParams = GREEDY, seed: int = 0,
                        eos_token_ids: Iterable[int] | None = None, *, drafter: Any = "self", k: int = 4,
-                       adaptive: AdaptiveK | bool = False, stats: SpecStats | None = None) -> Iterator[TokenEvent]:
+                       adaptive: AdaptiveK | bool = False, stats: SpecStats | None = None,
+                       compile: bool | str | CompileOptions = False) -> Iterator[TokenEvent]:
     """Yield TokenEvents like `stream`, decoding speculatively. Greedy output equals `stream`'s
     token for token; sampled output has the same distribution (not the same draws).
 
@@ -89,9 +92,12 @@ def speculative_stream(params: Params, cfg: ModelConfig, prompts: Sequence[Seque
     a `(params, cfg)` draft model with the target's vocabulary, or a Drafter. `k` (>= 1)
     tokens are drafted per step; with `adaptive` (True or an AdaptiveK) k is the upper bound
     and each step's length follows the recent acceptance rate. When `stats` is given, it is
-    updated in place as steps run. Raises InputError / ConfigError like `stream`, and for a
-    drafter with another vocabulary or k < 1."""
-    target = Model(params, cfg)
+    updated in place as steps run. `compile` (as `stream`'s) runs the target's verification
+    calls as compiled programs over a static cache (one program per rows x draft length).
+    Raises InputError / ConfigError like `stream`, and for a drafter with another vocabulary
+    or k < 1."""
+    opts = compiled.options(compile)
+    target = Model(params, cfg, None if opts is None else compiled.programs(params, cfg, opts))
     drafter = make_drafter(drafter)
     device = params["tok_embed"]["weight"].device
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -113,11 +119,12 @@ def speculative_stream(params: Params, cfg: ModelConfig, prompts: Sequence[Seque
 def speculative_generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          sampling: SamplingParams = GREEDY, seed: int = 0,
                          eos_token_ids: Iterable[int] | None = None, *, drafter: Any = "self", k: int = 4,
-                         adaptive: AdaptiveK | bool = False, stats: SpecStats | None = None) -> list[Completion]:
+                         adaptive: AdaptiveK | bool = False, stats: SpecStats | None = None,
+                         compile: bool | str | CompileOptions = False) -> list[Completion]:
     """New tokens for each prompt and why each stopped, like `generate`; see `speculative_stream`."""
     out = [Completion([], "length") for _ in prompts]
     for ev in speculative_stream(params, cfg, prompts, max_new_tokens, sampling, seed, eos_token_ids,
-                                 drafter=drafter, k=k, adaptive=adaptive, stats=stats):
+                                 drafter=drafter, k=k, adaptive=adaptive, stats=stats, compile=compile):
         out[ev.row].tokens.append(ev.token)
         if ev.finish_reason:
             out[ev.row].finish_reason = ev.finish_reason

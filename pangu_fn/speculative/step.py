@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..cache import KVCache, init_cache
+from ..cache import KVCache
 from ..device import synchronize
 from ..errors import ConfigError, InputError
 from ..generate import TokenEvent, check_prompts
@@ -75,7 +75,7 @@ def spec_init(target: Model, drafter: Drafter, prompts: Sequence[Sequence[int]],
 
     `k` (>= 1) is the draft length, or with `adaptive` (True or an AdaptiveK) its upper bound.
     Raises InputError for bad prompts or k, ConfigError for a drafter that does not fit."""
-    params, cfg = target
+    params, cfg = target.params, target.cfg
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise InputError(f"speculative: expected an int draft length k >= 1, found {k!r}")
     if isinstance(drafter, (str, tuple)):
@@ -106,7 +106,7 @@ def spec_init(target: Model, drafter: Drafter, prompts: Sequence[Sequence[int]],
         for i, p in enumerate(prompts):
             seen[i, p] = True
 
-    cache = init_cache(params, cfg, B, room)
+    cache = target.init_cache(B, room)
     logits, cache = forward(params, cfg, tokens[:, :T], cache)
     cache = cache.with_lengths(lengths)
     first = sample(logits[torch.arange(B, device=device), lengths - 1], sampling, rng, seen)
@@ -130,7 +130,7 @@ def spec_step(target: Model, drafter: Drafter, state: SpecState, sampling: Sampl
     greedy decoding; otherwise the rejection rule of `accept.rejection_sample` keeps the
     target's distribution. Each row accepts its own number of drafts. The state's buffers
     (tokens, caches, seen) are donated: they are updated in place and reused."""
-    params, cfg = target
+    cfg = target.cfg
     n, device = state.lengths, state.lengths.device
     t0, c0 = time.perf_counter(), _cpu_clock(device)
     k = state.k if state.adaptive is None else state.adaptive.choose()
@@ -145,7 +145,7 @@ def spec_step(target: Model, drafter: Drafter, state: SpecState, sampling: Sampl
     t1, c1 = time.perf_counter(), _cpu_clock(device)
 
     if k == 0:  # a plain decode step, as lean as `stream`'s
-        logits, cache = forward(params, cfg, state.last, state.target_cache)
+        logits, cache = target.forward(state.last, state.target_cache)
         nxt = sample(logits[:, 0], sampling, rng, state.seen)
         state.tokens.scatter_(1, n[:, None], nxt[:, None])
         if state.seen is not None:
@@ -156,7 +156,7 @@ def spec_step(target: Model, drafter: Drafter, state: SpecState, sampling: Sampl
     else:
         counts = torch.full_like(n, k) if counts is None else counts
         counts = torch.minimum(counts, state.limits - n - 1)  # never pass a row's max_new_tokens
-        logits, cache = forward(params, cfg, torch.cat([state.last, drafts], 1), state.target_cache)
+        logits, cache = target.forward(torch.cat([state.last, drafts], 1), state.target_cache)
         if state.seen is not None:
             logits = penalize(logits.float(), _seen_after_drafts(state.seen, drafts), sampling.repetition_penalty)
         if sampling.greedy:
