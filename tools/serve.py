@@ -70,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
         ready.set()
 
     app = create_app(load, ServerOptions(settings, args.api_key, args.queue_timeout, args.seed), on_ready)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:  # SIGINT / SIGTERM: end open streams, then stop
+            app.state.stop_engine()
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a clean shutdown exits 0 (uvicorn would re-raise the signal)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=5))
 
     def announce() -> None:
         ready.wait()

@@ -100,6 +100,13 @@ def create_app(load: Callable[[], Served], options: ServerOptions = ServerOption
 
     app = FastAPI(title="pangu-fn", lifespan=lifespan)
 
+    def stop_engine() -> None:
+        """End the engine now: waiting handlers and open streams get a "shutting down" error."""
+        if "loaded" in box:
+            box["loaded"].runner.stop()
+
+    app.state.stop_engine = stop_engine
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -209,6 +216,8 @@ def create_app(load: Callable[[], Served], options: ServerOptions = ServerOption
         except PanguError as e:
             _cancel(m, added)
             raise APIError(400, str(e)) from None
+        except RuntimeError:  # the runner has stopped
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutdown") from None
         tracker = _Tracker(metrics, [r.id for r in requests], time.perf_counter())
         first = await _first_events(request, m, queue, tracker)
         if job.stream:
@@ -393,6 +402,7 @@ async def _stream(request: Request, m: _Loaded, job: Job, base: str, chat: bool,
                 ev = await _next(request, m, queue, tracker)
             except APIError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
+                yield "data: [DONE]\n\n"
                 return
             all_events.append(ev)
             for c in for_event(ev):

@@ -1,0 +1,83 @@
+"""`pangu serve` as a process: prints its URL when ready, serves, stops cleanly on SIGTERM and
+SIGINT (also with a stream running), and reports bad settings on one line with exit 2. Chat
+templates: openPangu's jinja2 template renders as `openpangu_chat_prompt`; a folder's own
+`chat_template` wins."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from pangu_fn.serve.chat import OPENPANGU_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate, chat_template_for
+from pangu_fn.tokenizer import openpangu_chat_prompt
+from pangu_tools.cli import main
+
+
+def start(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", "serve", *args, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(120, proc.kill)  # bound the wait for the ready line
+    timer.start()
+    line = proc.stdout.readline()
+    timer.cancel()
+    if "ready at" not in line:
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
+    return proc, line.split("ready at ")[1].strip()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.skipif(
+    not os.environ.get("PANGU_SLOW_TESTS"), reason="a second server process (~15 s); set PANGU_SLOW_TESTS=1"))])
+def test_serves_and_stops_on_a_signal(sig):
+    proc, url = start("tiny-gpt", "--max-batch", "2")
+    try:
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        out = httpx.post(f"{url}/completions", json={"model": "tiny-gpt", "prompt": [5, 6], "max_tokens": 3,
+                                                     "temperature": 0}, timeout=60).json()
+        assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        with httpx.stream("POST", f"{url}/completions", timeout=60, json={
+                "model": "tiny-gpt", "prompt": [5], "max_tokens": 120, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            proc.send_signal(sig)  # with a stream running: it finishes or ends, nothing hangs
+            lines = list(lines)
+        assert lines[-2:] == ["data: [DONE]", ""] or any('"error"' in line for line in lines)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bad_settings_exit_2_on_one_line(capsys):
+    assert main(["serve", "tiny-gpt", "--max-len", "500", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pangu serve: error: engine: expected 2 <= max_len <= 126 (context 128")
+
+
+def test_openpangu_template_matches_the_reference_renderer():
+    chat = ChatTemplate(OPENPANGU_TEMPLATE)
+    for messages in ([{"role": "user", "content": "你好"}],
+                     [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]):
+        assert chat.render(messages) == openpangu_chat_prompt(messages)
+    with pytest.raises(Exception, match="unknown role"):
+        chat.render([{"role": "robot", "content": "x"}])
+
+
+def test_template_choice(tmp_path):
+    class Markers:
+        special_tokens = {"[unused9]": 9, "[unused10]": 10}
+
+    assert chat_template_for(None, Markers()) == OPENPANGU_TEMPLATE
+    assert chat_template_for(None, object()) == PLAIN_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    own = ChatTemplate(chat_template_for(tmp_path, Markers()))
+    assert own.render([{"role": "user", "content": "hey"}]) == "hey!"
+    assert ChatTemplate(PLAIN_TEMPLATE).render([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
