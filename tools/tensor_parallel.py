@@ -94,21 +94,19 @@ def rank_model(args: argparse.Namespace) -> tuple[Any, Any, bool]:
     `common.resolve_model`. Ranks other than 0 stop writing to stdout."""
     import pangu_fn as pf
     from pangu_fn.distributed import init, load_shard, shard
+    from pangu_fn.distributed.group import local_device
     from pangu_fn.io.checkpoint import FORMAT, read_config_json
 
     from .common import resolve_model
 
-    rank, world = init(args.device)
+    device = local_device(pf.select_device(args.device))
+    rank, world = init(device)
     if world != args.tp:
         from pangu_fn.errors import ConfigError
 
         raise ConfigError(f"--tp {args.tp}: started as {world} processes; pass --tp {world}")
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the rank)
-    device = pf.select_device(args.device)
-    from pangu_fn.distributed.group import local_device
-
-    device = local_device(device)
     path = Path(args.model)
     if path.is_dir() and (path / "config.json").is_file() and read_config_json(path).get("format") == FORMAT:
         params, cfg = load_shard(path, rank, world, device, args.dtype)

@@ -103,17 +103,19 @@ def _random_part(args: argparse.Namespace) -> tuple[Any, Any]:
 
     import pangu_fn as pf
     from pangu_fn.distributed import init
+    from pangu_fn.distributed.group import local_device
     from pangu_fn.distributed.plan import REPLICATE, split_plan
     from pangu_fn.distributed.shard import wrap
     from pangu_fn.distributed.slicing import cut_shape
     from pangu_fn.params import decode_layout, parse_dtype
     from pangu_fn.tree import flatten, unflatten
 
-    rank, world = init(args.device)
+    device = local_device(pf.select_device(args.device))
+    rank, world = init(device)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the rank)
     cfg = pf.ModelConfig.preset(args.model)
-    dtype, device = parse_dtype(args.dtype or "fp32"), pf.select_device(args.device)
+    dtype = parse_dtype(args.dtype or "fp32")
     meta = flatten(pf.init_params(cfg, device="meta"))
     plan = split_plan({n: tuple(t.shape) for n, t in meta.items()}, cfg, rank, world)
     gen = torch.Generator().manual_seed(args.weights_seed + rank)
