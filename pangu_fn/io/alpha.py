@@ -380,7 +380,10 @@ def megatron_source(path: Path, tensors: dict[str, torch.Tensor], skipped: list[
     layers = _count_blocks(list(refs), "transformer.layers.")
     flat, _ = _resolve(megatron_table(layers), refs, str(path))
     cfg = config_from_shapes("alpha", {k: r.shape for k, r in flat.items()}, hint, KNOWN_HEADS, str(path))
-    return Source(path, "megatron", cfg.replace(source_layout="megatron"), flat, skipped=skipped, folder=path.parent)
+    note = (f"activation {cfg.activation} " + ("from the config given" if hint is not None else
+            "assumed (the released weights'): the port's .pt stores none; pass --config if it was trained with another"))
+    return Source(path, "megatron", cfg.replace(source_layout="megatron"), flat, skipped=skipped, folder=path.parent,
+                  notes=[note])
 
 
 def megatron_state(cfg: ModelConfig, flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
