@@ -135,7 +135,10 @@ def test_mindformers_run_yaml_gives_the_config(tmp_path):
     (tmp_path / "eps.yaml").write_text(yaml.safe_dump(d))
     assert read_mindformers_yaml(tmp_path / "eps.yaml").norm_eps == 1e-6
     bad = [("hidden_act", "relu", "hidden_act: expected one of"), ("post_layernorm_residual", True, "post_layernorm"),
-           ("type", "LlamaConfig", "expected PanguAlphaConfig"), ("num_heads", 3, "expected a divisor of hidden_size 16")]
+           ("type", "LlamaConfig", "expected PanguAlphaConfig"), ("num_heads", 3, "expected a divisor of hidden_size 16"),
+           ("num_heads", "2", "num_heads: expected a positive integer, found '2'"), ("hidden_size", 16.5, "positive integer"),
+           ("num_layers", 1, "at least 2"), ("eos_token_id", -1, "eos_token_id: expected a token id"),
+           ("layernorm_epsilon", "1e-5", "layernorm_epsilon: expected a number")]
     for key, value, message in bad:
         d = yaml.safe_load((FIXTURES / "run_pangualpha_tiny.yaml").read_text())
         d["model"]["model_config"][key] = value
@@ -143,8 +146,11 @@ def test_mindformers_run_yaml_gives_the_config(tmp_path):
         with pytest.raises(pf.ConfigError, match=message):
             read_mindformers_yaml(tmp_path / "bad.yaml")
     (tmp_path / "broken.yaml").write_text("model: [unclosed")
-    with pytest.raises(pf.ConfigError, match="broken.yaml"):
+    with pytest.raises(pf.ConfigError, match="broken.yaml: expected a mindformers yaml"):
         read_mindformers_yaml(tmp_path / "broken.yaml")
+    (tmp_path / "other.yaml").write_text("seed: 0\nmodel:\n  arch: {type: LlamaForCausalLM}\n")
+    with pytest.raises(pf.ConfigError, match="other.yaml: expected a mindformers run config with a model.model_config"):
+        read_mindformers_yaml(tmp_path / "other.yaml")
 
 
 @pytest.mark.parametrize(("naming", "assumed"), [("mindformers", "fast_gelu"), ("release", "gelu_tanh")])

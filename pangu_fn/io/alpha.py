@@ -235,42 +235,53 @@ def read_mindformers_yaml(path: Path) -> ModelConfig:
 
 
 def mindformers_config(d: Any, where: str) -> ModelConfig:
-    """ModelConfig from a mindformers run config (dict): `model.model_config` or the
-    PanguAlphaConfig keys themselves; mindformers' PanguAlphaConfig defaults fill what is
-    missing (its `num_layers` counts the query layer; `hidden_act` fast_gelu; LayerNorm eps
-    1e-5). Raises ConfigError for other models and settings pangu-fn does not compute."""
-    mc = d.get("model", {}).get("model_config", d) if isinstance(d, dict) and isinstance(d.get("model"), dict) else d
-    if not isinstance(mc, dict):
-        raise ConfigError(f"{where}: expected a mindformers config (a mapping with model.model_config), "
-                          f"found {type(mc).__name__}")
+    """ModelConfig from a mindformers run config (dict): its `model.model_config`, or a bare
+    PanguAlphaConfig (`type: PanguAlphaConfig` or `model_type: pangualpha`). PanguAlphaConfig's
+    defaults fill missing keys (`num_layers` counts the query layer; `hidden_act` fast_gelu;
+    LayerNorm eps 1e-5). Raises ConfigError for other models, values of the wrong type and
+    settings pangu-fn does not compute."""
+    model = d.get("model") if isinstance(d, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("model_config"), dict):
+        mc, at = model["model_config"], "model.model_config"
+    elif isinstance(d, dict) and (d.get("type") == "PanguAlphaConfig" or d.get("model_type") == "pangualpha"):
+        mc, at = d, "the config"
+    else:
+        raise ConfigError(f"{where}: expected a mindformers run config with a model.model_config mapping (or a "
+                          f"PanguAlphaConfig), found {type(d).__name__}{' keys ' + str(sorted(d)[:8]) if isinstance(d, dict) else ''}")
     kind = mc.get("type", "PanguAlphaConfig")
     if kind != "PanguAlphaConfig":
-        raise ConfigError(f"{where}: model.model_config.type: expected PanguAlphaConfig, found {kind!r}")
+        raise ConfigError(f"{where}: {at}.type: expected PanguAlphaConfig, found {str(kind)[:40]!r}")
     act = mc.get("hidden_act", "fast_gelu")
-    if act not in MINDFORMERS_ACTIVATIONS:
-        raise ConfigError(f"{where}: model.model_config.hidden_act: expected one of {sorted(MINDFORMERS_ACTIVATIONS)}, "
-                          f"found {act!r}")
-    for key, ok in (("post_layernorm_residual", False), ("use_moe", False)):
-        if bool(mc.get(key, ok)) != ok:
-            raise ConfigError(f"{where}: model.model_config.{key}: expected {ok}, found {mc[key]!r} "
-                              "(pangu-fn computes pre-LayerNorm dense PanGu-α)")
-    try:
-        h, heads, layers = int(mc.get("hidden_size", 2560)), int(mc.get("num_heads", 32)), int(mc.get("num_layers", 32))
-        sizes = {"vocab_size": int(mc.get("vocab_size", 40000)), "max_seq_len": int(mc.get("seq_length", 1024)),
-                 "intermediate_size": int(mc.get("ffn_hidden_size") or 4 * h),
-                 "norm_eps": float(mc.get("layernorm_epsilon", 1e-5))}
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: model.model_config: expected numbers for hidden_size, num_heads, num_layers, "
-                          f"vocab_size, seq_length, ffn_hidden_size; {e}") from None
-    if heads <= 0 or h % heads:
-        raise ConfigError(f"{where}: model.model_config.num_heads: expected a divisor of hidden_size {h}, found {heads}")
-    try:
-        return ModelConfig(family="alpha", hidden_size=h, num_layers=layers - 1, num_heads=heads, num_kv_heads=heads,
-                           head_dim=h // heads, activation=MINDFORMERS_ACTIVATIONS[act], query_layer=True,
-                           tie_embeddings=True, eos_token_id=mc.get("eos_token_id", 8),
-                           pad_token_id=mc.get("pad_token_id", 6), source_layout="mindformers", **sizes)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: model.model_config (num_layers counts the query layer): {e}") from None
+    if not isinstance(act, str) or act not in MINDFORMERS_ACTIVATIONS:
+        raise ConfigError(f"{where}: {at}.hidden_act: expected one of {sorted(MINDFORMERS_ACTIVATIONS)}, "
+                          f"found {str(act)[:40]!r}")
+    for key in ("post_layernorm_residual", "use_moe"):
+        if mc.get(key, False) is not False:
+            raise ConfigError(f"{where}: {at}.{key}: expected false (pangu-fn computes pre-LayerNorm dense "
+                              f"PanGu-α), found {str(mc[key])[:40]!r}")
+
+    def get(key: str, default: Any, kind: str) -> Any:
+        v = mc.get(key, default)
+        ok = {"size": type(v) is int and v > 0, "id": v is None or (type(v) is int and v >= 0),
+              "float": type(v) in (int, float) and 0 < v < 1}[kind]
+        if not ok:
+            expected = {"size": "a positive integer", "id": "a token id or null", "float": "a number in (0, 1)"}[kind]
+            raise ConfigError(f"{where}: {at}.{key}: expected {expected}, found {str(v)[:40]!r}")
+        return v
+
+    h, heads, layers = get("hidden_size", 2560, "size"), get("num_heads", 32, "size"), get("num_layers", 32, "size")
+    if h % heads:
+        raise ConfigError(f"{where}: {at}.num_heads: expected a divisor of hidden_size {h}, found {heads}")
+    if layers < 2:
+        raise ConfigError(f"{where}: {at}.num_layers: expected at least 2 (it counts the query layer), found {layers}")
+    return ModelConfig(family="alpha", vocab_size=get("vocab_size", 40000, "size"), hidden_size=h,
+                       num_layers=layers - 1, num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+                       intermediate_size=get("ffn_hidden_size", 4 * h, "size"),
+                       max_seq_len=get("seq_length", 1024, "size"),
+                       norm_eps=float(get("layernorm_epsilon", 1e-5, "float")),
+                       activation=MINDFORMERS_ACTIVATIONS[act], query_layer=True, tie_embeddings=True,
+                       eos_token_id=get("eos_token_id", 8, "id"), pad_token_id=get("pad_token_id", 6, "id"),
+                       source_layout="mindformers")
 
 
 # -- Hugging Face gpt_pangu port ------------------------------------------------------------------
