@@ -73,11 +73,16 @@ def _family_models() -> dict[str, tuple[dict, pf.ModelConfig]]:
             "openpangu_untied": random_model("tiny-openpangu", seed=4, tie_embeddings=False)}
 
 
-def two_rank_checks(rank: int, world: int, folder: str) -> dict:
+def two_rank_checks(rank: int, world: int, folder: str, hf_folder: str) -> dict:
     """Everything the 2-rank group checks: loading a rank's slices of `folder` (first, while
-    the peak RSS is that of the imports), logits and tokens of every family, quantized trees
-    both ways round, a pruned tree, speculative decoding and a compiled decode step."""
+    the peak RSS is that of the imports) and of a Hugging Face LLaMA-layout folder, logits and
+    tokens of every family, quantized trees both ways round, a pruned tree, speculative
+    decoding and a compiled decode step."""
     out: dict = {"load": load_and_measure(rank, world, folder)}
+    full, cfg = pf.load(hf_folder)
+    with torch.inference_mode():
+        out["load_hf"] = _max_diff(pf.forward(load_shard(hf_folder, rank, world)[0], cfg, torch.tensor([PROMPTS[0]]))[0],
+                                   pf.forward(full, cfg, torch.tensor([PROMPTS[0]]))[0])
     for name, (params, cfg) in _family_models().items():
         sharded = shard(params, cfg, rank, world)
         out[name] = {**_logit_checks(params, cfg, sharded), **_token_checks(params, cfg, sharded)}
@@ -144,8 +149,12 @@ def _greedy_gathers(sharded, cfg, rank: int, world: int) -> tuple[int, list]:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
+    from pangu_fn.io.hf import save_hf
+
     total = big_checkpoint(tmp_path / "m")
-    results = launch(two_rank_checks, 2, str(tmp_path / "m"), threads=1)
+    save_hf(tmp_path / "hf", *random_model("tiny-openpangu", seed=11, tie_embeddings=False), shard_size=40_000)
+    results = launch(two_rank_checks, 2, str(tmp_path / "m"), str(tmp_path / "hf"), threads=1)
+    assert all(r["load_hf"] <= TOL for r in results)
     for r in results:  # each rank loaded its slices only: its peak stays near its half
         assert r["load"]["diff"] <= TOL
         assert r["load"]["bytes"] < 0.55 * total
