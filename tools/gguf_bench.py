@@ -9,6 +9,9 @@ folder), each decoded by llama.cpp and, on the matching tree, by pangu-fn, takin
     q8_0  vs our int8 (per output channel; the q8_0 file is written from that int8 tree)
     q4_0  vs our int4 (groups of 32, symmetric: written directly, so both run the same weights)
 
+The LM head (a tied model's embedding) is quantized like the blocks on both sides, as llama.cpp
+stores `token_embd` in the file's type.
+
 Each llama.cpp row says whether its greedy tokens equal ours on the prompt (`same_tokens`) and
 its decode speed over ours (`vs_pangu_fn`).
 """
@@ -41,9 +44,10 @@ def our_tree(params: Any, type: str) -> tuple[Any, str]:
 
     tree = pf.astype(params, "fp32")
     if type == "q8_0":
-        return quantize(tree, QuantRecipe("int8", compute_dtype="fp32")), "int8"
+        return quantize(tree, QuantRecipe("int8", head="int8", compute_dtype="fp32")), "int8"
     if type == "q4_0":
-        return quantize(tree, QuantRecipe("int4", group_size=32, symmetric=True, compute_dtype="fp32")), "int4-g32"
+        recipe = QuantRecipe("int4", group_size=32, symmetric=True, head="int4", compute_dtype="fp32")
+        return quantize(tree, recipe), "int4-g32"
     return tree, "fp32"
 
 
