@@ -134,7 +134,7 @@ def detect_layout(path: str | Path) -> Layout:
         raise FormatError(f"{path}/config.json: unknown layout; expected format {FORMAT!r}, a Hugging Face "
                           f"model_type (gpt2, llama, PanguEmbedded) or gpt_pangu, found keys {sorted(d)[:8]} "
                           f"(model_type {d.get('model_type')!r})")
-    raise FormatError(f"{path}: unknown checkpoint file; expected a MindSpore .ckpt or a PyTorch "
+    raise FormatError(f"{path}: unknown checkpoint file; expected a MindSpore .ckpt, a GGUF .gguf or a PyTorch "
                       f"{'/'.join(PT_SUFFIXES)} file, found suffix {path.suffix!r}")
 
 
