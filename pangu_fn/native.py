@@ -123,11 +123,7 @@ def bf16_kernels() -> bool:
 
 
 # ---- argument checks: the C code reads and writes exactly what these shapes say ----
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise InputError(message)
-
+# (conditions first, messages formatted only on failure: these run on every decode call)
 
 def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
@@ -135,40 +131,49 @@ def _shape(t: torch.Tensor) -> str:
 
 def _check(fn: str, name: str, t: object, dtype: torch.dtype, dims: tuple[int, ...]) -> None:
     """`t` is a row-major CPU tensor of `dtype` with one of `dims` dimensions."""
-    _need(isinstance(t, torch.Tensor), f"{fn}: expected {name} a tensor, found {type(t).__name__}")
-    _need(t.dtype == dtype and t.dim() in dims,
-          f"{fn}: expected {name} {dtype} with {' or '.join(map(str, dims))} dimensions, found {t.dtype} {_shape(t)}")
-    _need(t.device.type == "cpu", f"{fn}: expected {name} on the CPU, found it on {t.device}")
-    _need(t.is_contiguous(), f"{fn}: expected {name} {_shape(t)} contiguous (row-major), found strides {t.stride()}")
+    if (isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() in dims and t.is_cpu
+            and t.is_contiguous()):
+        return
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{fn}: expected {name} a tensor, found {type(t).__name__}")
+    if t.dtype != dtype or t.dim() not in dims:
+        raise InputError(f"{fn}: expected {name} {dtype} with {' or '.join(map(str, dims))} dimensions, "
+                         f"found {t.dtype} {_shape(t)}")
+    if not t.is_cpu:
+        raise InputError(f"{fn}: expected {name} on the CPU, found it on {t.device}")
+    raise InputError(f"{fn}: expected {name} {_shape(t)} contiguous (row-major), found strides {t.stride()}")
 
 
 def _check_width(fn: str, x: torch.Tensor, n: int, k: int) -> None:
-    _need(x.shape[-1] == k, f"{fn}: input {_shape(x)} does not fit weight [{n}, {k}] "
-                            f"(expected an input width of {k}, found {x.shape[-1]})")
+    if x.shape[-1] != k:
+        raise InputError(f"{fn}: input {_shape(x)} does not fit weight [{n}, {k}] "
+                         f"(expected an input width of {k}, found {x.shape[-1]})")
 
 
 def _check_bias(fn: str, bias: object, n: int) -> None:
-    if bias is None:
+    if bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (n,) and bias.is_floating_point()
+                        and bias.is_cpu):
         return
-    _need(isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.device.type == "cpu",
-          f"{fn}: expected a float CPU bias [{n}], found {bias!r:.80}")
-    _need(bias.shape == (n,), f"{fn}: expected bias [{n}] for {n} outputs, found bias {_shape(bias)}")
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.is_cpu:
+        raise InputError(f"{fn}: expected bias [{n}] for {n} outputs, found bias {_shape(bias)}")
+    raise InputError(f"{fn}: expected a float CPU bias [{n}], found {bias!r:.80}")
 
 
 def _check_int4(fn: str, qdata: object, scales: object, zero_points: object, group_size: object) -> tuple[int, int]:
     """(N, K) of the int4 weight whose parts these are (see `int4_linear`)."""
     _check(fn, "scales", scales, torch.bfloat16, (2,))
     _check(fn, "qdata", qdata, torch.uint8, (2, 3))
-    _need(isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 2 and group_size % 2 == 0,
-          f"{fn}: expected an even integer group size >= 2, found {group_size!r}")
+    if not (type(group_size) is int and group_size >= 2 and group_size % 2 == 0):
+        raise InputError(f"{fn}: expected an even integer group size >= 2, found {group_size!r}")
     n, blocks = scales.shape
-    layouts = ([n, blocks, group_size // 2], [n, blocks * group_size // 2])
-    _need(list(qdata.shape) in layouts, f"{fn}: expected qdata {layouts[0]} or {layouts[1]} for scales {_shape(scales)} "
-                                        f"and group size {group_size}, found qdata {_shape(qdata)}")
+    if qdata.shape != (n, blocks, group_size // 2) and qdata.shape != (n, blocks * group_size // 2):
+        raise InputError(f"{fn}: expected qdata [{n}, {blocks}, {group_size // 2}] or [{n}, {blocks * group_size // 2}] "
+                         f"for scales {_shape(scales)} and group size {group_size}, found qdata {_shape(qdata)}")
     if zero_points is not None:
         _check(fn, "zero_points", zero_points, torch.uint8, (2,))
-        _need(zero_points.shape == scales.shape,
-              f"{fn}: expected zero_points {_shape(scales)} like the scales, found {_shape(zero_points)}")
+        if zero_points.shape != scales.shape:
+            raise InputError(f"{fn}: expected zero_points {_shape(scales)} like the scales, "
+                             f"found {_shape(zero_points)}")
     return n, blocks * group_size
 
 
@@ -183,7 +188,8 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> t
     _check("int8_linear", "scales", scales, torch.bfloat16, (1,))
     (m, k), n = x.shape, qdata.shape[0]
     _check_width("int8_linear", x, n, qdata.shape[1])
-    _need(scales.shape == (n,), f"int8_linear: expected scales [{n}] for weight {_shape(qdata)}, found {_shape(scales)}")
+    if scales.shape != (n,):
+        raise InputError(f"int8_linear: expected scales [{n}] for weight {_shape(qdata)}, found {_shape(scales)}")
     lib = library()
     if lib is None or k % 32 or k > MAX_K or x.numel() == 0 or n == 0:
         return None
