@@ -27,6 +27,7 @@ from pangu_fn.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo" / "target"
 PROMPTS = [[5, 17, 42, 9, 5, 17], [3, 88]]
+PIP = ["--quiet", "--no-input", "--disable-pip-version-check", "--retries", "2", "--timeout", "60"]
 TEXT = "A context manager is an object that"
 OFFLINE = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
            "Network is unreachable", "No route to host", "ConnectTimeout")
@@ -60,8 +61,8 @@ def build_wheel(tmp: Path) -> Path:
     """Build pangu-runtime from a copy of ./runtime (so no build folder lands in the clone)."""
     src = tmp / "runtime-src"
     shutil.copytree(ROOT / "runtime", src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    proc = run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check",
-                "--no-input", "--wheel-dir", str(tmp / "dist"), f"{src}/"], tmp, timeout=300)
+    proc = run([sys.executable, "-m", "pip", "wheel", *PIP, "--no-deps", "--wheel-dir", str(tmp / "dist"), f"{src}/"],
+               tmp, timeout=300)
     skip_if_offline(proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("pangu_runtime-*.whl")
@@ -88,9 +89,8 @@ def test_wheel_installs_and_runs_a_bundle_without_torch(tmp_path):
     assert run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path).returncode == 0
     python = venv / "bin" / "python"
     (tmp_path / "no-torch.txt").write_text("torch<0\n")  # no torch release satisfies it: pip fails instead
-    proc = run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-input",
-                "--disable-pip-version-check", "--constraint", str(tmp_path / "no-torch.txt"), str(wheel)],
-               tmp_path, timeout=400)
+    proc = run([sys.executable, "-m", "pip", "--python", str(python), "install", *PIP,
+                "--constraint", str(tmp_path / "no-torch.txt"), str(wheel)], tmp_path, timeout=400)
     skip_if_offline(proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
