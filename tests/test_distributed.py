@@ -254,6 +254,16 @@ def test_bad_world_sizes_name_the_valid_ones():
         shard(pf.quantize(params, pf.QuantRecipe(scheme="int4", group_size=64)), cfg, 0, 2)  # o: 32 inputs a rank
 
 
+def test_init_outside_torchrun_or_launch_names_what_is_missing(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"missing \['RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'\]"):
+        pf.distributed.init()
+    with pytest.raises(ConfigError, match="no collective backend"):
+        pf.distributed.backend_for("meta")
+    assert [pf.distributed.backend_for(d) for d in ("cpu", "cuda", "npu")] == ["gloo", "nccl", "hccl"]
+
+
 def failing_decode(rank: int, world: int) -> None:
     params, cfg = random_model("tiny-gpt")
     sharded = shard(params, cfg, rank, world)

@@ -21,10 +21,16 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 DEFAULT_TIMEOUT_S = 30.0
 
 
+def device_type(device: str | torch.device) -> str:
+    """"cpu", "cuda", "npu", ...: read from the name (torch.device("npu") parses only once
+    torch_npu is imported)."""
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+
+
 def backend_for(device: str | torch.device) -> str:
     """The collective backend of a device type: gloo (CPU), nccl (CUDA), hccl (Ascend NPU).
     Raises ConfigError for other devices."""
-    kind = torch.device(device).type
+    kind = device_type(device)
     if kind not in BACKENDS:
         raise ConfigError(f"tensor parallelism: no collective backend for device {kind!r}; "
                           f"expected one of {sorted(BACKENDS)}")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..errors import PanguError
-from .group import DEFAULT_TIMEOUT_S, destroy, init
+from .group import DEFAULT_TIMEOUT_S, destroy, device_type, init
 
 GRACE_S = 5.0
 POLL_S = 0.05
@@ -52,7 +52,7 @@ def _store(timeout_s: float) -> dist.TCPStore:
 
 def default_threads(device: str, world_size: int) -> int | None:
     """CPU threads per rank: the cores shared out (None: leave torch's default off the CPU)."""
-    return max(1, (os.cpu_count() or 1) // world_size) if torch.device(device).type == "cpu" else None
+    return max(1, (os.cpu_count() or 1) // world_size) if device_type(device) == "cpu" else None
 
 
 def launch(fn: Callable[..., Any], world_size: int, *args: Any, device: str = "cpu",
