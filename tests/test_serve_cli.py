@@ -81,3 +81,24 @@ def test_template_choice(tmp_path):
     own = ChatTemplate(chat_template_for(tmp_path, Markers()))
     assert own.render([{"role": "user", "content": "hey"}]) == "hey!"
     assert ChatTemplate(PLAIN_TEMPLATE).render([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
+
+
+def test_serve_bench_counts_what_the_server_counts(tmp_path):
+    import pangu_fn as pf
+    from pangu_fn.serve.app import Served, ServerOptions
+    from pangu_fn.serve.engine import EngineSettings
+    from serve_server import running_server
+
+    cfg = pf.ModelConfig.preset("tiny-gpt")
+    served = Served("tiny", pf.init_params(cfg, seed=0), cfg)
+    with running_server(lambda: served, ServerOptions(EngineSettings(max_batch=4))) as url:
+        out = tmp_path / "bench.json"
+        assert main(["serve-bench", url, "--concurrency", "1", "3", "--requests", "4", "--prompt-len", "8",
+                     "--max-tokens", "5", "--vocab", "200", "--out", str(out)]) == 0
+        generated = next(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                         if line.startswith("pangu_generation_tokens_total "))
+    report = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    assert all(lv["completed"] == 4 and lv["failed"] == 0 and lv["itl_ms"]["p50"] > 0 for lv in report["levels"])
+    streamed = sum(lv["output_tokens_per_s"] * lv["seconds"] for lv in report["levels"])
+    assert round(streamed) + 2 * 2 == generated  # + a 2-token warm-up per level

@@ -1,0 +1,129 @@
+"""`pangu serve-bench URL`: drive an OpenAI-compatible server (ours, llama-server, vLLM) with a
+fixed set of streamed token-id completions at several concurrencies, and report what `vllm
+bench serve` reports: request throughput, output tokens/s, time to first token and
+inter-token latency (p50 / p99), end-to-end latency."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from .common import write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-bench", help="load-test an OpenAI-compatible server (token-id completions)")
+    p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000 (with or without /v1)")
+    p.add_argument("--model", default=None, help="the model name to send (default: the first of GET /v1/models)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients at once (default 1 4 16)")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--shared-prefix", type=int, default=0, help="leading prompt tokens every request shares")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
+    p.add_argument("--vocab", type=int, default=1000, help="prompt ids are drawn below this (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request set")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
+    p.set_defaults(func=run)
+
+
+def requests(args: argparse.Namespace) -> list[list[int]]:
+    """The fixed prompt set: `shared_prefix` common ids, then random ids (seeded)."""
+    rng = random.Random(args.seed)
+    prefix = [rng.randrange(10, args.vocab) for _ in range(args.shared_prefix)]
+    return [prefix + [rng.randrange(10, args.vocab) for _ in range(args.prompt_len - args.shared_prefix)]
+            for _ in range(args.requests)]
+
+
+async def one(client: Any, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """One streamed completion: arrival-to-first-token, the gaps between tokens, the end."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", "completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        return {"error": "no tokens"}
+    return {"ttft": stamps[0] - start, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "e2e": stamps[-1] - start, "tokens": len(stamps)}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+async def level(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                headers: dict[str, str]) -> dict[str, Any]:
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def bounded(client: Any, prompt: list[int]) -> dict[str, Any]:
+        async with gate:
+            return await one(client, model, prompt, max_tokens)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await one(client, model, prompts[0], 2)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*[bounded(client, p) for p in prompts])
+        wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    itl = [x for r in ok for x in r["itl"]]
+    return {"concurrency": concurrency, "completed": len(ok), "failed": len(results) - len(ok),
+            "errors": sorted({r["error"] for r in results if "error" in r})[:3], "seconds": round(wall, 3),
+            "request_throughput": round(len(ok) / wall, 3), "output_tokens_per_s": round(tokens / wall, 2),
+            "ttft_ms": {"mean": ms(statistics.fmean([r["ttft"] for r in ok])) if ok else None,
+                        "p50": ms(pct([r["ttft"] for r in ok], 50)), "p99": ms(pct([r["ttft"] for r in ok], 99))},
+            "itl_ms": {"mean": ms(statistics.fmean(itl)) if itl else None, "p50": ms(pct(itl, 50)),
+                       "p99": ms(pct(itl, 99))},
+            "e2e_ms": {"p50": ms(pct([r["e2e"] for r in ok], 50)), "p99": ms(pct([r["e2e"] for r in ok], 99))}}
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from pangu_fn.errors import InputError
+
+    if args.prompt_len < 1 or args.max_tokens < 1 or args.requests < 1 or not 0 <= args.shared_prefix <= args.prompt_len:
+        raise InputError("serve-bench: expected --prompt-len, --max-tokens, --requests >= 1 and "
+                         f"0 <= --shared-prefix <= --prompt-len, found {args.prompt_len}, {args.max_tokens}, "
+                         f"{args.requests}, {args.shared_prefix}")
+    url = args.url.rstrip("/")
+    url = url if url.endswith("/v1") else url + "/v1"
+    url += "/"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(url + "models", headers=headers, timeout=60).json()["data"][0]["id"]
+    prompts = requests(args)
+    rows = []
+    for c in args.concurrency:
+        row = asyncio.run(level(url, model, prompts, args.max_tokens, c, headers))
+        rows.append(row)
+        print(f"concurrency {c}: {row['output_tokens_per_s']} tok/s, TTFT p50 {row['ttft_ms']['p50']} ms, "
+              f"ITL p50 {row['itl_ms']['p50']} ms p99 {row['itl_ms']['p99']} ms, failed {row['failed']}",
+              file=sys.stderr)
+    base = rows[0]
+    for row in rows:
+        row["tokens_per_s_vs_first"] = round(row["output_tokens_per_s"] / base["output_tokens_per_s"], 2)
+        if base["itl_ms"]["p50"] and row["itl_ms"]["p50"]:
+            row["itl_p50_vs_first"] = round(row["itl_ms"]["p50"] / base["itl_ms"]["p50"], 2)
+    write_json({"url": args.url, "model": model, "requests": args.requests, "prompt_len": args.prompt_len,
+                "shared_prefix": args.shared_prefix, "max_tokens": args.max_tokens, "levels": rows}, args.out)
+    return 0
