@@ -296,6 +296,25 @@ def test_cli_generate_tp_2_equals_one_process(capfd):
     assert "valid sizes: [1, 2, 4]" in capfd.readouterr().err
 
 
+def test_bench_tp_rows_and_ratios(tmp_path):
+    import json
+
+    from pangu_tools.cli import main
+
+    out = tmp_path / "tp.json"
+    assert main(["bench", "--model", "tiny-openpangu", "--tp", "2", "--threads", "2", "--new-tokens", "4",
+                 "--prompt-len", "8", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    single, sharded = result["results"]
+    tp = result["tensor_parallel"]
+    assert (single["engine"], single["threads"], sharded["engine"], sharded["threads"]) == \
+        ("pangu-fn tp=1", 2, "pangu-fn tp=2", 1)
+    assert tp["decode_tp_vs_single"] == round(sharded["decode_tok_s"] / single["decode_tok_s"], 3)
+    assert len(tp["rank_peak_rss_mb"]) == 2 and all(r > 0 for r in tp["rank_peak_rss_mb"])
+    for ratio, rank_mb in zip(tp["rank_peak_rss_vs_single"], tp["rank_peak_rss_mb"]):  # MB are rounded
+        assert abs(ratio - rank_mb / tp["single_peak_rss_mb"]) < 0.01
+
+
 def test_readme_example_runs_and_every_rank_gets_the_single_process_tokens(tmp_path):
     import ast
     import subprocess
