@@ -50,7 +50,11 @@ class ShardedLogits(torch.Tensor):
     def max_over_vocab(self, keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the maximum over V: the first index among equal maxima, as
         `torch.max` gives (ranks hold increasing ids, so the lowest rank wins a tie)."""
-        values, indices = self.local[..., : self.rows].max(-1)
+        if self.rows:
+            values, indices = self.local[..., : self.rows].max(-1)
+        else:  # a tiny vocabulary can leave the last rank only padding
+            values = self.local.new_full(self.local.shape[:-1], float("-inf"))
+            indices = torch.zeros(self.local.shape[:-1], dtype=torch.long, device=self.local.device)
         pairs = all_gather_last(torch.stack([values.float(), (indices + self.start).float()], -1), self.group)
         pairs = pairs.unflatten(-1, (-1, 2))  # [..., world, 2]
         best = pairs[..., 0].max(-1, keepdim=True).indices  # first rank holding the maximum
