@@ -201,3 +201,28 @@ def _int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) 
 @_int8_linear_op.register_fake
 def _(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], qdata.shape[0]))
+
+
+def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`native.int4_linear` (`x [M, K]` bf16 CPU; None where it does not run); in compiled
+    graphs the custom op `pangu_backend::int4_linear` (never None: the native dequantize and
+    `F.linear` where the kernel does not run)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pangu_backend.int4_linear(x, qdata, scales, zero_points, group_size, bias)
+    return native.int4_linear(x, qdata, scales, zero_points, group_size, bias)
+
+
+@torch.library.custom_op("pangu_backend::int4_linear", mutates_args=())
+def _int4_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
+                    group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = native.int4_linear(x, qdata, scales, zero_points, group_size, bias)
+    if y is None:
+        y = F.linear(x, native.int4_dequantize(qdata, scales, zero_points, group_size), bias)
+    return y
+
+
+@_int4_linear_op.register_fake
+def _(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
+      group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qdata.shape[0]))

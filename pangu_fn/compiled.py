@@ -161,14 +161,24 @@ def programs(params: Params, cfg: ModelConfig, opts: CompileOptions) -> Programs
     Python functions, so torch.compile's caches are reused across calls). On CUDA with CUDA
     graphs the params' tensors are marked as static addresses."""
     device = params["tok_embed"]["weight"].device
-    if device.type == "cuda" and opts.backend == "inductor":
+    if device.type == "cuda":
         for leaf in pytree.tree_leaves(params):
-            if isinstance(leaf, torch.Tensor):
-                torch._dynamo.mark_static_address(leaf)
+            getattr(leaf, "cuda_kernel_data", None)  # int4 leaves build their tinygemm pack now, not in a trace
+            if opts.backend == "inductor":
+                for t in _tensors(leaf):
+                    torch._dynamo.mark_static_address(t)
     key = (cfg, opts, device)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = Programs(cfg, opts, device)
     return _PROGRAMS[key]
+
+
+def _tensors(leaf: Any) -> list[torch.Tensor]:
+    """The tensors a leaf holds: itself, or those among a quantized leaf's attributes (kernel
+    copies included)."""
+    if isinstance(leaf, torch.Tensor):
+        return [leaf]
+    return [t for t in pytree.tree_leaves(vars(leaf)) if isinstance(t, torch.Tensor)] if hasattr(leaf, "__dict__") else []
 
 
 def static_cache(params: Params, cfg: ModelConfig, batch_size: int, needed: int, opts: CompileOptions) -> KVCache:

@@ -235,3 +235,34 @@ def test_cli_generate_and_bench_run_on_the_device(tmp_path):
                            check=False, capture_output=True, text=True)
     assert bench.returncode == 0, bench.stderr
     assert json.loads(bench.stdout)["device"] == pf.device_info(DEVICE)["name"]
+
+
+COMPILED_TREES = {"bf16": lambda p: pf.astype(p, torch.bfloat16), "int8": lambda p: quantize(p, QuantRecipe("int8")),
+                  "int4": lambda p: quantize(p, QuantRecipe("int4", group_size=32))}
+
+
+@pytest.mark.parametrize("tree", ["fp32", *COMPILED_TREES])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_compiled_decode_equals_eager_on_the_device(preset, tree):
+    """Inductor (CUDA graphs on CUDA) against eager on the device, teacher-forced on the eager
+    tokens: logits within the dtype's rounding, the same greedy token where the eager top two
+    are clearly apart (tests/test_compiled.py's check), and greedy generate token for token."""
+    from test_compiled import PROMPTS, assert_close_and_same_argmax, decode_both
+
+    from pangu_fn import compiled
+
+    params, cfg = random_model(preset, seed=6)
+    params = pf.to_device(params if tree == "fp32" else COMPILED_TREES[tree](params), DEVICE)
+    opts = compiled.CompileOptions("inductor")
+    assert_close_and_same_argmax(decode_both(params, cfg, PROMPTS, 5, opts), 1e-4 if tree == "fp32" else 2e-2)
+    if tree == "fp32":
+        eager = pf.generate(params, cfg, PROMPTS, 5, eos_token_ids=())
+        assert pf.generate(params, cfg, PROMPTS, 5, eos_token_ids=(), compile=opts) == eager
+
+
+def test_compiled_speculative_equals_plain_greedy_on_the_device():
+    params, cfg = flat_model("tiny-openpangu")
+    params = pf.to_device(params, DEVICE)
+    plain = pf.generate(params, cfg, RAGGED, 12, eos_token_ids=())
+    spec = speculative_generate(params, cfg, RAGGED, 12, eos_token_ids=(), drafter="lookup", k=3, compile=True)
+    assert [c.tokens for c in spec] == [c.tokens for c in plain]

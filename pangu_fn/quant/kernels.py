@@ -74,6 +74,8 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         return _add_bias(y, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)
+    if torch.compiler.is_compiling() and x.device.type == "cuda":  # inductor fuses the int8 -> bf16 cast into the matmul
+        return _add_bias(F.linear(x, w.qdata.to(x.dtype)) * w.scales.to(x.dtype), bias)
     return dequantized_linear(w, x, bias)
 
 
@@ -84,8 +86,8 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
     bf16_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    if bf16_cpu and x.numel() < NATIVE_INT4_ROWS * k and w.native_kernel_data is not None and not tracing():
-        y = native.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias)
+    if bf16_cpu and x.numel() < NATIVE_INT4_ROWS * k and w.native_kernel_data is not None:
+        y = backend.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias)
         if y is not None:
             return y.view(*x.shape[:-1], n)
     cpu = w.cpu_kernel_data
@@ -95,8 +97,9 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         if y.shape[-1] != n:  # rows padded to a multiple of 16 for the packer
             y = y[:, :n]
         return _add_bias(y, bias).view(*x.shape[:-1], n)
+    # compiled programs read the pack `compiled.programs` built beforehand (not traced)
     if (x.device.type == "cuda" and x.dtype == torch.bfloat16 and x.numel() < DEQUANTIZE_ROWS["int4"] * k
-            and not tracing() and w.cuda_kernel_data is not None):
+            and w.cuda_kernel_data is not None):
         packed, scales_and_zeros = w.cuda_kernel_data
         y = torch._weight_int4pack_mm(_rows(x), packed, w.group_size, scales_and_zeros)
         return _add_bias(y, bias).view(*x.shape[:-1], n)
