@@ -108,9 +108,12 @@ def test_native_int4_kernel_rounds_the_exact_product_once(rows, g, sym):
     y = native.int4_linear(x, leaf.qdata, leaf.scales, leaf.zero_points, g, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert within_one_bf16_rounding(y, reference(leaf, x, bias), slack=2e-5)
-    assert native.int4_linear(x[:, :448].contiguous(), leaf.qdata[:, :448 // g].contiguous(), leaf.scales, None,
-                              g) is None  # K % 128
-    assert native.int4_linear(x, leaf.qdata, leaf.scales, None, 96) is None  # a group the kernel does not take
+    if g in (32, 64):  # K = 448: a multiple of G, not of 128
+        part = slice(None, 448 // g)
+        assert native.int4_linear(x[:, :448].contiguous(), leaf.qdata[:, part].contiguous(),
+                                  leaf.scales[:, part].contiguous(), None, g) is None
+    q96, s96 = torch.zeros(n, 4, 48, dtype=torch.uint8), torch.ones(n, 4).bfloat16()  # K = 384 in groups of 96
+    assert native.int4_linear(x[:, :384].contiguous(), q96, s96, None, 96) is None  # a group the kernel does not take
 
 
 def test_a_failed_build_leaves_the_torch_kernels_with_the_reason(monkeypatch, tmp_path):
