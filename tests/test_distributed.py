@@ -73,16 +73,18 @@ def _family_models() -> dict[str, tuple[dict, pf.ModelConfig]]:
             "openpangu_untied": random_model("tiny-openpangu", seed=4, tie_embeddings=False)}
 
 
-def two_rank_checks(rank: int, world: int, folder: str, hf_folder: str) -> dict:
+def two_rank_checks(rank: int, world: int, folder: str, others: dict) -> dict:
     """Everything the 2-rank group checks: loading a rank's slices of `folder` (first, while
-    the peak RSS is that of the imports) and of a Hugging Face LLaMA-layout folder, logits and
-    tokens of every family, quantized trees both ways round, a pruned tree, speculative
-    decoding and a compiled decode step."""
+    the peak RSS is that of the imports) and its part of checkpoints in other layouts
+    (`others`: {name: (path, config or None)}), logits and tokens of every family, quantized
+    trees both ways round, a pruned tree, speculative decoding and a compiled decode step."""
     out: dict = {"load": load_and_measure(rank, world, folder)}
-    full, cfg = pf.load(hf_folder)
-    with torch.inference_mode():
-        out["load_hf"] = _max_diff(pf.forward(load_shard(hf_folder, rank, world)[0], cfg, torch.tensor([PROMPTS[0]]))[0],
-                                   pf.forward(full, cfg, torch.tensor([PROMPTS[0]]))[0])
+    tokens = torch.tensor([PROMPTS[0]])
+    for name, (path, config) in others.items():
+        full, cfg = pf.load(path, config=config)
+        with torch.inference_mode():
+            out[f"load_{name}"] = _max_diff(pf.forward(load_shard(path, rank, world, config=config)[0], cfg, tokens)[0],
+                                            pf.forward(full, cfg, tokens)[0])
     for name, (params, cfg) in _family_models().items():
         sharded = shard(params, cfg, rank, world)
         out[name] = {**_logit_checks(params, cfg, sharded), **_token_checks(params, cfg, sharded)}
@@ -149,12 +151,20 @@ def _greedy_gathers(sharded, cfg, rank: int, world: int) -> tuple[int, list]:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
+    from pangu_fn.io.checkpoint import source_of
     from pangu_fn.io.hf import save_hf
+    from pangu_fn.io.writers import write_mindspore
 
     total = big_checkpoint(tmp_path / "m")
     save_hf(tmp_path / "hf", *random_model("tiny-openpangu", seed=11, tie_embeddings=False), shard_size=40_000)
-    results = launch(two_rank_checks, 2, str(tmp_path / "m"), str(tmp_path / "hf"), threads=1)
-    assert all(r["load_hf"] <= TOL for r in results)
+    save_hf(tmp_path / "gpt2", *random_model("tiny-gpt", seed=12))  # fused, transposed: read whole, then cut
+    alpha, alpha_cfg = random_model("tiny-alpha", seed=13)
+    write_mindspore(source_of(alpha, alpha_cfg), tmp_path / "alpha.ckpt")
+    others = {"hf_llama_sliced": (str(tmp_path / "hf"), None), "hf_gpt2": (str(tmp_path / "gpt2"), None),
+              "mindspore": (str(tmp_path / "alpha.ckpt"), alpha_cfg)}
+    results = launch(two_rank_checks, 2, str(tmp_path / "m"), others, threads=1)
+    for name in others:
+        assert all(r[f"load_{name}"] <= TOL for r in results), name
     for r in results:  # each rank loaded its slices only: its peak stays near its half
         assert r["load"]["diff"] <= TOL
         assert r["load"]["bytes"] < 0.55 * total

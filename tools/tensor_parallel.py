@@ -95,7 +95,6 @@ def rank_model(args: argparse.Namespace) -> tuple[Any, Any, bool]:
     import pangu_fn as pf
     from pangu_fn.distributed import init, load_shard, shard
     from pangu_fn.distributed.group import local_device
-    from pangu_fn.io.checkpoint import read_config_json
 
     from .common import resolve_model
 
@@ -107,21 +106,11 @@ def rank_model(args: argparse.Namespace) -> tuple[Any, Any, bool]:
         raise ConfigError(f"--tp {args.tp}: started as {world} processes; pass --tp {world}")
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the rank)
-    path = Path(args.model)
-    if (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-            and _sliceable(read_config_json(path))):
-        params, cfg = load_shard(path, rank, world, device, args.dtype)
+    if Path(args.model).exists():
+        params, cfg = load_shard(args.model, rank, world, device, args.dtype)
         return params, cfg, False
     params, cfg, random = resolve_model(args.model, str(device), args.dtype, args.weights_seed)
     return shard(params, cfg, rank, world), cfg, random
-
-
-def _sliceable(config_json: dict[str, Any]) -> bool:
-    """Whether `load_shard` reads this folder (ours, or a Hugging Face LLaMA layout) slice by slice."""
-    from pangu_fn.io import hf
-    from pangu_fn.io.checkpoint import FORMAT
-
-    return config_json.get("format") == FORMAT or config_json.get("model_type") in hf.LLAMA_TYPES
 
 
 def main() -> int:
