@@ -229,17 +229,28 @@ def decode_layout(params: Params) -> Params:
     (which is the head); `pos_embed` and untied embeddings are only gathered and stay as they are.
     Returns a new tree; leaves already in the right layout are shared, not copied."""
 
-    def lay(name: str, leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor) or leaf.dim() != 2:
-            return leaf
-        head = name == "lm_head.weight" or (name == "tok_embed.weight" and "lm_head" not in params)
-        if not (head or name.startswith(("blocks.", "query_layer."))):
-            return leaf
-        if leaf.device.type == "cpu" and leaf.dtype == torch.float32:
-            return leaf if leaf.t().is_contiguous() else leaf.t().contiguous().t()
-        return leaf.contiguous()
+    tied = "lm_head" not in params
+    return map_with_names(lambda name, leaf: laid_out(name, leaf, tied), params)
 
-    return map_with_names(lay, params)
+
+def laid_out(name: str, leaf: Any, tied: bool) -> Any:
+    """The leaf named `name` (dotted) in `decode_layout`'s layout; `tied`: the tree has no
+    `lm_head`, so `tok_embed.weight` is the head; other tensors are made contiguous. One copy at
+    most (none when already laid out)."""
+    if not isinstance(leaf, torch.Tensor):
+        return leaf
+    if leaf.dim() != 2 or not is_matmul_weight(name, tied):
+        return leaf.contiguous()
+    if leaf.device.type == "cpu" and leaf.dtype == torch.float32:
+        return leaf if leaf.t().is_contiguous() else leaf.t().contiguous().t()
+    return leaf.contiguous()
+
+
+def is_matmul_weight(name: str, tied: bool) -> bool:
+    """True for the leaves `decode_layout` lays out: block (and query layer) weights and the
+    LM head (`tok_embed.weight` when `tied`, the tree having no `lm_head`)."""
+    return name == "lm_head.weight" or (name == "tok_embed.weight" and tied) or name.startswith(
+        ("blocks.", "query_layer."))
 
 
 def fuse_projections(params: Params, cfg: ModelConfig) -> Params:

@@ -23,10 +23,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
-from ..params import Params, astype, parse_dtype, to_device, validate
+from ..params import Params, astype, is_matmul_weight, laid_out, parse_dtype, to_device, validate
 from ..tree import flatten, unflatten
 from . import alpha, gguf, hf, leaves, torch_pt
-from .source import Source, TensorRef, WeightFiles
+from .source import CHUNK_BYTES, Source, TensorRef, WeightFiles
 
 FORMAT, VERSION = "pangu-fn", 1
 DEFAULT_SHARD_SIZE = 2 * 1024**3
@@ -232,8 +232,14 @@ def load(path: str | Path, device: str | torch.device | None = None,
 
 def materialise(source: Source, device: str | torch.device | None = None,
                 dtype: str | torch.dtype | None = None) -> tuple[Params, ModelConfig]:
-    """Read every tensor of `source` into a validated params tree."""
-    flat = leaves.decode(source.flat(), source.leaves, str(source.path)) if source.leaves else source.flat()
+    """Read every tensor of `source` into a validated params tree. Without quantized leaves each
+    tensor is cast, moved and laid out for decoding as it is read, so the peak memory is the
+    loaded model plus one tensor (not two copies of the model)."""
+    if not source.leaves:
+        params = unflatten(_placed(source, device or "cpu", dtype))
+        validate(params, source.cfg)
+        return params, source.cfg
+    flat = leaves.decode(source.flat(), source.leaves, str(source.path))
     leaves.check_no_stray_parts(flat, str(source.path))
     params = unflatten(flat)
     validate(params, source.cfg)
@@ -241,6 +247,35 @@ def materialise(source: Source, device: str | torch.device | None = None,
         params = astype(params, parse_dtype(dtype))
     params = to_device(params, device or "cpu")  # also lays weights out for decoding there
     return params, source.cfg
+
+
+def _placed(source: Source, device: str | torch.device, dtype: str | torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of `source` by flat name, cast to `dtype` (floating ones), on `device`, in
+    `params.decode_layout`'s layout, each finished before the next is read."""
+    dtype = None if dtype is None else parse_dtype(dtype)
+    tied = "lm_head.weight" not in source.tensors
+    out = {}
+    for name, ref in source.tensors.items():
+        want = dtype if dtype is not None and ref.dtype.is_floating_point else ref.dtype
+        if (want == torch.float32 and torch.device(device).type == "cpu" and ref.read_rows is not None
+                and len(ref.shape) == 2 and is_matmul_weight(name, tied)):
+            out[name] = _column_major(ref)
+            continue
+        t = ref.read()
+        out[name] = laid_out(name, t.to(device=device, dtype=want), tied)
+    return out
+
+
+def _column_major(ref: TensorRef) -> torch.Tensor:
+    """The fp32 matrix of `ref` stored column-major (`decode_layout`'s CPU fp32 layout), filled
+    from row slabs of about `CHUNK_BYTES`: no whole row-major copy is ever held."""
+    n, k = ref.shape
+    buf = torch.empty(k, n)
+    step = max(1, CHUNK_BYTES // (4 * max(k, 1)))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        buf[:, a:b] = ref.read_rows(a, b).t()
+    return buf.t()
 
 
 def source_of(params: Params, cfg: ModelConfig, path: Path | None = None) -> Source:

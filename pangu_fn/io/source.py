@@ -27,11 +27,13 @@ MAX_INDEX = 100_000_000  # bytes of a *.index.json
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor not yet read: its shape and dtype in our layout, and how to read it (the
-    result may be a view, e.g. the transpose of a stored `[in, out]` matrix)."""
+    result may be a view, e.g. the transpose of a stored `[in, out]` matrix). `read_rows(a, b)`,
+    where the file allows it, reads only rows `a:b` (loading lays large matrices out slab by slab)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
+    read_rows: Callable[[int, int], torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -166,7 +168,7 @@ class WeightFiles:
         if isinstance(h, _DictFile):
             return TensorRef.of(h.tensors[name])
         info = h.infos[name]
-        return TensorRef(info.shape, info.dtype, lambda: h.get(name))
+        return TensorRef(info.shape, info.dtype, lambda: h.get(name), lambda a, b: h.get_slice(name, 0, a, b))
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._file_of:
