@@ -12,8 +12,9 @@ folder), each decoded by llama.cpp and, on the matching tree, by pangu-fn, takin
 The LM head (a tied model's embedding) is quantized like the blocks on both sides, as llama.cpp
 stores `token_embd` in the file's type.
 
-Each llama.cpp row says whether its greedy tokens equal ours on the prompt (`same_tokens`) and
-its decode speed over ours (`vs_pangu_fn`).
+Each llama.cpp row says whether its greedy tokens equal ours on the prompt (`same_tokens`; for
+q8_0 / q4_0 llama.cpp also rounds the activations to 8 bits inside its dot products, ours stay
+fp32, so long greedy runs may part) and its decode speed over ours (`vs_pangu_fn`).
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ def gguf_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int]
     from pangu_export.gguf import export_gguf
 
     import pangu_fn as pf
+    from pangu_fn.tokenizer import find_tokenizer
 
     from .bench import measure_interleaved
 
+    folder = Path(args.model)
+    tokenizer = folder if folder.is_dir() and find_tokenizer(folder) is not None else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.gguf) if args.gguf else Path(tmp)
@@ -101,7 +105,7 @@ def gguf_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int]
             tree, label = our_tree(params, type)
             path = root / f"model-{type}.gguf"
             print(f"bench: writing {path} and timing llama.cpp vs pangu-fn {label} ...", file=sys.stderr, flush=True)
-            summary = export_gguf(tree, cfg, path, type, progress=False, overwrite=True)
+            summary = export_gguf(tree, cfg, path, type, tokenizer=tokenizer, progress=False, overwrite=True)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + args.new_tokens + 8, n_batch=512,
                                   n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
             ours = [e.token for e in pf.stream(tree, cfg, [prompt], args.new_tokens, eos_token_ids=())]
