@@ -188,6 +188,23 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert r0["ties"] == [128 + 3, 7]
 
 
+def hanging_decode(rank: int, world: int) -> None:
+    params, cfg = random_model("tiny-gpt")
+    sharded = shard(params, cfg, rank, world)
+    for i, _ in enumerate(pf.stream(sharded, cfg, PROMPTS[:1], 50, eos_token_ids=())):
+        if rank == 1 and i == 3:
+            time.sleep(600)  # alive but silent: rank 0's next collective must time out
+
+
+@pytest.mark.skipif(not os.environ.get("PANGU_SLOW_TESTS"), reason="waits for a 5 s timeout; set PANGU_SLOW_TESTS=1")
+def test_a_silent_rank_times_the_others_out_and_is_stopped():
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 0 of 2") as info:
+        launch(hanging_decode, 2, threads=1, timeout_s=5)
+    assert time.monotonic() - start < 60
+    assert info.value.exit_codes[0] == 1 and info.value.exit_codes[1] < 0  # timed out; terminated
+
+
 def load_and_measure(rank: int, world: int, folder: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params, cfg = load_shard(folder, rank, world)
