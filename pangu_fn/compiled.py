@@ -93,7 +93,7 @@ class Programs:
     def __init__(self, cfg: ModelConfig, opts: CompileOptions, device: torch.device) -> None:
         self.cfg, self.opts, self.device = cfg, opts, device
         self.compile_s = 0.0  # seconds of the first call of each new shape (tracing + codegen)
-        self._seen: set[tuple[str, tuple[int, ...]]] = set()
+        self._seen: set[tuple[Any, ...]] = set()
         kw: dict[str, Any] = {"backend": opts.backend, "fullgraph": True, "dynamic": False}
         if opts.backend == "inductor":
             if device.type == "cuda":
@@ -121,8 +121,12 @@ class Programs:
         logits, cache = forward(params, self.cfg, tokens, cache)
         return logits, cache
 
-    def _timed(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        key = (name, *(tuple(a.shape) for a in pytree.tree_leaves(args[1:]) if isinstance(a, torch.Tensor)))
+    def _timed(self, name: str, fn: Callable[..., Any], params: Params, tokens: torch.Tensor, cache: KVCache,
+               *rest: Any) -> Any:
+        """`fn(params, tokens, cache, *rest)`; a first call for this tree and these shapes (which
+        may compile) is timed into `compile_s` and may exceed torch's recompile limit."""
+        key = (name, id(params), tuple(tokens.shape), tuple(cache.keys[0].shape))
+        args = (params, tokens, cache, *rest)
         if key in self._seen:
             return fn(*args)
         start = time.perf_counter()
