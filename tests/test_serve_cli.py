@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import ClassVar
 
 import httpx
 import pytest
+from pangu_tools.cli import main
 
 from pangu_fn.serve.chat import OPENPANGU_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate, chat_template_for
 from pangu_fn.tokenizer import openpangu_chat_prompt
-from pangu_tools.cli import main
 
 
 def start(*args: str) -> tuple[subprocess.Popen, str]:
@@ -73,7 +74,7 @@ def test_openpangu_template_matches_the_reference_renderer():
 
 def test_template_choice(tmp_path):
     class Markers:
-        special_tokens = {"[unused9]": 9, "[unused10]": 10}
+        special_tokens: ClassVar[dict[str, int]] = {"[unused9]": 9, "[unused10]": 10}
 
     assert chat_template_for(None, Markers()) == OPENPANGU_TEMPLATE
     assert chat_template_for(None, object()) == PLAIN_TEMPLATE
@@ -84,10 +85,11 @@ def test_template_choice(tmp_path):
 
 
 def test_serve_bench_counts_what_the_server_counts(tmp_path):
+    from serve_server import running_server
+
     import pangu_fn as pf
     from pangu_fn.serve.app import Served, ServerOptions
     from pangu_fn.serve.engine import EngineSettings
-    from serve_server import running_server
 
     cfg = pf.ModelConfig.preset("tiny-gpt")
     served = Served("tiny", pf.init_params(cfg, seed=0), cfg)

@@ -109,8 +109,8 @@ def recompute_choice(params, cfg, tokens, generated, req):
     return int(logits.argmax())
 
 
-@pytest.mark.parametrize("penalties", [dict(presence_penalty=2.0), dict(frequency_penalty=2.0),
-                                       dict(sampling=pf.SamplingParams(repetition_penalty=3.0))])
+@pytest.mark.parametrize("penalties", [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+                                       {"sampling": pf.SamplingParams(repetition_penalty=3.0)}])
 def test_penalties_match_a_recomputation(penalties):
     params, cfg = model("tiny-gpt")
     req = Request("a", (40, 41, 42, 43), 12, **penalties)

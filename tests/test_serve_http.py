@@ -57,7 +57,7 @@ def test_health_models_and_a_greedy_completion(url, client, demo):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert [m.id for m in client.models.list().data] == ["demo"]
     out = client.completions.create(model="demo", prompt="def add(a, b):", max_tokens=12, temperature=0)
-    text, tokens, reason = offline(demo, "def add(a, b):", 12)
+    text, tokens, _ = offline(demo, "def add(a, b):", 12)
     assert out.choices[0].text == text and out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == len(tokens) == 12
     assert out.usage.prompt_tokens == len(demo.tokenizer.encode("def add(a, b):"))
@@ -97,7 +97,7 @@ def test_stop_strings_split_across_tokens(client, demo):
 
 
 def test_n_and_seeds_reproduce(client, demo):
-    kw = dict(model="demo", prompt="for i in", max_tokens=8, temperature=1.0, top_p=0.95)
+    kw = {"model": "demo", "prompt": "for i in", "max_tokens": 8, "temperature": 1.0, "top_p": 0.95}
     a = client.completions.create(n=2, seed=7, **kw)
     b = client.completions.create(n=2, seed=7, **kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices] and [c.index for c in a.choices] == [0, 1]

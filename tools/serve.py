@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-invariant", action="store_true",
                    help="faster steps whose last bits may depend on the batch (see docs/serve.md)")
     p.add_argument("--seed", type=int, default=0, help="seeds the seeds of requests that bring none")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
                                     eos_token=_piece(tok, tok.eos_id))
         return Served(name, params, cfg, tok, template)
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     settings = EngineSettings(args.max_batch, args.max_len, args.prefill_chunk, args.max_queue,
                               args.prefix_cache, not args.no_invariant)

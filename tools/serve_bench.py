@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -56,7 +57,7 @@ async def one(client: Any, model: str, prompt: list[int], max_tokens: int) -> di
                     stamps.append(time.perf_counter())
     if not stamps:
         return {"error": "no tokens"}
-    return {"ttft": stamps[0] - start, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+    return {"ttft": stamps[0] - start, "itl": [b - a for a, b in itertools.pairwise(stamps)],
             "e2e": stamps[-1] - start, "tokens": len(stamps)}
 
 
@@ -85,7 +86,7 @@ async def level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
         wall = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    ms = lambda v: None if v is None else round(v * 1000, 2)
     itl = [x for r in ok for x in r["itl"]]
     return {"concurrency": concurrency, "completed": len(ok), "failed": len(results) - len(ok),
             "errors": sorted({r["error"] for r in results if "error" in r})[:3], "seconds": round(wall, 3),

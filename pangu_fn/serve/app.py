@@ -26,7 +26,17 @@ from ..params import Params
 from .chat import ChatTemplate
 from .engine import EngineSettings, QueueFullError, init_engine
 from .metrics import Metrics
-from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, Job, check_fields, completion_prompts, flag, number, parse_job
+from .protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    APIError,
+    Job,
+    check_fields,
+    completion_prompts,
+    flag,
+    number,
+    parse_job,
+)
 from .request import Event
 from .runner import EngineRunner
 from .text import ids_text
@@ -67,7 +77,7 @@ class _Loaded:
         return self.detokenize([token]) if self.served.tokenizer is not None else f" {token}"
 
 
-def create_app(load: Callable[[], Served], options: ServerOptions = ServerOptions(),  # noqa: B008 (frozen)
+def create_app(load: Callable[[], Served], options: ServerOptions = ServerOptions(),
                on_ready: Callable[[Exception | None], None] | None = None) -> FastAPI:
     """An app that calls `load()` in a thread at startup (GET /health answers 503 until it
     returns), then serves the model. `on_ready(None)` runs once the engine is started,

@@ -100,7 +100,7 @@ class Running:
     tokens: tuple[int, ...]
     computed: int
     generator: torch.Generator
-    text: TextState = TextState()
+    text: TextState = TextState()  # noqa: RUF009 (frozen)
     cached: int = 0
 
     @property
@@ -129,7 +129,7 @@ class EngineState:
         return not self.waiting and not self.running
 
 
-def init_engine(params: Params, cfg: ModelConfig, settings: EngineSettings = EngineSettings(),  # noqa: B008
+def init_engine(params: Params, cfg: ModelConfig, settings: EngineSettings = EngineSettings(),
                 detokenize: Detokenize | None = None, seed: int = 0) -> EngineState:
     """An engine with empty slots on the params' device. `detokenize` turns generated ids
     into text (None: `ids_text`); `seed` seeds the seeds of requests that bring none.
@@ -137,7 +137,6 @@ def init_engine(params: Params, cfg: ModelConfig, settings: EngineSettings = Eng
     settings.check(cfg)
     rows = max(settings.max_batch + PAD_ROWS, MIN_ROWS)
     cache = init_cache(params, cfg, rows, cfg.max_seq_len)
-    device = cache.lengths.device
     return EngineState(settings, cache, (None,) * settings.max_batch, (), frozenset(),
                        PrefixCache(settings.prefix_cache) if settings.prefix_cache else None,
                        detokenize or ids_text, torch.Generator(device="cpu").manual_seed(seed))

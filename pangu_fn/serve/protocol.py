@@ -117,11 +117,10 @@ def parse_job(body: dict, prompts: Sequence[tuple[int, ...]], texts: Sequence[st
         raise APIError(400, "stop: this model has no tokenizer, so there is no text to stop on", param="stop")
     options = body.get("stream_options")
     stream = flag(body, "stream")
-    if options is not None:
-        if not stream or not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(
-                options.get("include_usage", False), bool):
-            raise APIError(400, "stream_options: expected {\"include_usage\": bool} with stream true, "
-                                f"found {options!r}", param="stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, "stream_options: expected {\"include_usage\": bool} with stream true, "
+                            f"found {options!r}", param="stream_options")
     top_p = number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise APIError(400, "top_p: expected a number in (0, 1], found 0", param="top_p")
