@@ -83,10 +83,6 @@ def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
     lengths = [len(p) for p in prompts]
     B, T = len(prompts), max(lengths)
 
-    tokens = torch.zeros(B, T, dtype=torch.int64, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-    lengths_t = torch.tensor(lengths, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     seen = None
     if sampling.repetition_penalty != 1.0:
@@ -97,6 +93,10 @@ def stream(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
     opts = compiled.options(compile)
     with torch.inference_mode():
         if opts is None:
+            tokens = torch.zeros(B, T, dtype=torch.int64, device=device)
+            for i, p in enumerate(prompts):
+                tokens[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+            lengths_t = torch.tensor(lengths, device=device)
             cache = init_cache(params, cfg, B, T + max_new_tokens)
             logits, cache = forward(params, cfg, tokens, cache, logits_index=lengths_t - 1)
             cache = cache.with_lengths(lengths_t)
