@@ -34,10 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def requests(args: argparse.Namespace) -> list[list[int]]:
-    """The fixed prompt set: `shared_prefix` common ids, then random ids (seeded)."""
+def requests(args: argparse.Namespace, level: int | str = 0) -> list[list[int]]:
+    """The fixed prompt set of one concurrency level: `shared_prefix` common ids (the same at
+    every level), then random ids seeded by (seed, level), so that a server's prefix cache never
+    holds a whole prompt from an earlier level."""
     rng = random.Random(args.seed)
     prefix = [rng.randrange(10, args.vocab) for _ in range(args.shared_prefix)]
+    rng = random.Random(f"{args.seed}:{level}")
     return [prefix + [rng.randrange(10, args.vocab) for _ in range(args.prompt_len - args.shared_prefix)]
             for _ in range(args.requests)]
 
@@ -68,8 +71,8 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-async def level(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
-                headers: dict[str, str]) -> dict[str, Any]:
+async def level(url: str, model: str, prompts: list[list[int]], warm_up: list[int], max_tokens: int,
+                concurrency: int, headers: dict[str, str]) -> dict[str, Any]:
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
@@ -80,7 +83,7 @@ async def level(url: str, model: str, prompts: list[list[int]], max_tokens: int,
 
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers,
                                  limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        await one(client, model, prompts[0], 2)  # warm-up
+        await one(client, model, warm_up, 2)
         start = time.perf_counter()
         results = await asyncio.gather(*[bounded(client, p) for p in prompts])
         wall = time.perf_counter() - start
@@ -112,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
     url += "/"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(url + "models", headers=headers, timeout=60).json()["data"][0]["id"]
-    prompts = requests(args)
     rows = []
-    for c in args.concurrency:
-        row = asyncio.run(level(url, model, prompts, args.max_tokens, c, headers))
+    for i, c in enumerate(args.concurrency):
+        warm_up = requests(args, f"warm-up {i}")[0]  # shares only the common prefix with the measured ones
+        row = asyncio.run(level(url, model, requests(args, i), warm_up, args.max_tokens, c, headers))
         rows.append(row)
         print(f"concurrency {c}: {row['output_tokens_per_s']} tok/s, TTFT p50 {row['ttft_ms']['p50']} ms, "
               f"ITL p50 {row['itl_ms']['p50']} ms p99 {row['itl_ms']['p99']} ms, failed {row['failed']}",
@@ -125,6 +128,6 @@ def run(args: argparse.Namespace) -> int:
         row["tokens_per_s_vs_first"] = round(row["output_tokens_per_s"] / base["output_tokens_per_s"], 2)
         if base["itl_ms"]["p50"] and row["itl_ms"]["p50"]:
             row["itl_p50_vs_first"] = round(row["itl_ms"]["p50"] / base["itl_ms"]["p50"], 2)
-    write_json({"url": args.url, "model": model, "requests": args.requests, "prompt_len": args.prompt_len,
+    write_json({"command": "pangu " + " ".join(sys.argv[1:]), "url": args.url, "model": model, "requests": args.requests, "prompt_len": args.prompt_len,
                 "shared_prefix": args.shared_prefix, "max_tokens": args.max_tokens, "levels": rows}, args.out)
     return 0

@@ -57,12 +57,14 @@ class EngineRunner:
         with self._lock:
             return self.state
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the thread after its current step; requests still known get a "shutdown" event."""
+    def stop(self) -> None:
+        """End the thread after its current step (waited for: a step always ends, and a thread
+        torn down inside a torch call aborts the process); requests still known get a
+        "shutdown" event."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        self._thread.join(timeout)
+        self._thread.join()
         with self._lock:
             for rid in list(self._queues):
                 self._deliver(Event(rid, None, finish_reason="shutdown"))
