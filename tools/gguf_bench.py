@@ -113,7 +113,7 @@ def gguf_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int]
             r_ours, r_llama = measure_interleaved([pangu_engine(tree, cfg), llama_engine(llm)], prompt,
                                                   args.new_tokens, args.repeats, args.warmup, rotate=True)
             rows.append({"engine": "pangu-fn", "dtype": label, "gguf_pair": type, **r_ours})
-            rows.append({"engine": "llama.cpp", "dtype": type, "gguf": str(path), "gguf_mib": round(path.stat().st_size / 2**20, 2),
+            rows.append({"engine": "llama.cpp", "dtype": type, "gguf": path.name, "gguf_mib": round(path.stat().st_size / 2**20, 2),
                          "same_tokens": same, "vs_pangu_fn": round(r_llama["decode_tok_s"] / r_ours["decode_tok_s"], 3),
                          "llama_cpp_python": llama_cpp.__version__, "notes": summary.notes, **r_llama})
             del llm
