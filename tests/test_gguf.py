@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -249,3 +250,11 @@ def test_bad_gguf_files_give_one_line_errors(tmp_path, capsys, case):
                 "data cut": "not a readable GGUF file", "bert": "'bert' is not one pangu-fn reads"}[case]
     assert expected in err[0]
     assert {p.name for p in tmp_path.iterdir()} == {"m.gguf"}
+
+
+def test_bench_gguf_without_llama_cpp(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where it is not installed
+    assert main(["bench", "--model", "tiny-gpt", "--gguf", "--new-tokens", "2", "--prompt-len", "4",
+                 "--repeats", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pangu bench: error: --gguf needs llama-cpp-python: pip install 'pangu-fn[llama]'")

@@ -103,3 +103,18 @@ def test_llama_cpp_matches_pangu_fn(tmp_path, name, type):
             # GGML_GELU_FP16), so for gpt2 the bound is relative to the logits' size
             bound = 1e-3 * (np.abs(ours).max() if name == "gpt2" else 1.0)
             assert np.abs(theirs - ours).max() < bound, np.abs(theirs - ours).max()
+
+
+def test_bench_gguf_rows(tmp_path):
+    """`pangu bench --gguf`: a pangu-fn and a llama.cpp row per type, on the same prompt."""
+    from pangu_tools.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-openpangu", "--gguf", str(tmp_path / "files"), "--gguf-types", "f32,q4_0",
+                 "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["engine"], r["dtype"]) for r in rows[1:]] == [
+        ("pangu-fn", "fp32"), ("llama.cpp", "f32"), ("pangu-fn", "int4-g32"), ("llama.cpp", "q4_0")]
+    assert rows[2]["same_tokens"] is True and rows[2]["vs_pangu_fn"] == round(
+        rows[2]["decode_tok_s"] / rows[1]["decode_tok_s"], 3)
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["model-f32.gguf", "model-q4_0.gguf"]
