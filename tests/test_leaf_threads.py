@@ -15,15 +15,15 @@ import pangu_fn as pf
 from pangu_fn.quant import QuantRecipe, quantize
 from pangu_fn.tree import flatten
 
-ROUNDS = 3
+ROUNDS = 2
 
 
 def decode(tree: dict, cfg: pf.ModelConfig) -> tuple[torch.Tensor, list[list[int]]]:
-    """(logits of a two-row prompt batch, 12 greedy tokens for each of two prompts)."""
+    """(logits of a two-row prompt batch, 8 greedy tokens for each of two prompts)."""
     tokens = torch.randint(3, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         logits, _ = pf.forward(tree, cfg, tokens)
-    out = pf.generate(tree, cfg, [[1, 5, 9, 3], [7, 8, 40]], 12, eos_token_ids=())
+    out = pf.generate(tree, cfg, [[1, 5, 9, 3], [7, 8, 40]], 8, eos_token_ids=())
     return logits, [c.tokens for c in out]
 
 
