@@ -383,8 +383,8 @@ def _run(command: list[str]) -> str:
 def _cache_folder() -> Path | None:
     """`$PANGU_FN_CACHE` (default `~/.cache/pangu_fn`), created or tightened to mode 0700, or
     None when it cannot be made or another user owns it."""
-    folder = Path(os.environ.get("PANGU_FN_CACHE") or Path.home() / ".cache" / "pangu_fn")
     try:
+        folder = Path(os.environ.get("PANGU_FN_CACHE") or Path.home() / ".cache" / "pangu_fn")
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = folder.stat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
@@ -392,7 +392,7 @@ def _cache_folder() -> Path | None:
             return None
         if stat.S_IMODE(info.st_mode) != 0o700:
             folder.chmod(0o700)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: Path.home() without a home
         _notes.append(f"cache folder unusable ({e}): built in a private temporary folder")
         return None
     return folder
