@@ -238,7 +238,12 @@ def open_gguf(path: Path, hint: ModelConfig | None = None) -> Source:
     Raises FormatError for unreadable files, other architectures, and tensors missing,
     unexpected or of the wrong shape."""
     f = GGUFFile(path)
-    cfg = config_from_gguf(f)
+    try:
+        cfg = config_from_gguf(f)
+    except (TypeError, ValueError, KeyError, IndexError) as e:  # a value of the wrong type or shape
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{path}: metadata of the wrong type: {e!r}") from None
     arch = f.arch
     table = tensor_table(cfg, arch)
     unexpected = sorted(set(f.tensors) - set(table) - {"rope_freqs.weight"})
@@ -299,8 +304,18 @@ def tokenizer_files(path: str | Path) -> dict[str, bytes]:
     (a SentencePiece BPE model rebuilt from tokens, scores and types) for tokenizer model
     `llama`, `tokenizer.json` for `gpt2` (byte-level BPE with its merges), plus
     `tokenizer_config.json` (bos / eos / pad tokens, special tokens, chat template). Empty when
-    the file stores no tokenizer. Raises FormatError for other tokenizer models."""
-    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    the file stores no tokenizer. Raises FormatError for other tokenizer models or malformed
+    tokenizer metadata."""
+    f = GGUFFile(path)
+    try:
+        return _tokenizer_files(f)
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{f.path}: tokenizer metadata of the wrong type: {e!r}") from None
+
+
+def _tokenizer_files(f: GGUFFile) -> dict[str, bytes]:
     gguf = require_gguf()
     K = gguf.Keys.Tokenizer
     model = f.get(K.MODEL)
@@ -379,7 +394,10 @@ def _bpe_json(f: GGUFFile, tokens: list[str], control: set[int]) -> bytes:
     gguf = require_gguf()
     merges = [tuple(m.split(" ", 1)) for m in (f.get(gguf.Keys.Tokenizer.MERGES) or [])]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for merges of unknown tokens)
+        raise FormatError(f"{f.path}: tokenizer.ggml.merges do not fit the token list: {e}") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(tokens[i], special=True) for i in sorted(control)])
