@@ -47,14 +47,14 @@ def outputs(events):
 def test_tokens_do_not_depend_on_the_batch(name):
     params, cfg = model(name)
     rng = random.Random(0)
-    small = name == "demo"  # the demo is the slowest model here: shorter requests
-    requests = mixed_requests(cfg, 16, rng, longest=24 if small else 40, most_tokens=5 if small else 10)
-    settings = EngineSettings(max_batch=16, prefill_chunk=16)
+    demo = name == "demo"  # the slowest model here: shorter requests
+    requests = mixed_requests(cfg, 16, rng, longest=12 if demo else 24, most_tokens=4 if demo else 6)
+    settings = EngineSettings(max_batch=16, prefill_chunk=8)  # prompts longer than 8 prefill in chunks
     alone = {}
     for q in requests:
-        _, ev = run_requests(init_engine(params, cfg, EngineSettings(max_batch=16, prefill_chunk=16)), params, cfg, [q])
+        _, ev = run_requests(init_engine(params, cfg, settings), params, cfg, [q])
         alone.update(ev)
-    arrivals = [rng.randrange(0, 8 if small else 12) for _ in requests]
+    arrivals = [rng.randrange(0, 6 if demo else 8) for _ in requests]
     state, together = run_requests(init_engine(params, cfg, settings), params, cfg, requests, arrivals)
     assert outputs(together) == outputs(alone)
     assert state.idle and state.counters.finished == 16
