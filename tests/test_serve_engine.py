@@ -171,3 +171,14 @@ def test_cancel_frees_the_slot_and_queue_limits():
         submit(state, Request("e", (5,) * 100, 100), cfg)
     with pytest.raises(InputError, match="token id 999"):
         submit(state, Request("f", (999,), 1), cfg)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_tree_serves_as_generate_decodes_it(scheme):
+    params, cfg = pf.load(DEMO)
+    params = pf.quantize(params, pf.QuantRecipe(scheme=scheme, compute_dtype="fp32"), cfg)  # fp32 activations
+    prompts = [list(range(20 + i, 36 + i)) for i in range(3)]
+    _, ev = run_requests(init_engine(params, cfg, EngineSettings(max_batch=4)), params, cfg,
+                         [Request(str(i), tuple(p), 6) for i, p in enumerate(prompts)])
+    ref = pf.generate(params, cfg, prompts, 6, eos_token_ids=())
+    assert [[e.token for e in ev[str(i)]] for i in range(3)] == [c.tokens for c in ref]
