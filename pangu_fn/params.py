@@ -135,8 +135,9 @@ def expected_shapes(cfg: ModelConfig, params: Params) -> dict[str, tuple[int, ..
     def block(prefix: str, blk: Any) -> None:
         try:
             sizes = layer_sizes(blk, cfg)
-        except (KeyError, TypeError, IndexError) as e:
-            raise ShapeError(f"{prefix}: expected attn.q/k and mlp.up weights, missing {e}") from None
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ShapeError(f"{prefix}: expected attn.q/k and mlp.up weights (tensors or quantized leaves), "
+                             f"found {type(e).__name__}: {e}") from None
         q, kv, f = sizes.num_heads * d, sizes.num_kv_heads * d, sizes.intermediate_size
         norm(f"{prefix}.attn_norm")
         linear(f"{prefix}.attn.q", q, h, cfg.attn_bias)
