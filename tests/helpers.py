@@ -42,3 +42,22 @@ def redraw_hf(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 FAMILIES = ["tiny-gpt", "tiny-alpha", "tiny-openpangu"]
+
+
+def peak_rss_script(imports: str, body: str) -> str:
+    """A script for a child process: runs `imports`, resets the kernel's peak-RSS mark, runs
+    `body` (which sets a dict `result`) and prints `result` as JSON with the RSS before `body`
+    ("base") and the peak during it ("peak"). The peak is VmHWM, reset by writing 5 to
+    /proc/self/clear_refs (ru_maxrss cannot be used in a child: Linux folds the forking parent's
+    peak into it across exec)."""
+    lines = ["import json, sys", "import psutil", imports,
+             "def hwm():",
+             "    with open('/proc/self/status') as f:",
+             "        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))",
+             "with open('/proc/self/clear_refs', 'w') as f:",
+             "    f.write('5')",
+             "base = psutil.Process().memory_info().rss",
+             "assert hwm() <= base + 2**20",
+             body,
+             "print(json.dumps({**result, 'base': base, 'peak': hwm()}))"]
+    return "\n".join(lines)

@@ -7,11 +7,11 @@ import binascii
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import peak_rss_script
 from mindspore_bytes import tensor_value
 
 HIDDEN, VOCAB, SEQ, LAYERS = 1024, 16384, 1024, 5  # 1024 hidden: the 350M shape, 16 heads known
@@ -64,27 +64,10 @@ def build_checkpoint(path) -> tuple[int, int]:
     return size + 17, largest
 
 
-# Peak RSS is the kernel's high-water mark of this process's memory map: VmHWM, reset to the
-# current RSS after the imports by writing 5 to /proc/self/clear_refs. (ru_maxrss cannot be used
-# in a child: Linux folds the forking parent's peak into it across exec.)
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import psutil
-    import pangu_fn, pangu_fn.io.writers, pangu_fn.io.alpha, tqdm
-    from pangu_tools.cli import main
-    from pangu_tools import convert
-
-    def hwm():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = psutil.Process().memory_info().rss
-    assert hwm() <= base + 2**20
-    code = main(["convert", sys.argv[1], sys.argv[2]])
-    print(json.dumps({"code": code, "base": base, "peak": hwm()}))
-""")
+SCRIPT = peak_rss_script(
+    "import pangu_fn, pangu_fn.io.writers, pangu_fn.io.alpha, tqdm\nfrom pangu_tools.cli import main\n"
+    "from pangu_tools import convert",
+    'result = {"code": main(["convert", sys.argv[1], sys.argv[2]])}')
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS counters")

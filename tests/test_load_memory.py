@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import peak_rss_script
 
 import pangu_fn as pf
 from pangu_fn.tree import flatten
@@ -19,23 +19,10 @@ from pangu_fn.tree import flatten
 MIB = 2**20
 SLACK = 40 * MIB  # slabs (4 MiB), small tensors, allocator slack
 
-# Peak RSS as tests/test_convert_memory.py measures it: VmHWM, reset after the imports.
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import psutil
-    import pangu_fn as pf
-
-    def hwm():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = psutil.Process().memory_info().rss
-    params, cfg = pf.load(sys.argv[1])
-    w = params["blocks"][0]["mlp"]["up"]["weight"]
-    print(json.dumps({"base": base, "peak": hwm(), "column_major": w.t().is_contiguous(),
-                      "head_column_major": params["tok_embed"]["weight"].t().is_contiguous()}))
+SCRIPT = peak_rss_script("import pangu_fn as pf", """
+params, cfg = pf.load(sys.argv[1])
+w = params["blocks"][0]["mlp"]["up"]["weight"]
+result = {"column_major": w.t().is_contiguous(), "head_column_major": params["tok_embed"]["weight"].t().is_contiguous()}
 """)
 
 
