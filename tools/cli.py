@@ -12,7 +12,7 @@ import importlib.util
 import sys
 
 COMMANDS = ["generate", "info", "bench", "demo", "train_demo", "convert", "quantize", "prune",
-            "export", "run", "serve", "serve_bench"]
+            "export", "run", "serve", "serve_bench", "serve_anchor"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
