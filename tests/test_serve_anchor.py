@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pangu_tools import serve_anchor, serve_bench
 
 import pangu_fn as pf
-from pangu_tools import serve_anchor, serve_bench
 
 
 def sse(*chunks: dict) -> bytes:
@@ -78,7 +78,6 @@ BINARY = serve_anchor.source_folder(Path(serve_anchor.DEFAULT_DIR).expanduser(),
 @pytest.mark.skipif(not BINARY.is_file(), reason="llama-server is not built (pangu serve-anchor builds it)")
 def test_llama_server_decodes_our_greedy_tokens(tmp_path):
     from helpers import random_model
-
     from pangu_export.gguf import export_gguf
 
     params, cfg = random_model("tiny-openpangu", seed=3)
