@@ -23,7 +23,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor, cache: KVCac
             *, logits_index: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache | None]:
     """Logits `[B, T, V]` for `tokens [B, T]` (int64); with `logits_index [B]` only those of
     token `logits_index[b]` of each row, `[B, 1, V]` (a prefill needs just the last prompt
-    token's, and the LM head is the largest matrix).
+    token's, and the LM head is the largest matrix); with `logits_index [B, J]` those of J
+    tokens per row, `[B, J, V]` (a verification step's drafted positions).
 
     Without a cache the tokens are a whole sequence starting at position 0 (causal scoring).
     With a cache, row b's tokens take positions `cache.lengths[b] .. + T - 1`: prefill and
@@ -54,7 +55,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor, cache: KVCac
 
     head = params["lm_head"] if "lm_head" in params else params["tok_embed"]
     if logits_index is not None:
-        x = x[torch.arange(B, device=x.device), logits_index][:, None]
+        rows = torch.arange(B, device=x.device)
+        x = x[rows, logits_index][:, None] if logits_index.dim() == 1 else x[rows[:, None], logits_index]
     logits = linear(x, head)
     new_cache = None if cache is None else KVCache(cache.keys, cache.values, cache.lengths + T)
     return logits, new_cache
