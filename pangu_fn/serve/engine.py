@@ -17,28 +17,34 @@ path, and torch's CPU matrix product computes the last rows of 9-11 another way)
 `max_len - T`, padding row 1 at 0, so the key length and the masked kernel never change).
 The cost: a step computes `max(rows, 12) x max(T, 4)` positions; with `invariant=False` decode
 steps feed one position per running row.
+
+Speculative decoding (`init_engine(..., drafter=...)`, see `drafting`): each decoding row feeds
+its last token and up to k drafts in the same call, keeps the accepted ones plus the target's
+next token, and its cache length rolls back by the engine's bookkeeping (`computed`). A
+draft model's cache lives in the state beside the target's, one row per slot.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from ..cache import KVCache, init_cache
 from ..config import ModelConfig
 from ..errors import ConfigError, InputError
-from ..model import forward
 from ..params import Params
+from .batch import MIN_ROWS, MIN_WIDTH, PAD_ROWS, Feed, call_rows
+from .drafting import Draft, draft_computed, make_draft, propose, verify
 from .prefix_cache import PrefixCache
 from .request import Event, Request
-from .sampler import sample_row
+from .sampler import sample_row, token_logprobs
 from .text import Detokenize, TextState, ids_text, release
 
-PAD_ROWS = 2
-MIN_WIDTH = 4
-MIN_ROWS = 12
+__all__ = ["MIN_ROWS", "MIN_WIDTH", "PAD_ROWS", "Counters", "EngineSettings", "EngineState", "QueueFullError",
+           "Running", "cancel", "engine_step", "init_engine", "run_requests", "submit"]
 
 
 class QueueFullError(InputError):
@@ -78,7 +84,8 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class Counters:
-    """Totals since the engine started."""
+    """Totals since the engine started (`draft_tokens` drafts verified, `accepted_tokens` of
+    them kept)."""
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -87,13 +94,15 @@ class Counters:
     cancelled: int = 0
     timed_out: int = 0
     steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Running:
     """A request in slot `slot`: `tokens` prompt + generated so far, `computed` of them in
-    the cache, its own `generator`, how much text it released, and `cached` prompt positions
-    taken from the prefix cache."""
+    the cache, its own `generator`, how much text it released, `cached` prompt positions
+    taken from the prefix cache, and `draft_computed` of its tokens in the draft model's cache."""
 
     request: Request
     slot: int
@@ -102,6 +111,7 @@ class Running:
     generator: torch.Generator
     text: TextState = TextState()  # noqa: RUF009 (frozen)
     cached: int = 0
+    draft_computed: int = 0
 
     @property
     def generated(self) -> tuple[int, ...]:
@@ -119,6 +129,7 @@ class EngineState:
     detokenize: Detokenize
     seeds: torch.Generator
     counters: Counters = Counters()
+    draft: Draft | None = None
 
     @property
     def running(self) -> int:
@@ -130,16 +141,21 @@ class EngineState:
 
 
 def init_engine(params: Params, cfg: ModelConfig, settings: EngineSettings = EngineSettings(),
-                detokenize: Detokenize | None = None, seed: int = 0) -> EngineState:
+                detokenize: Detokenize | None = None, seed: int = 0, drafter: Any = None, k: int = 4,
+                draft_dtype: Any = None) -> EngineState:
     """An engine with empty slots on the params' device. `detokenize` turns generated ids
-    into text (None: `ids_text`); `seed` seeds the seeds of requests that bring none.
-    Raises ConfigError for bad settings."""
+    into text (None: `ids_text`); `seed` seeds the seeds of requests that bring none;
+    `drafter` (None: none) drafts `k` tokens per decoding row and step: a `--draft` spec
+    ("lookup", "self", a model folder loaded in `draft_dtype`, "lookup+" before one) or a
+    drafter object of `pangu_fn.speculative`. Raises ConfigError for bad settings or a drafter
+    that does not fit the model."""
     settings.check(cfg)
     rows = max(settings.max_batch + PAD_ROWS, MIN_ROWS)
     cache = init_cache(params, cfg, rows, cfg.max_seq_len)
+    draft = None if drafter is None else make_draft(drafter, params, cfg, rows, k, draft_dtype)
     return EngineState(settings, cache, (None,) * settings.max_batch, (), frozenset(),
                        PrefixCache(settings.prefix_cache) if settings.prefix_cache else None,
-                       detokenize or ids_text, torch.Generator(device="cpu").manual_seed(seed))
+                       detokenize or ids_text, torch.Generator(device="cpu").manual_seed(seed), draft=draft)
 
 
 def submit(state: EngineState, request: Request, cfg: ModelConfig) -> EngineState:
@@ -210,37 +226,29 @@ def _admit(request: Request, slot: int, cache: KVCache, state: EngineState) -> R
 
 
 def _run(state: EngineState, params: Params, cfg: ModelConfig) -> tuple[EngineState, list[Event]]:
-    """The forward call over the running rows, then sampling and stop rules."""
-    s, cache = state.settings, state.cache
+    """Drafting (with a drafter), the forward call over the running rows, then sampling or
+    acceptance, and the stop rules."""
+    s = state.settings
     running = [r for r in state.slots if r is not None]
-    feeds = {r.slot: min(len(r.tokens) - r.computed, s.prefill_chunk) for r in running}
-    S = cache.max_len
-    width = min(max(feeds.values()), S - max(r.computed for r in running))  # rows padded to width stay in S
-    if s.invariant:
-        width = max(MIN_WIDTH, width)  # fits: a request uses at most S - 2 positions
-        first, rows = 0, max(PAD_ROWS + max(feeds) + 1, MIN_ROWS)
-    else:
-        first, rows = PAD_ROWS, PAD_ROWS + max(feeds) + 1
-    feeds = {slot: min(f, width) for slot, f in feeds.items()}
-    device = cache.lengths.device
-    tokens = torch.zeros(rows, width, dtype=torch.int64)
-    lengths = torch.zeros(rows, dtype=torch.int64)
-    index = torch.zeros(rows, dtype=torch.int64)
-    lengths[0] = S - width  # keeps the key length at S (padding row 0; row 1 stays at 0)
+    chunk = {r.slot: min(len(r.tokens) - r.computed, s.prefill_chunk) for r in running}
+    proposals, draft_lengths = {}, {}
+    if state.draft is not None:
+        decoding = {r.slot for r in running if r.generated and r.computed == len(r.tokens) - 1}
+        ends = {r.slot: r.computed + chunk[r.slot] for r in running}
+        proposals, draft_lengths = propose(state.draft, running, ends, decoding, s.prefill_chunk, s.invariant)
+    feeds = {}
     for r in running:
-        row, f = PAD_ROWS + r.slot, feeds[r.slot]
-        tokens[row, :f] = torch.tensor(r.tokens[r.computed:r.computed + f])
-        lengths[row], index[row] = r.computed, f - 1
-    view = KVCache([k[first:rows] for k in cache.keys], [v[first:rows] for v in cache.values],
-                   lengths[first:rows].to(device))
-    with torch.inference_mode():
-        logits, _ = forward(params, cfg, tokens[first:rows].to(device), view,
-                            logits_index=index[first:rows].to(device))
-        logits = logits[:, 0].float()
+        drafts = proposals[r.slot].tokens if r.slot in proposals else ()
+        toks = r.tokens[r.computed:r.computed + chunk[r.slot]] + drafts
+        feeds[r.slot] = Feed(r.computed, toks, tuple(range(len(toks))) if drafts else (len(toks) - 1,))
+    fed, logits = call_rows(params, cfg, state.cache, feeds, s.invariant)
 
     events, slots, counters = [], list(state.slots), state.counters
     for r in running:
-        computed = r.computed + feeds[r.slot]
+        n = min(fed[r.slot], chunk[r.slot])  # prompt (or last) tokens fed; the rest are drafts
+        computed = r.computed + n
+        if r.slot in draft_lengths:
+            r = replace(r, draft_computed=draft_lengths[r.slot])
         if computed < len(r.tokens):  # still prefilling
             slots[r.slot] = replace(r, computed=computed)
             continue
@@ -248,17 +256,32 @@ def _run(state: EngineState, params: Params, cfg: ModelConfig) -> tuple[EngineSt
             counters = replace(counters, prompt_tokens=counters.prompt_tokens + len(r.request.prompt),
                                cached_tokens=counters.cached_tokens + r.cached)
             if state.prefix is not None:
-                state.prefix.insert(r.request.prompt, cache, PAD_ROWS + r.slot)
-        token, logprob, top = sample_row(logits[PAD_ROWS + r.slot - first], r, cfg.vocab_size)
-        r = replace(r, tokens=(*r.tokens, token), computed=computed)
-        ev, r, done = _finish_rules(r, token, logprob, top, state.detokenize)
-        events.append(ev)
-        counters = replace(counters, generated_tokens=counters.generated_tokens + 1)
+                state.prefix.insert(r.request.prompt, cache=state.cache, row=PAD_ROWS + r.slot)
+        row_logits = logits[r.slot]
+        proposal = proposals.get(r.slot)
+        k = fed[r.slot] - n  # drafts that fit the call
+        if proposal is not None and k:
+            proposal = replace(proposal, tokens=proposal.tokens[:k], q=None if proposal.q is None else proposal.q[:k])
+            kept = verify(r, row_logits, proposal, cfg.vocab_size)
+            scored = [(t, *token_logprobs(row_logits[i], t, r.request)) for i, t in enumerate(kept)]
+            counters = replace(counters, draft_tokens=counters.draft_tokens + k,
+                               accepted_tokens=counters.accepted_tokens + len(kept) - 1)
+        else:
+            proposal, scored = None, [sample_row(row_logits[-1], r, cfg.vocab_size)]
+            kept = (scored[0][0],)
+        done = False
+        for i, (token, logprob, top) in enumerate(scored):
+            r = replace(r, tokens=(*r.tokens, token), computed=computed + i)
+            ev, r, done = _finish_rules(r, token, logprob, top, state.detokenize)
+            events.append(ev)
+            counters = replace(counters, generated_tokens=counters.generated_tokens + 1)
+            if done:
+                break
         if done:
             slots[r.slot] = None
             counters = replace(counters, finished=counters.finished + 1)
         else:
-            slots[r.slot] = r
+            slots[r.slot] = replace(r, draft_computed=draft_computed(r.draft_computed, proposal, kept))
     counters = replace(counters, steps=counters.steps + 1)
     return replace(state, slots=tuple(slots), counters=counters), events
 
