@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored; fp32 for presets)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed for a preset's random weights")
     p.add_argument("--scheme", default=None, help="quantize on load: int8 | int4 | fp16 | bf16")
+    p.add_argument("--draft", default=None, metavar="PATH|self|lookup",
+                   help="decode speculatively, as `pangu generate --draft`: a draft model folder, 'self' / 'self:N', "
+                        "'lookup' / 'lookup:N', or 'lookup+' before a folder or self")
+    p.add_argument("--k", type=int, default=4, help="tokens drafted per decoding row and step (default 4)")
+    p.add_argument("--draft-dtype", default=None, help="dtype of a draft model (default: --dtype, else as stored)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: MODEL's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
@@ -57,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
         if tok is not None:
             template = ChatTemplate(chat_template_for(folder, tok), bos_token=_piece(tok, tok.bos_id),
                                     eos_token=_piece(tok, tok.eos_id))
-        return Served(name, params, cfg, tok, template)
+        drafter = None
+        if args.draft:
+            from pangu_fn.speculative import load_drafter
+
+            drafter = load_drafter(args.draft, params["tok_embed"]["weight"].device, args.draft_dtype or args.dtype)
+        return Served(name, params, cfg, tok, template, drafter, args.k)
 
     if args.threads is not None:
         import torch

@@ -45,13 +45,16 @@ from .text import ids_text
 @dataclass(frozen=True)
 class Served:
     """A loaded model as the app serves it: `name` (the `model` field clients send), params and
-    config, the tokenizer (None: token-id prompts only) and chat template (None: no chat)."""
+    config, the tokenizer (None: token-id prompts only) and chat template (None: no chat), and
+    the drafter (None: none; what `init_engine` takes) drafting `draft_k` tokens per step."""
 
     name: str
     params: Params
     cfg: ModelConfig
     tokenizer: Any = None
     template: ChatTemplate | None = None
+    drafter: Any = None
+    draft_k: int = 4
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def create_app(load: Callable[[], Served], options: ServerOptions = ServerOption
             served = load()
             tok = served.tokenizer
             state = init_engine(served.params, served.cfg, options.settings,
-                                tok.decode if tok is not None else None, options.seed)
+                                tok.decode if tok is not None else None, options.seed, served.drafter, served.draft_k)
             box["loaded"] = _Loaded(served, EngineRunner(state, served.params, served.cfg,
                                                          metrics.engine))
             metrics.engine(state)

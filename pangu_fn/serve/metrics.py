@@ -14,8 +14,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 
 class Metrics:
     """Gauges of the engine (running, waiting, slots in use), counters (prompt and generated
-    tokens, prefix-cache hits and cached tokens, requests by finish reason) and histograms
-    (time to first token, inter-token latency, end-to-end latency), all prefixed `pangu_`."""
+    tokens, prefix-cache hits and cached tokens, drafted and accepted tokens, requests by finish
+    reason) and histograms (time to first token, inter-token latency, end-to-end latency), all
+    prefixed `pangu_`."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -25,6 +26,8 @@ class Metrics:
         self.slots_total = Gauge("pangu_slots_total", "KV-cache slots", registry=r)
         self.prompt_tokens = Counter("pangu_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("pangu_generation_tokens", "tokens generated", registry=r)
+        self.draft_tokens = Counter("pangu_spec_draft_tokens", "drafted tokens verified", registry=r)
+        self.accepted_tokens = Counter("pangu_spec_accepted_tokens", "drafted tokens accepted", registry=r)
         self.prefix_hits = Counter("pangu_prefix_cache_hits", "requests that reused a cached prefix", registry=r)
         self.prefix_tokens = Counter("pangu_prefix_cache_tokens", "prompt positions taken from the prefix cache",
                                      registry=r)
@@ -51,6 +54,8 @@ class Metrics:
         self.prompt_tokens.inc(c.prompt_tokens - (seen.prompt_tokens if seen else 0))
         self.generated_tokens.inc(c.generated_tokens - (seen.generated_tokens if seen else 0))
         self.prefix_tokens.inc(c.cached_tokens - (seen.cached_tokens if seen else 0))
+        self.draft_tokens.inc(c.draft_tokens - (seen.draft_tokens if seen else 0))
+        self.accepted_tokens.inc(c.accepted_tokens - (seen.accepted_tokens if seen else 0))
         hits = state.prefix.hits if state.prefix else 0
         self.prefix_hits.inc(hits - (self._hits if seen else 0))
         self._seen, self._hits = c, hits
