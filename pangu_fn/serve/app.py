@@ -60,12 +60,14 @@ class Served:
 @dataclass(frozen=True)
 class ServerOptions:
     """`api_key` (None: no auth), `queue_timeout` seconds a request may wait for a slot (None:
-    forever), the engine's settings and the seed of seeds for unseeded requests."""
+    forever), the engine's settings, the seed of seeds for unseeded requests and the runner
+    class that steps the engine (tensor parallelism: `tensor_parallel.MirroredRunner`)."""
 
     settings: EngineSettings = EngineSettings()  # noqa: RUF009 (frozen)
     api_key: str | None = None
     queue_timeout: float | None = None
     seed: int = 0
+    runner: type[EngineRunner] = EngineRunner
 
 
 class _Loaded:
@@ -94,8 +96,8 @@ def create_app(load: Callable[[], Served], options: ServerOptions = ServerOption
             tok = served.tokenizer
             state = init_engine(served.params, served.cfg, options.settings,
                                 tok.decode if tok is not None else None, options.seed, served.drafter, served.draft_k)
-            box["loaded"] = _Loaded(served, EngineRunner(state, served.params, served.cfg,
-                                                         metrics.engine))
+            box["loaded"] = _Loaded(served, options.runner(state, served.params, served.cfg,
+                                                           metrics.engine))
             metrics.engine(state)
         except Exception as e:  # noqa: BLE001 (reported by /health and every route)
             box["error"] = e
