@@ -179,35 +179,58 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`x [M, K] @ (qdata [N, K] * scales[:, None]).T` in bf16 (CPU, contiguous): the native
-    kernel, else `torch._weight_int8pack_mm`; in compiled graphs the custom op
-    `pangu_backend::int8_linear` doing the same."""
+@torch.compiler.assume_constant_result
+def _native_fp32_available() -> bool:
+    return native.avx2()
+
+
+def native_int8_fits(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Where `native.int8_linear` takes x's and the scales' dtypes and width (K % 32, K <=
+    `native.MAX_K`): bf16 both with the AVX-512 kernels, bf16 or fp32 with the AVX2 ones."""
+    k = x.shape[-1]
+    if k % 32 or k > native.MAX_K or x.device.type != "cpu":
+        return False
+    if x.dtype == torch.bfloat16 == scales.dtype and _native_bf16_available():
+        return True
+    return x.dtype in native.FLOATS and scales.dtype in native.FLOATS and _native_fp32_available()
+
+
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [M, K] @ (qdata [N, K] * scales[:, None]).T + bias` in x's dtype (CPU, contiguous):
+    the native kernel, else `torch._weight_int8pack_mm` (bf16), else the dequantized weight;
+    in compiled graphs the custom op `pangu_backend::int8_linear` doing the same."""
     if torch.compiler.is_compiling():
-        return torch.ops.pangu_backend.int8_linear(x, qdata, scales)
-    return _int8_linear_eager(x, qdata, scales)
+        return torch.ops.pangu_backend.int8_linear(x, qdata, scales, bias)
+    return _int8_linear_eager(x, qdata, scales, bias)
 
 
-def _int8_linear_eager(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    y = native.int8_linear(x, qdata, scales)
-    return torch._weight_int8pack_mm(x, qdata, scales) if y is None else y
+def _int8_linear_eager(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    y = native.int8_linear(x, qdata, scales, bias)
+    if y is not None:
+        return y
+    if x.dtype == torch.bfloat16 == scales.dtype and x.shape[-1] % 16 == 0:
+        y = torch._weight_int8pack_mm(x, qdata, scales)
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, qdata.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
 
 
 @torch.library.custom_op("pangu_backend::int8_linear", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return _int8_linear_eager(x, qdata, scales)
+def _int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _int8_linear_eager(x, qdata, scales, bias)
 
 
 @_int8_linear_op.register_fake
-def _(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return x.new_empty((x.shape[0], qdata.shape[0]))
 
 
 def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`native.int4_linear` (`x [M, K]` bf16 CPU; None where it does not run); in compiled
-    graphs the custom op `pangu_backend::int4_linear` (never None: the native dequantize and
-    `F.linear` where the kernel does not run)."""
+    """`native.int4_linear` (`x [M, K]` CPU; None where it does not run); in compiled graphs
+    the custom op `pangu_backend::int4_linear` (never None: the weight dequantized (natively
+    where it can be) and `F.linear` where the kernel does not run)."""
     if torch.compiler.is_compiling():
         return torch.ops.pangu_backend.int4_linear(x, qdata, scales, zero_points, group_size, bias)
     return native.int4_linear(x, qdata, scales, zero_points, group_size, bias)
@@ -218,7 +241,13 @@ def _int4_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, 
                     group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     y = native.int4_linear(x, qdata, scales, zero_points, group_size, bias)
     if y is None:
-        y = F.linear(x, native.int4_dequantize(qdata, scales, zero_points, group_size), bias)
+        w = native.int4_dequantize(qdata, scales, zero_points, group_size)
+        if w is None:
+            from .quant.packing import unpack_nibbles
+            from .quant.rtn import int4_dequantize
+
+            w = int4_dequantize(unpack_nibbles(qdata).reshape(qdata.shape[0], -1), scales, zero_points, x.dtype)
+        y = F.linear(x, w.to(x.dtype), bias)
     return y
 
 

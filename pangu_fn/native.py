@@ -1,4 +1,4 @@
-"""Weight-streaming kernels for x86-64 CPUs with AVX-512, compiled from C on first use.
+"""Weight-streaming kernels for x86-64 CPUs with AVX-512 or AVX2, compiled from C on first use.
 
 Batch-1 decoding reads every weight once per token, so it runs at the speed weights stream
 from memory. torch's weight-only kernels and oneDNN's bf16 matmul move 12-20 GB/s here with
@@ -13,7 +13,16 @@ two threads, well under what the memory delivers; `native_kernels.c` streams 20-
   into bf16 by byte unpacking, group scales applied per 128-bit lane; `int4_dequantize`
   writes the bf16 weight for prefill-sized products (7x faster than the torch ops).
 
-Each takes up to 8 activation rows (bf16: 6, int8: 4) per pass over the weight. The C code
+Each takes up to 8 activation rows (bf16: 6, int8: 4) per pass over the weight.
+
+On CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 2/3, most laptops), `native_avx2.c` is built
+instead, with the same three products (no `int4_dequantize`): activations fp32 or bf16 (the
+output in the same dtype), weights converted exactly to fp32 on 8 lanes (int8: sign extension;
+int4: nibbles minus the zero point as int8; bf16: a 16-bit shift), FMA sums, and the bias
+added in the kernel. Every weight row is read once per call whatever the number of rows (they
+pass over it 4 at a time while it is in L1).
+
+The C code
 trusts its pointers and sizes, so every wrapper here checks its arguments first (dtypes, CPU,
 row-major, the input width against the weight, the shapes of scales, zero points, group size
 and bias) and raises `InputError` naming the shapes, whether or not the library runs here.
@@ -25,11 +34,13 @@ name hashes the source, the flags, the compiler's path and `--version`, and the 
 predefines for `-march=native` (the instruction sets it targets). The cache folder is made mode
 0700; a folder another user owns, or a cached file that is a link, not ours, or writable by
 others, is not used: the library is then built in a fresh private temporary folder. A cached
-file that fails to load is rebuilt once. Without Linux on x86-64 with AVX-512 (as
-`torch.backends.cpu.get_cpu_capability()` reports it, so `ATEN_CPU_CAPABILITY=avx2` turns the
-kernels off too), without a compiler, or with `PANGU_FN_NATIVE=0`, the functions return None and
-the callers use torch's kernels; `status()` says which kernels run and why not. AVX512-BF16
-(which torch's capability string does not report) is known from the compiler's `__AVX512BF16__`.
+file that fails to load is rebuilt once. Which source is built follows
+`torch.backends.cpu.get_cpu_capability()` and the compiler's macros: "AVX512" and `__AVX512F__`
+the AVX-512 one, else "AVX2" (or "AVX512", e.g. under `ATEN_CPU_CAPABILITY=avx2` it reports
+"AVX2") with `__AVX2__` and `__FMA__` the AVX2 one. Without Linux on x86-64 with one of those,
+without a compiler, or with `PANGU_FN_NATIVE=0`, the functions return None and the callers use
+torch's kernels; `status()` says which kernels run and why not. AVX512-BF16 (which torch's
+capability string does not report) is known from the compiler's `__AVX512BF16__`.
 """
 
 from __future__ import annotations
@@ -51,10 +62,15 @@ import torch
 
 from .errors import InputError
 
-SOURCE = Path(__file__).with_name("native_kernels.c")
+SOURCES = {"avx512": Path(__file__).with_name("native_kernels.c"), "avx2": Path(__file__).with_name("native_avx2.c")}
+# the compiler macros each source needs under FLAGS
+NEEDS = {"avx512": ("__AVX512F__",), "avx2": ("__AVX2__", "__FMA__")}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _reason: list[str] = []
 _notes: list[str] = []
+
+# The AVX2 kernels' `flags` argument: which tensors are bf16 (else fp32).
+X_BF16, SCALES_BF16, BIAS_BF16 = 1, 2, 4
 
 # Above this input width torch's int8 kernel is faster: a row of fp32 activations (4K bytes) no
 # longer stays in L1 beside the streamed weights (two threads, timed in turns: 2048 x 8192 12 vs
@@ -72,6 +88,8 @@ def status() -> str:
     if lib is None:
         return f"native kernels: off ({_reason[0]})"
     note = f" ({'; '.join(_notes)})" if _notes else ""
+    if _is_avx2(lib):
+        return f"native kernels: int8, bf16, int4 (AVX2; fp32 or bf16 activations){note}"
     if not _has_bf16(lib):
         return f"native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's){note}"
     return f"native kernels: int8, bf16, int4{note}"
@@ -87,6 +105,8 @@ def library() -> ctypes.CDLL | None:
         except BuildError as e:
             why = str(e)
         else:
+            if _is_avx2(lib):
+                return _declare_avx2(lib)
             lib.pangu_native_has_bf16.restype = ctypes.c_int
             lib.pangu_int8_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
             if _has_bf16(lib):
@@ -102,10 +122,38 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
+def _is_avx2(lib: ctypes.CDLL) -> bool:
+    return hasattr(lib, "pangu_avx2_int8_linear")
+
+
+def _declare_avx2(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.pangu_avx2_int8_linear.argtypes = [p] * 5 + [i64] * 3 + [i32] * 2
+    lib.pangu_avx2_int4_linear.argtypes = [p] * 6 + [i64] * 4 + [i32] * 2
+    lib.pangu_avx2_bf16_linear.argtypes = [p] * 4 + [i64] * 3 + [i32] * 2
+    for fn in ("pangu_avx2_int8_linear", "pangu_avx2_int4_linear", "pangu_avx2_bf16_linear"):
+        getattr(lib, fn).restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def avx2() -> bool:
+    """True where the AVX2 kernels run (fp32 or bf16 activations)."""
+    lib = library()
+    return lib is not None and _is_avx2(lib)
+
+
+def activation_dtypes() -> tuple[torch.dtype, ...]:
+    """The activation dtypes the kernels here take (none where no kernels run)."""
+    if avx2():
+        return (torch.bfloat16, torch.float32)
+    return (torch.bfloat16,) if library() is not None else ()
+
+
 def forget() -> None:
     """Drop the loaded library and the cached answers, so that the next call looks again
     (after changing `PANGU_FN_NATIVE`, `CC` or `PANGU_FN_CACHE`)."""
-    for cached in (library, bf16_kernels, bf16_fits, int4_fits):
+    for cached in (library, avx2, bf16_kernels, bf16_fits, int4_fits):
         cached.cache_clear()
     _reason.clear()
     _notes.clear()
@@ -119,7 +167,7 @@ def _has_bf16(lib: ctypes.CDLL) -> bool:
 def bf16_kernels() -> bool:
     """True where the bf16 and int4 kernels run."""
     lib = library()
-    return lib is not None and _has_bf16(lib)
+    return lib is not None and (_is_avx2(lib) or _has_bf16(lib))
 
 
 # ---- argument checks: the C code reads and writes exactly what these shapes say ----
@@ -129,16 +177,21 @@ def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
 
 
-def _check(fn: str, name: str, t: object, dtype: torch.dtype, dims: tuple[int, ...]) -> None:
-    """`t` is a row-major CPU tensor of `dtype` with one of `dims` dimensions."""
-    if (isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() in dims and t.is_cpu
+FLOATS = (torch.bfloat16, torch.float32)  # activations, scales and biases the kernels read
+
+
+def _check(fn: str, name: str, t: object, dtype: torch.dtype | tuple[torch.dtype, ...],
+           dims: tuple[int, ...]) -> None:
+    """`t` is a row-major CPU tensor of `dtype` (or one of them) with one of `dims` dimensions."""
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if (isinstance(t, torch.Tensor) and t.dtype in dtypes and t.dim() in dims and t.is_cpu
             and t.is_contiguous()):
         return
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{fn}: expected {name} a tensor, found {type(t).__name__}")
-    if t.dtype != dtype or t.dim() not in dims:
-        raise InputError(f"{fn}: expected {name} {dtype} with {' or '.join(map(str, dims))} dimensions, "
-                         f"found {t.dtype} {_shape(t)}")
+    if t.dtype not in dtypes or t.dim() not in dims:
+        raise InputError(f"{fn}: expected {name} {' or '.join(map(str, dtypes))} with "
+                         f"{' or '.join(map(str, dims))} dimensions, found {t.dtype} {_shape(t)}")
     if not t.is_cpu:
         raise InputError(f"{fn}: expected {name} on the CPU, found it on {t.device}")
     raise InputError(f"{fn}: expected {name} {_shape(t)} contiguous (row-major), found strides {t.stride()}")
@@ -161,7 +214,7 @@ def _check_bias(fn: str, bias: object, n: int) -> None:
 
 def _check_int4(fn: str, qdata: object, scales: object, zero_points: object, group_size: object) -> tuple[int, int]:
     """(N, K) of the int4 weight whose parts these are (see `int4_linear`)."""
-    _check(fn, "scales", scales, torch.bfloat16, (2,))
+    _check(fn, "scales", scales, FLOATS, (2,))
     _check(fn, "qdata", qdata, torch.uint8, (2, 3))
     if not (type(group_size) is int and group_size >= 2 and group_size % 2 == 0):
         raise InputError(f"{fn}: expected an even integer group size >= 2, found {group_size!r}")
@@ -179,25 +232,57 @@ def _check_int4(fn: str, qdata: object, scales: object, zero_points: object, gro
 
 # ---- the kernels ----
 
-def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """`x [M, K] @ (qdata [N, K] * scales[:, None]).T` in bf16 (x and `scales [N]` bf16, all
-    CPU and contiguous), or None when the kernel is unavailable, K is not a multiple of 32, or K
-    is over `MAX_K`. Raises InputError for arguments that do not fit together."""
-    _check("int8_linear", "x", x, torch.bfloat16, (2,))
+def _flags(x: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None) -> int:
+    """The AVX2 kernels' dtype flags (bias: only a fused one, see `_avx2_bias`)."""
+    return ((X_BF16 if x.dtype == torch.bfloat16 else 0)
+            | (SCALES_BF16 if scales is not None and scales.dtype == torch.bfloat16 else 0)
+            | (BIAS_BF16 if bias is not None and bias.dtype == torch.bfloat16 else 0))
+
+
+def _avx2_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias the AVX2 kernels add themselves: a contiguous bf16 or fp32 one (else None)."""
+    return bias if bias is not None and bias.dtype in FLOATS and bias.is_contiguous() else None
+
+
+def _avx2_done(y: torch.Tensor, bias: torch.Tensor | None, fused: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None or fused is not None else y.add_(bias)
+
+
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`x [M, K] @ (qdata [N, K] * scales[:, None]).T + bias [N]` in x's dtype (all CPU and
+    contiguous; x and `scales [N]` bf16, or with the AVX2 kernels bf16 or fp32), or None when
+    the kernel is unavailable, takes no such dtypes, K is not a multiple of 32, or K is over
+    `MAX_K`. Raises InputError for arguments that do not fit together."""
+    _check("int8_linear", "x", x, FLOATS, (2,))
     _check("int8_linear", "qdata", qdata, torch.int8, (2,))
-    _check("int8_linear", "scales", scales, torch.bfloat16, (1,))
+    _check("int8_linear", "scales", scales, FLOATS, (1,))
     (m, k), n = x.shape, qdata.shape[0]
     _check_width("int8_linear", x, n, qdata.shape[1])
     if scales.shape != (n,):
         raise InputError(f"int8_linear: expected scales [{n}] for weight {_shape(qdata)}, found {_shape(scales)}")
+    _check_bias("int8_linear", bias, n)
     lib = library()
     if lib is None or k % 32 or k > MAX_K or x.numel() == 0 or n == 0:
         return None
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    if lib.pangu_int8_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
-                                  torch.get_num_threads()) != 0:
+    y = torch.empty(m, n, dtype=x.dtype)
+    threads = torch.get_num_threads()
+    if _is_avx2(lib):
+        fused = _avx2_bias(bias)
+        if lib.pangu_avx2_int8_linear(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), _ptr(fused), y.data_ptr(),
+                                      m, n, k, _flags(x, scales, fused), threads) != 0:
+            return None
+        return _avx2_done(y, bias, fused)
+    if x.dtype != torch.bfloat16 or scales.dtype != torch.bfloat16:
         return None
-    return y
+    if lib.pangu_int8_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
+                                  threads) != 0:
+        return None
+    return y if bias is None else y.add_(bias)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 @functools.cache
@@ -207,19 +292,28 @@ def bf16_fits(k: int) -> bool:
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`x [M, K] @ weight [N, K].T + bias [N]` in bf16 (x and weight bf16 CPU, contiguous), or
-    None when the kernel is unavailable or K is not a multiple of 32. Raises InputError for
-    arguments that do not fit together."""
-    _check("bf16_linear", "x", x, torch.bfloat16, (2,))
+    """`x [M, K] @ weight [N, K].T + bias [N]` in x's dtype (weight bf16, x bf16 or with the
+    AVX2 kernels fp32, CPU, contiguous), or None when the kernel is unavailable, does not take
+    x's dtype, or K is not a multiple of 32. Raises InputError for arguments that do not fit
+    together."""
+    _check("bf16_linear", "x", x, FLOATS, (2,))
     _check("bf16_linear", "weight", weight, torch.bfloat16, (2,))
     (m, k), n = x.shape, weight.shape[0]
     _check_width("bf16_linear", x, n, weight.shape[1])
     _check_bias("bf16_linear", bias, n)
     if not bf16_fits(k) or x.numel() == 0 or n == 0:
         return None
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    if library().pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), _bias_ptr(bias), y.data_ptr(), m, n, k,
-                                   torch.get_num_threads()) != 0:
+    lib, threads = library(), torch.get_num_threads()
+    y = torch.empty(m, n, dtype=x.dtype)
+    if _is_avx2(lib):
+        fused = _avx2_bias(bias)
+        if lib.pangu_avx2_bf16_linear(x.data_ptr(), weight.data_ptr(), _ptr(fused), y.data_ptr(), m, n, k,
+                                      _flags(x, None, fused), threads) != 0:
+            return None
+        return _avx2_done(y, bias, fused)
+    if x.dtype != torch.bfloat16:
+        return None
+    if lib.pangu_bf16_linear(x.data_ptr(), weight.data_ptr(), _bias_ptr(bias), y.data_ptr(), m, n, k, threads) != 0:
         return None
     return _add_unfused(y, bias)
 
@@ -264,19 +358,29 @@ def int4_fits(k: int, group_size: int) -> bool:
 def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """`x [M, K]` times the int4 weight whose MatMulNBits bytes are `qdata` (`[N, K/G, G/2]` or
-    `[N, K/2]` uint8), `scales [N, K/G]` bf16 and `zero_points [N, K/G]` uint8 or None (zero 8),
-    plus `bias [N]`, in bf16 (x and scales bf16, all CPU and contiguous), or None when the kernel
-    is unavailable or (K, G) do not fit. Raises InputError for arguments that do not fit together."""
-    _check("int4_linear", "x", x, torch.bfloat16, (2,))
+    `[N, K/2]` uint8), `scales [N, K/G]` and `zero_points [N, K/G]` uint8 or None (zero 8),
+    plus `bias [N]`, in x's dtype (x and scales bf16, or with the AVX2 kernels bf16 or fp32; all
+    CPU and contiguous), or None when the kernel is unavailable, does not take these dtypes, or
+    (K, G) do not fit. Raises InputError for arguments that do not fit together."""
+    _check("int4_linear", "x", x, FLOATS, (2,))
     n, k = _check_int4("int4_linear", qdata, scales, zero_points, group_size)
     _check_width("int4_linear", x, n, k)
     _check_bias("int4_linear", bias, n)
     if not int4_fits(k, group_size) or x.numel() == 0 or n == 0:
         return None
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    zeros = 0 if zero_points is None else zero_points.data_ptr()
-    if library().pangu_int4_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), zeros, _bias_ptr(bias),
-                                        y.data_ptr(), x.shape[0], n, k, group_size, torch.get_num_threads()) != 0:
+    lib, threads = library(), torch.get_num_threads()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if _is_avx2(lib):
+        fused = _avx2_bias(bias)
+        if lib.pangu_avx2_int4_linear(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), _ptr(zero_points),
+                                      _ptr(fused), y.data_ptr(), x.shape[0], n, k, group_size,
+                                      _flags(x, scales, fused), threads) != 0:
+            return None
+        return _avx2_done(y, bias, fused)
+    if x.dtype != torch.bfloat16 or scales.dtype != torch.bfloat16:
+        return None
+    if lib.pangu_int4_linear_bf16(x.data_ptr(), qdata.data_ptr(), scales.data_ptr(), _ptr(zero_points),
+                                  _bias_ptr(bias), y.data_ptr(), x.shape[0], n, k, group_size, threads) != 0:
         return None
     return _add_unfused(y, bias)
 
@@ -285,10 +389,10 @@ def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torc
                     group_size: int) -> torch.Tensor | None:
     """The bf16 weight `[N, K]` of MatMulNBits bytes `qdata [N, K/G, G/2]` with bf16 `scales` and
     uint8 `zero_points` `[N, K/G]` (or None: zero 8), all CPU and contiguous; None when the
-    kernel is unavailable or G is not a multiple of 32. Raises InputError for arguments that do
-    not fit together."""
+    AVX-512 kernel is unavailable (it has no AVX2 version), the scales are not bf16, or G is not a
+    multiple of 32. Raises InputError for arguments that do not fit together."""
     n, k = _check_int4("int4_dequantize", qdata, scales, zero_points, group_size)
-    if not bf16_kernels() or group_size % 32 or n * k == 0:
+    if not bf16_kernels() or avx2() or scales.dtype != torch.bfloat16 or group_size % 32 or n * k == 0:
         return None
     w = torch.empty(n, k, dtype=torch.bfloat16)
     zeros = 0 if zero_points is None else zero_points.data_ptr()
@@ -306,8 +410,8 @@ def _unsupported() -> str | None:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"needs Linux on x86-64, found {platform.system()} on {platform.machine()}"
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        return f"needs AVX-512, torch reports {capability} on this CPU"
+    if capability not in ("AVX512", "AVX2"):
+        return f"needs AVX-512 or AVX2, torch reports {capability} on this CPU"
     return None
 
 
@@ -340,33 +444,38 @@ def _build(rebuild: bool = False) -> tuple[Path, str]:
     "cached", "built" into the cache, or "private": built in a fresh temporary folder because
     the cache folder or file is not trusted). `rebuild` replaces a cached file. Raises BuildError."""
     compiler = os.environ.get("CC", "cc")
-    name = f"native_kernels-{_cache_key(compiler)}.so"
+    key, source = _cache_key(compiler)
+    name = f"{source.stem}-{key}.so"
     cache = _cache_folder()
     if cache is None:
-        return _compile(compiler, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
+        return _compile(compiler, source, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
     lib = cache / name
     with _locked(cache / "build.lock"):
         if lib.exists() or lib.is_symlink():
             why = _untrusted(lib)
             if why is not None:
                 _notes.append(f"cached {lib.name} {why}: built in a private temporary folder")
-                return _compile(compiler, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
+                return _compile(compiler, source, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
             if not rebuild:
                 return lib, "cached"
-        return _compile(compiler, lib), "built"
+        return _compile(compiler, source, lib), "built"
 
 
-def _cache_key(compiler: str) -> str:
-    """Hash of the source, the flags, the compiler (path, `--version`) and the macros it
-    predefines for these flags (`-march=native`: this CPU's instruction sets). Raises
-    BuildError without a usable compiler, or when it does not target AVX-512F here."""
+def _cache_key(compiler: str) -> tuple[str, Path]:
+    """(hash of the source, the flags, the compiler (path, `--version`) and the macros it
+    predefines for these flags (`-march=native`: this CPU's instruction sets), the source to
+    build: AVX-512 where torch reports it and the compiler targets it, else AVX2). Raises
+    BuildError without a usable compiler, or when it targets neither here."""
     version = _run([compiler, "--version"])
-    macros = _run([compiler, *FLAGS, "-dM", "-E", "-x", "c", os.devnull])
-    if "__AVX512F__" not in macros:
-        raise BuildError(f"{compiler} does not target AVX-512F with {' '.join(FLAGS)}")
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), str(shutil.which(compiler) or compiler).encode(),
-             version.encode(), macros.encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    macros = set(_run([compiler, *FLAGS, "-dM", "-E", "-x", "c", os.devnull]).split())
+    isas = ("avx512", "avx2") if torch.backends.cpu.get_cpu_capability() == "AVX512" else ("avx2",)
+    isa = next((i for i in isas if all(m in macros for m in NEEDS[i])), None)
+    if isa is None:
+        wanted = " or ".join("+".join(NEEDS[i]) for i in isas)
+        raise BuildError(f"{compiler} does not target {wanted} with {' '.join(FLAGS)}")
+    parts = [SOURCES[isa].read_bytes(), " ".join(FLAGS).encode(), str(shutil.which(compiler) or compiler).encode(),
+             version.encode(), " ".join(sorted(macros)).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16], SOURCES[isa]
 
 
 def _run(command: list[str]) -> str:
@@ -424,12 +533,12 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _compile(compiler: str, lib: Path) -> Path:
+def _compile(compiler: str, source: Path, lib: Path) -> Path:
     """Compile into a temporary name beside `lib`, make it owner-only (0700), rename it to `lib`."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        _run([compiler, *FLAGS, str(SOURCE), "-o", tmp])
+        _run([compiler, *FLAGS, str(source), "-o", tmp])
         os.chmod(tmp, 0o700)
         os.replace(tmp, lib)
     finally:

@@ -22,7 +22,7 @@ out=""; prev=""
 for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
 case " $* " in
   *" --version "*) echo "fakecc $FAKE_CC_VERSION";;
-  *" -dM "*) echo "#define __AVX512F__ 1";;
+  *" -dM "*) printf "#define __AVX512F__ 1\n#define __AVX2__ 1\n#define __FMA__ 1\n";;
   *) echo compile >> "$FAKE_CC_LOG"; sleep "${FAKE_CC_SLEEP:-0}"; printf 'not a library' > "$out";;
 esac
 """

@@ -77,7 +77,9 @@ def test_every_leaf_and_a_plain_bf16_weight_reject_the_wrong_width(width):
 
 # one way to break each argument of a wrapper; None: the valid call
 INT8_FAULTS = [None, "x_width", "x_dtype", "x_rank", "x_strided", "q_dtype", "q_strided", "scales_len", "scales_dtype",
-               "scales_rank"]
+               "scales_rank", "bias_len"]
+# the activations (and scales) the kernels take: bf16 everywhere, fp32 too with the AVX2 kernels
+FLOATS = st.sampled_from([torch.bfloat16, torch.float32])
 BF16_FAULTS = [None, "x_width", "x_dtype", "x_strided", "x_expanded", "w_dtype", "w_strided", "w_rank", "bias_len",
                "bias_rank"]
 INT4_FAULTS = [None, "x_width", "x_dtype", "x_strided", "q_dtype", "q_bytes", "scales_rows", "scales_blocks",
@@ -94,28 +96,32 @@ def strided(t: torch.Tensor) -> torch.Tensor:
 
 
 @FUZZ
-@given(m=st.integers(1, 9), n=st.integers(1, 40), k=st.sampled_from([16, 32, 64, 96]), fault=st.sampled_from(INT8_FAULTS))
-def test_fuzz_int8_linear(m, n, k, fault):
-    x, q, s = bf16(m, k), torch.randint(-127, 128, (n, k), dtype=torch.int8), bf16(n, seed=1).abs()
-    x = {"x_width": bf16(m, k + 32), "x_dtype": x.float(), "x_rank": x[None], "x_strided": strided(x)}.get(fault, x)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), k=st.sampled_from([16, 32, 64, 96]), x_dtype=FLOATS,
+       s_dtype=FLOATS, with_bias=st.booleans(), fault=st.sampled_from(INT8_FAULTS))
+def test_fuzz_int8_linear(m, n, k, x_dtype, s_dtype, with_bias, fault):
+    x, q = bf16(m, k).to(x_dtype), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s, b = bf16(n, seed=1).abs().to(s_dtype), bf16(n, seed=2) if with_bias else None
+    x = {"x_width": bf16(m, k + 32), "x_dtype": x.half(), "x_rank": x[None], "x_strided": strided(x)}.get(fault, x)
     q = {"q_dtype": q.to(torch.int16), "q_strided": strided(q)}.get(fault, q)
-    s = {"scales_len": bf16(n + 1), "scales_dtype": s.float(), "scales_rank": s[:, None]}.get(fault, s)
+    s = {"scales_len": bf16(n + 1), "scales_dtype": s.half(), "scales_rank": s[:, None]}.get(fault, s)
+    b = bf16(n + 1) if fault == "bias_len" else b
     if fault is not None:
         with pytest.raises(InputError):
-            native.int8_linear(x, q, s)
+            native.int8_linear(x, q, s, b)
         return
-    y = native.int8_linear(x, q, s)
+    y = native.int8_linear(x, q, s, b)
     if y is not None:
-        assert close(y, F.linear(x.float(), q.float() * s.float()[:, None]))
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        assert close(y, F.linear(x.float(), q.float() * s.float()[:, None], None if b is None else b.float()))
 
 
 @FUZZ
-@given(m=st.integers(1, 9), n=st.integers(1, 40), k=st.sampled_from([16, 32, 64, 96]), with_bias=st.booleans(),
-       fault=st.sampled_from(BF16_FAULTS))
-def test_fuzz_bf16_linear(m, n, k, with_bias, fault):
-    x, w = bf16(m, k), bf16(n, k, seed=1)
-    b = bf16(n, seed=2) if with_bias or fault in ("bias_len", "bias_rank") else None
-    x = {"x_width": bf16(m, k - 8), "x_dtype": x.float(), "x_strided": strided(x),
+@given(m=st.integers(1, 9), n=st.integers(1, 40), k=st.sampled_from([16, 32, 64, 96]), x_dtype=FLOATS,
+       with_bias=st.booleans(), fault=st.sampled_from(BF16_FAULTS))
+def test_fuzz_bf16_linear(m, n, k, x_dtype, with_bias, fault):
+    x, w = bf16(m, k).to(x_dtype), bf16(n, k, seed=1)
+    b = bf16(n, seed=2).to(x_dtype) if with_bias or fault in ("bias_len", "bias_rank") else None
+    x = {"x_width": bf16(m, k - 8), "x_dtype": x.half(), "x_strided": strided(x),
          "x_expanded": bf16(1, k).expand(m + 1, k)}.get(fault, x)
     w = {"w_dtype": w.half(), "w_strided": strided(w), "w_rank": w[None]}.get(fault, w)
     b = {"bias_len": bf16(n + 3), "bias_rank": bf16(1, n)}.get(fault, b)
@@ -125,21 +131,22 @@ def test_fuzz_bf16_linear(m, n, k, with_bias, fault):
         return
     y = native.bf16_linear(x, w, b)
     if y is not None:
+        assert y.dtype == x_dtype and y.shape == (m, n)
         assert close(y, F.linear(x.float(), w.float(), None if b is None else b.float()))
 
 
 @FUZZ
 @given(m=st.integers(1, 9), n=st.integers(1, 24), blocks=st.integers(1, 4), g=st.sampled_from([32, 64, 128]),
-       sym=st.booleans(), fault=st.sampled_from(INT4_FAULTS))
-def test_fuzz_int4_linear(m, n, blocks, g, sym, fault):
+       sym=st.booleans(), x_dtype=FLOATS, s_dtype=FLOATS, with_bias=st.booleans(), fault=st.sampled_from(INT4_FAULTS))
+def test_fuzz_int4_linear(m, n, blocks, g, sym, x_dtype, s_dtype, with_bias, fault):
     k = blocks * g
-    x, b = bf16(m, k), bf16(n, seed=3)
+    x, b = bf16(m, k).to(x_dtype), bf16(n, seed=3) if with_bias else None
     q, s, z = int4_parts(n, k, g, seed=blocks)
-    z = None if sym else z
+    z, s = None if sym else z, s.to(s_dtype)
     x = {"x_width": bf16(m, k + g), "x_dtype": x.half(), "x_strided": strided(x)}.get(fault, x)
     q = {"q_dtype": q.to(torch.int8), "q_bytes": q[:, :, :-1].contiguous(), "q_strided": strided(q)}.get(fault, q)
     s = {"scales_rows": bf16(n + 1, blocks), "scales_blocks": bf16(n, blocks + 1),
-         "scales_dtype": s.float()}.get(fault, s)
+         "scales_dtype": s.half()}.get(fault, s)
     if fault in ("zeros_shape", "zeros_dtype"):
         z = torch.zeros(n, blocks + 1, dtype=torch.uint8) if fault == "zeros_shape" else torch.zeros(n, blocks)
     group = {"group": g * 2, "group_zero": 0}.get(fault, g)
@@ -150,7 +157,8 @@ def test_fuzz_int4_linear(m, n, blocks, g, sym, fault):
         return
     y = native.int4_linear(x, q, s, z, g, b)
     if y is not None:
-        assert close(y, F.linear(x.float(), int4_weight(q, s, z, g), b.float()))
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        assert close(y, F.linear(x.float(), int4_weight(q, s, z, g), None if b is None else b.float()))
 
 
 @FUZZ
@@ -161,7 +169,7 @@ def test_fuzz_int4_dequantize(n, blocks, g, sym, fault):
     z = None if sym else z
     q = {"q_dtype": q.to(torch.int8), "q_bytes": q[:, :, :-1].contiguous(), "q_rows": q[:-1] if n > 1 else q[:, :0],
          "q_strided": strided(q)}.get(fault, q)
-    s = s.float() if fault == "scales_dtype" else s
+    s = s.half() if fault == "scales_dtype" else s
     if fault in ("zeros_shape", "zeros_dtype"):
         z = torch.zeros(n + 1, blocks, dtype=torch.uint8) if fault == "zeros_shape" else torch.zeros(n, blocks)
     group = {"group": g * 2, "group_zero": 0}.get(fault, g)

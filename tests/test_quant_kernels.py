@@ -42,7 +42,7 @@ def test_int8_kernels_equal_dequantize_then_matmul(n, k):
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
     assert_close(y, reference(leaf, x, bias), 2e-2)  # bf16 output rounding
     if k % 32 == 0 and native.library() is not None:  # the native kernel: the same numbers
-        direct = native.int8_linear(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
+        direct = native.int8_linear(x.reshape(-1, k), leaf.qdata, leaf.scales, bias).view(2, 3, n)
         assert torch.equal(y, direct)
     elif k % 16 == 0:  # torch's CPU kernel path: same numbers as calling it directly
         direct = torch._weight_int8pack_mm(x.reshape(-1, k), leaf.qdata, leaf.scales).view(2, 3, n) + bias
@@ -130,7 +130,7 @@ def test_a_failed_build_leaves_the_torch_kernels_with_the_reason(monkeypatch, tm
         assert torch.equal(leaf.linear(x), torch._weight_int8pack_mm(x, leaf.qdata, leaf.scales))
         int4 = quantize_int4(w, 32, True, torch.bfloat16)
         assert int4.native_kernel_data is None and int4.cpu_kernel_data is not None
-        assert DenseWeight(w.bfloat16()).packed is not None or not torch.backends.mkldnn.is_available()
+        assert DenseWeight(w.bfloat16()).packed is not None or not pangu_fn.quant.kernels._mkldnn_bf16()
         assert not any((tmp_path / "cache").glob("*.so"))
     finally:
         native.forget()
@@ -139,8 +139,8 @@ def test_a_failed_build_leaves_the_torch_kernels_with_the_reason(monkeypatch, tm
 def test_a_build_without_avx512_bf16_keeps_int8_and_hands_bf16_int4_to_torch(monkeypatch, tmp_path):
     """A CPU with AVX-512F but no AVX512-BF16 (built here with -mno-avx512bf16): the int8 kernel
     runs, the bf16 and int4 kernels are left out, and those leaves take torch's kernels."""
-    if native._unsupported() is not None:
-        pytest.skip(native._unsupported())
+    if native._unsupported() is not None or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip(native._unsupported() or "needs AVX-512 (the AVX2 build has all three kernels)")
     monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512bf16"])
     monkeypatch.setenv("PANGU_FN_CACHE", str(tmp_path))
     native.forget()
@@ -157,7 +157,7 @@ def test_a_build_without_avx512_bf16_keeps_int8_and_hands_bf16_int4_to_torch(mon
         assert int4.native_kernel_data is None and int4.cpu_kernel_data is not None
         assert native.int4_dequantize(int4.qdata, int4.scales, None, 32) is None
         assert_close(int4.linear(x), reference(int4, x, None), 2e-2)
-        assert DenseWeight(w.bfloat16()).packed is not None or not torch.backends.mkldnn.is_available()
+        assert DenseWeight(w.bfloat16()).packed is not None or not pangu_fn.quant.kernels._mkldnn_bf16()
     finally:
         native.forget()
 
@@ -165,9 +165,14 @@ def test_a_build_without_avx512_bf16_keeps_int8_and_hands_bf16_int4_to_torch(mon
 def test_int8_leaf_falls_back_to_torch_kernel_without_the_native_one(monkeypatch):
     leaf = quantize_int8(torch.randn(64, 128, generator=GEN), torch.bfloat16)
     x, bias = inputs(128, 64, torch.bfloat16)
-    monkeypatch.setattr(native, "library", lambda: None)
-    direct = torch._weight_int8pack_mm(x.reshape(-1, 128), leaf.qdata, leaf.scales).view(2, 3, 64) + bias
-    assert torch.equal(leaf.linear(x, bias), direct)
+    monkeypatch.setenv("PANGU_FN_NATIVE", "0")
+    native.forget()
+    try:
+        direct = torch._weight_int8pack_mm(x.reshape(-1, 128), leaf.qdata, leaf.scales).view(2, 3, 64) + bias
+        assert torch.equal(leaf.linear(x, bias), direct)
+    finally:
+        monkeypatch.undo()
+        native.forget()
 
 
 @pytest.mark.parametrize("path", ["native", "torch"])
@@ -190,8 +195,9 @@ def test_int4_kernels_equal_dequantize_then_matmul(n, k, g, sym, path, monkeypat
         assert leaf.native_kernel_data is None and leaf.cpu_kernel_data is not None
     assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
     assert_close(y, reference(leaf, x, bias), 2e-2)
-    fp32 = leaf.astype(torch.float32)
-    assert fp32.cpu_kernel_data is None and fp32.native_kernel_data is None
+    fp32 = leaf.astype(torch.float32)  # fp32 activations: the AVX2 kernel, else dequantize-then-matmul
+    fp32_native = path == "native" and torch.float32 in native.activation_dtypes()
+    assert fp32.cpu_kernel_data is None and (fp32.native_kernel_data is not None) == fp32_native
     assert_close(fp32.linear(x.float(), bias.float()), reference(leaf, x, bias), 1e-5)
     x, _ = inputs(k, n, torch.bfloat16, rows=100)  # 200 rows: dequantize once, bf16 matmul
     assert_close(leaf.linear(x, bias), reference(leaf, x, bias), 2e-2)
@@ -254,7 +260,7 @@ def test_dense_bf16_leaf_paths_equal_f_linear(path, monkeypatch):
 
 def test_native_int4_dequantize_equals_the_torch_ops():
     """The prefill path's dequantization: the same bf16 numbers as `int4_dequantize`."""
-    if not native.bf16_kernels():
+    if not native.bf16_kernels() or native.avx2():  # AVX-512 only
         pytest.skip(native.status())
     for g, sym in [(32, True), (64, False), (256, False)]:
         leaf = quantize_int4(torch.randn(300, 512, generator=GEN), g, sym, torch.bfloat16)

@@ -67,11 +67,10 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int8_linear(x, w.qdata, w.scales, bias)
-    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.scales.dtype == torch.bfloat16
-            and k % 16 == 0 and x.numel() < DEQUANTIZE_ROWS["int8"] * k):  # K % 16: other K crash it
-        rows = _rows(x)
-        y = backend.int8_linear(rows, w.qdata, w.scales)
-        return _add_bias(y, bias).view(*x.shape[:-1], n)
+    if x.device.type == "cpu" and x.numel() < DEQUANTIZE_ROWS["int8"] * k and (
+            backend.native_int8_fits(x, w.scales) or (x.dtype == torch.bfloat16 == w.scales.dtype and k % 16 == 0)):
+        # torch's kernel (bf16 only) crashes on K % 16 != 0
+        return backend.int8_linear(_rows(x), w.qdata, w.scales, bias).view(*x.shape[:-1], n)
     if npu_available(x) and x.dtype in (torch.float16, torch.bfloat16):
         return _npu_linear(w, x, bias)
     if torch.compiler.is_compiling() and x.device.type == "cuda":  # inductor fuses the int8 -> bf16 cast into the matmul
@@ -86,7 +85,8 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
     bf16_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    if bf16_cpu and x.numel() < NATIVE_INT4_ROWS * k and w.native_kernel_data is not None:
+    if (x.device.type == "cpu" and x.dtype == w.compute_dtype and x.numel() < NATIVE_INT4_ROWS * k
+            and w.native_kernel_data is not None):
         y = backend.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias)
         if y is not None:
             return y.view(*x.shape[:-1], n)

@@ -206,7 +206,8 @@ class Int4Weight(_Leaf):
     byte along K, low nibble first), `scales [N, K/G]` (compute dtype), `zero_points` uint8
     `[N, K/G]` (values 0..15) or None for symmetric (zero point 8); weight = (code - zero) * scale.
 
-    On the CPU with bf16 compute the native int4 kernel reads `qdata` as it is. Where it cannot
+    On the CPU with bf16 compute (or fp32 with the AVX2 kernels) the native int4 kernel reads
+    `qdata` as it is. Where it cannot
     run, the leaf is made holding torch's CPU kernel's packed copy, in place of `qdata` (rebuilt
     on demand, e.g. for saving) when that layout is invertible here, unless `keep_qdata`; a tied
     embedding's token lookup then unpacks only the row blocks it needs. The tensors passed in
@@ -233,7 +234,7 @@ class Int4Weight(_Leaf):
         self.compute_dtype = scales.dtype
         self._copies = {}
         qdata = qdata.contiguous()
-        native_runs = (qdata.device.type == "cpu" and self.compute_dtype == torch.bfloat16
+        native_runs = (qdata.device.type == "cpu" and self.compute_dtype in native.activation_dtypes()
                        and native.int4_fits(self.shape[1], self.group_size))
         self._native = (qdata, self.scales, self.zero_points) if native_runs else None
         self._cpu, invertible = (None, False) if native_runs else self._cpu_pack(qdata)

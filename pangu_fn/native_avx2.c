@@ -1,0 +1,242 @@
+/* Weight-streaming matrix products for few activation rows, x86-64 with AVX2 and FMA (no AVX-512).
+ *
+ * The AVX2 counterpart of native_kernels.c, built by native.py instead of it where the compiler
+ * targets AVX2 but not AVX-512F. Activations are fp32 or bf16; products are summed in fp32
+ * (FMA on 8 lanes) and written once in the activations' dtype. Each output row's weights are read
+ * once per call: the row loop is outermost (shared among OpenMP threads, torch's libgomp), and
+ * all activation rows, ROWS at a time, pass over a weight row while it is in L1.
+ *
+ *   int8: y = scales[n] sum_k x[m, k] w[n, k] + bias[n]          w int8 [N, K], scales [N]
+ *   int4: y = sum_g scales[n, g] sum_{k in g} x[m, k] (c[n, k] - zero[n, g]) + bias[n]
+ *         c: ONNX MatMulNBits bytes [N, K/2] (element 2i in the low nibble of byte i),
+ *         scales [N, K/G], zeros uint8 [N, K/G] or NULL (zero 8)
+ *   bf16: y = sum_k x[m, k] w[n, k] + bias[n]                     w bf16 [N, K]
+ *
+ * `flags` give the dtypes: X_BF16 for x and y (else fp32), S_BF16 for the scales, B_BF16 for
+ * the bias (NULL: none). Each entry returns 0, or -1 for a shape it does not take or when
+ * memory runs out (y is then not to be used). Codes and bf16 weights become fp32 exactly.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define X_BF16 1
+#define S_BF16 2
+#define B_BF16 4
+#define ROWS 4 /* activation rows per pass over a weight row (registers: ROWS x 2 accumulators) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest, ties to even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_f(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_f(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* x [M, K] as fp32, each block of `block` (16 or 32) elements in the order `perm(j)` lists,
+ * so that the weights need no shuffle across lanes after unpacking. */
+static float *activations(const void *x, int64_t m_total, int64_t k_total, int bf16, int block,
+                          int (*perm)(int)) {
+    float *xf = alloc64(sizeof(float) * m_total * k_total);
+    if (xf == NULL) return NULL;
+    for (int64_t i = 0; i < m_total * k_total; i += block)
+        for (int j = 0; j < block; j++) xf[i + j] = load_f(x, i + perm(j), bf16);
+    return xf;
+}
+
+static int same_order(int j) { return j; }
+
+/* A constant row count R after inlining keeps the accumulators in registers. */
+#define BY_ROWS(F, ...)                                                                              \
+    switch (rows) {                                                                                  \
+        case 1: F(1, __VA_ARGS__); break;                                                            \
+        case 2: F(2, __VA_ARGS__); break;                                                            \
+        case 3: F(3, __VA_ARGS__); break;                                                            \
+        default: F(4, __VA_ARGS__); break;                                                           \
+    }
+
+/* Writes sums[m] + bias[n] for R rows (sums already scaled). */
+static inline void write_rows(int R, const float *sums, const void *bias, void *y, int64_t n, int64_t n_total,
+                              int flags) {
+    float b = bias == NULL ? 0.0f : load_f(bias, n, flags & B_BF16);
+    for (int m = 0; m < R; m++) store_f(y, m * n_total + n, sums[m] + b, flags & X_BF16);
+}
+
+/* ---- int8: 8 weights at a time sign-extended to int32, converted to fp32 (exact) ---- */
+
+static inline __attribute__((always_inline)) void int8_rows(const int R, const float *xf, const int8_t *wn,
+                                                            int64_t k_total, float *sums) {
+    const int U = R == 1 ? 4 : 2; /* independent accumulators per row */
+    __m256 acc[ROWS][4];
+    for (int m = 0; m < R; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_total; k += 32)
+        for (int v = 0; v < 4; v++) {
+            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wn + k + 8 * v))));
+            for (int m = 0; m < R; m++)
+                acc[m][v % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + m * k_total + k + 8 * v), acc[m][v % U]);
+        }
+    for (int m = 0; m < R; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
+        sums[m] = hsum(acc[m][0]);
+    }
+}
+
+/* K a multiple of 32. */
+int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
+                           int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
+    if (k_total % 32 != 0) return -1;
+    float *xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order);
+    if (xf == NULL) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_total; n++) {
+        const float s = load_f(scales, n, flags & S_BF16);
+        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
+            int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
+            float sums[ROWS];
+            BY_ROWS(int8_rows, xf + m0 * k_total, w + n * k_total, k_total, sums)
+            for (int m = 0; m < rows; m++) sums[m] *= s;
+            char *ym = (char *)y + m0 * n_total * (flags & X_BF16 ? 2 : 4);
+            write_rows(rows, sums, bias, ym, n, n_total, flags);
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* ---- int4: 8 bytes (16 codes) at a time; codes minus the zero point as int8 (exact) ----
+ * The low nibbles hold the even elements of the 16, the high nibbles the odd ones, so the
+ * activations are stored evens first in each block of 16 and no interleaving is needed. */
+
+static int evens_first_16(int j) { return j < 8 ? 2 * j : 2 * (j - 8) + 1; }
+
+static inline __attribute__((always_inline)) void int4_rows(const int R, const float *xf, const uint8_t *qn,
+                                                            const void *sn, const uint8_t *zn, int64_t k_total,
+                                                            int64_t group, int flags, float *sums) {
+    const int U = R == 1 ? 4 : R == 2 ? 2 : 1; /* independent sums per row: FMA latency */
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 acc[ROWS];
+    for (int m = 0; m < R; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k_total / group; g++) {
+        const __m128i z = _mm_set1_epi8((char)(zn == NULL ? 8 : zn[g]));
+        __m256 d[ROWS][4];
+        for (int m = 0; m < R; m++)
+            for (int u = 0; u < U; u++) d[m][u] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32)
+            for (int h = 0; h < 2; h++) { /* 8 bytes: 16 codes, evens in the low nibbles */
+                __m128i v = _mm_loadl_epi64((const __m128i *)(qn + k / 2 + 8 * h));
+                __m256 even = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(v, low4), z)));
+                __m256 odd = _mm256_cvtepi32_ps(
+                    _mm256_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), z)));
+                for (int m = 0; m < R; m++) {
+                    const float *xm = xf + m * k_total + k + 16 * h;
+                    d[m][(2 * h) % U] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xm), d[m][(2 * h) % U]);
+                    d[m][(2 * h + 1) % U] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xm + 8), d[m][(2 * h + 1) % U]);
+                }
+            }
+        const __m256 s = _mm256_set1_ps(load_f(sn, g, flags & S_BF16));
+        for (int m = 0; m < R; m++) {
+            for (int u = 1; u < U; u++) d[m][0] = _mm256_add_ps(d[m][0], d[m][u]);
+            acc[m] = _mm256_fmadd_ps(d[m][0], s, acc[m]);
+        }
+    }
+    for (int m = 0; m < R; m++) sums[m] = hsum(acc[m]);
+}
+
+/* G a multiple of 32 dividing K. */
+int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
+                           const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
+                           int64_t group, int flags, int threads) {
+    if (group <= 0 || group % 32 != 0 || k_total % group != 0) return -1;
+    const int64_t blocks = k_total / group;
+    float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
+    if (xf == NULL) return -1;
+    const int64_t scale_size = flags & S_BF16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_total; n++) {
+        const uint8_t *zn = zeros == NULL ? NULL : zeros + n * blocks;
+        const char *sn = (const char *)scales + n * blocks * scale_size;
+        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
+            int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
+            float sums[ROWS];
+            BY_ROWS(int4_rows, xf + m0 * k_total, q + n * (k_total / 2), sn, zn, k_total, group, flags, sums)
+            char *ym = (char *)y + m0 * n_total * (flags & X_BF16 ? 2 : 4);
+            write_rows(rows, sums, bias, ym, n, n_total, flags);
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* ---- bf16: 16 weights per load; a 16-bit shift (even elements) and a mask (odd ones) make
+ * them fp32 exactly, so the activations are stored evens first in each block of 16 ---- */
+
+static inline __attribute__((always_inline)) void bf16_rows(const int R, const float *xf, const uint16_t *wn,
+                                                            int64_t k_total, float *sums) {
+    const int U = R == 1 ? 4 : 2;
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[ROWS][4];
+    for (int m = 0; m < R; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_total; k += 32)
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wn + k + 16 * h));
+            __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            for (int m = 0; m < R; m++) {
+                const float *xm = xf + m * k_total + k + 16 * h;
+                acc[m][(2 * h) % U] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xm), acc[m][(2 * h) % U]);
+                acc[m][(2 * h + 1) % U] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xm + 8), acc[m][(2 * h + 1) % U]);
+            }
+        }
+    for (int m = 0; m < R; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
+        sums[m] = hsum(acc[m][0]);
+    }
+}
+
+/* K a multiple of 32. */
+int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
+                           int64_t n_total, int64_t k_total, int flags, int threads) {
+    if (k_total % 32 != 0) return -1;
+    float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
+    if (xf == NULL) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_total; n++) {
+        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
+            int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
+            float sums[ROWS];
+            BY_ROWS(bf16_rows, xf + m0 * k_total, w + n * k_total, k_total, sums)
+            char *ym = (char *)y + m0 * n_total * (flags & X_BF16 ? 2 : 4);
+            write_rows(rows, sums, bias, ym, n, n_total, flags);
+        }
+    }
+    free(xf);
+    return 0;
+}
