@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
+
+from . import tensor_parallel
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,11 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-invariant", action="store_true",
                    help="faster steps whose last bits may depend on the batch (see docs/serve.md)")
     p.add_argument("--seed", type=int, default=0, help="seeds the seeds of requests that bring none")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
+                                                             "with --tp, per rank: the cores shared out)")
+    tensor_parallel.add_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tp > 1 and not tensor_parallel.is_rank():
+        return tensor_parallel.start(args, threads=args.threads)  # N ranks; rank 0 serves, the rest follow
     import uvicorn
 
     from pangu_fn.serve.app import ServerOptions, create_app
@@ -53,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
         from pangu_fn.serve.chat import ChatTemplate, chat_template_for
         from pangu_fn.tokenizer import find_tokenizer, load_tokenizer
 
-        params, cfg, _ = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
+        if args.tp > 1:
+            params, cfg, _ = tensor_parallel.rank_model(args)
+        else:
+            params, cfg, _ = resolve_model(args.model, args.device, args.dtype, args.weights_seed)
         if args.scheme:
             params = pf.quantize(params, pf.QuantRecipe(scheme=args.scheme), cfg)
         folder = Path(args.model) if Path(args.model).is_dir() else None
@@ -84,7 +94,15 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
         ready.set()
 
-    app = create_app(load, ServerOptions(settings, args.api_key, args.queue_timeout, args.seed), on_ready)
+    options = ServerOptions(settings, args.api_key, args.queue_timeout, args.seed)
+    if args.tp > 1:
+        from pangu_fn.serve import tensor_parallel as mirrored
+
+        if not tensor_parallel.is_lead():
+            mirrored.follow_served(load(), options)
+            return 0
+        options = replace(options, runner=mirrored.MirroredRunner)
+    app = create_app(load, options, on_ready)
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:  # SIGINT / SIGTERM: end open streams, then stop
             app.state.stop_engine()

@@ -118,8 +118,10 @@ def main() -> int:
     import importlib
 
     from pangu_fn.distributed import destroy
+    from pangu_fn.distributed.launch import die_with_parent
     from pangu_fn.errors import PanguError
 
+    die_with_parent()
     args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
     command = importlib.import_module(f"pangu_tools.{args.command.replace('-', '_')}")
     try:

@@ -10,12 +10,16 @@ that failed. Each rank's own error goes to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import queue
+import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -120,8 +124,41 @@ def run_processes(command: Sequence[str], world_size: int, env: dict[str, str] |
     procs = [subprocess.Popen(list(command), env={**os.environ, **(env or {}), **rank_env(r, world_size, store.port)},
                               stdout=None if r == 0 else subprocess.DEVNULL)
              for r in range(world_size)]
-    failed = supervise(procs, lambda p: p.poll(), lambda: None)
+    with _signals_to(procs[0]):
+        failed = supervise(procs, lambda p: p.poll(), lambda: None)
     return 0 if failed is None else failed[1]
+
+
+@contextlib.contextmanager
+def _signals_to(lead: subprocess.Popen) -> Iterator[None]:
+    """While inside: SIGINT and SIGTERM of this process go to rank 0 alone, which ends the run
+    (a server stops its followers; elsewhere the others fail on their next collective and
+    `supervise` stops them). Only in the main thread, where Python takes signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def forward(sig: int, _frame: Any) -> None:
+        lead.send_signal(sig)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def die_with_parent() -> None:
+    """In a rank started by `run_processes`: get SIGTERM when the launching process dies, even
+    by SIGKILL (Linux; elsewhere nothing), so no rank outlives it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def supervise(procs: list[Any], exit_code: Callable[[Any], int | None],
