@@ -119,14 +119,18 @@ def run_processes(command: Sequence[str], world_size: int, env: dict[str, str] |
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """Run `command` as `world_size` local ranks (torchrun's environment plus `env`), rank
     0's stdout passed through and the others' dropped; returns 0, or the first failing rank's
-    exit code after stopping the rest."""
+    exit code (1 for a rank ended by a signal) after stopping the rest and saying which on stderr."""
     store = _store(timeout_s)
     procs = [subprocess.Popen(list(command), env={**os.environ, **(env or {}), **rank_env(r, world_size, store.port)},
                               stdout=None if r == 0 else subprocess.DEVNULL)
              for r in range(world_size)]
     with _signals_to(procs[0]):
         failed = supervise(procs, lambda p: p.poll(), lambda: None)
-    return 0 if failed is None else failed[1]
+    if failed is None:
+        return 0
+    print(f"tensor-parallel rank {failed[0]} of {world_size} exited with code {failed[1]} (its error, if it "
+          "printed one, is above); the other ranks were stopped", file=sys.stderr, flush=True)
+    return failed[1] if 0 < failed[1] < 256 else 1
 
 
 @contextlib.contextmanager
