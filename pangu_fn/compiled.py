@@ -34,7 +34,7 @@ from .sampling import greedy_tokens
 
 # Greedy generate() asks the device whether every row has stopped once per this many steps.
 STOP_CHECK_EVERY = 16
-BACKENDS = ("inductor", "aot_eager", "eager")
+BACKENDS = ("inductor", "aot", "aot_eager", "eager")
 # Compiled shapes per program (torch's default, 8, fails a fullgraph program on the ninth
 # batch size / bucket / model of a process).
 RECOMPILE_LIMIT = 64
@@ -43,11 +43,13 @@ RECOMPILE_LIMIT = 64
 @dataclass(frozen=True)
 class CompileOptions:
     """How to compile: a `torch.compile` backend ("inductor"; "aot_eager" / "eager" trace the
-    same graphs without generating code, for tests) and inductor's `mode` (None: CUDA graphs
-    on CUDA, the default elsewhere)."""
+    same graphs without generating code, for tests), or "aot": AOTInductor packages cached on
+    disk across processes (CPU, trees of tensors; `pangu_fn.aot`), and inductor's `mode`
+    (None: CUDA graphs on CUDA, the default elsewhere)."""
 
     backend: str = "inductor"
     mode: str | None = None
+    cpp_wrapper: bool = True  # inductor on the CPU: C++ wrapper code (False: Python's)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -101,7 +103,7 @@ class Programs:
             elif opts.mode:
                 kw["mode"] = opts.mode
             if device.type == "cpu":
-                kw["options"] = {"cpp_wrapper": True}
+                kw["options"] = {"cpp_wrapper": opts.cpp_wrapper}
         self._prefill = torch.compile(self._prefill_fn, **kw)
         self._decode = torch.compile(self._decode_fn, **kw)
         self._forward = torch.compile(self._forward_fn, **kw)
@@ -157,14 +159,22 @@ class Programs:
         return self._timed("forward", self._forward, params, tokens, cache)
 
 
-_PROGRAMS: dict[tuple[ModelConfig, CompileOptions, torch.device], Programs] = {}
+_PROGRAMS: dict[tuple[ModelConfig, CompileOptions, torch.device], Any] = {}
 
 
 def programs(params: Params, cfg: ModelConfig, opts: CompileOptions) -> Programs:
     """The Programs of (cfg, opts) on the params' device, made once per process (the same
-    Python functions, so torch.compile's caches are reused across calls). On CUDA with CUDA
-    graphs the params' tensors are marked as static addresses."""
+    Python functions, so torch.compile's caches are reused across calls; for "aot",
+    `aot.AotPrograms`, the same interface). On CUDA with CUDA graphs the params' tensors are
+    marked as static addresses. Raises ConfigError for "aot" off the CPU."""
     device = params["tok_embed"]["weight"].device
+    if opts.backend == "aot":
+        from .aot import AotPrograms
+
+        key = (cfg, opts, device)
+        if key not in _PROGRAMS:
+            _PROGRAMS[key] = AotPrograms(cfg, device)
+        return _PROGRAMS[key]
     if device.type == "cuda":
         for leaf in pytree.tree_leaves(params):
             getattr(leaf, "cuda_kernel_data", None)  # int4 leaves build their tinygemm pack now, not in a trace

@@ -10,6 +10,7 @@ a minute here) runs when PANGU_SLOW_TESTS is set.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from helpers import FAMILIES, random_model
 
 import pangu_fn as pf
-from pangu_fn import compiled
+from pangu_fn import aot, compiled
 from pangu_fn.sampling import greedy_tokens
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]
@@ -136,3 +137,67 @@ def test_inductor_decode_matches_eager():
     assert_close_and_same_argmax(decode_both(params, cfg, PROMPTS, 4, opts), 1e-4)
     int8 = pf.quantize(params, pf.QuantRecipe(scheme="int8"))
     assert_close_and_same_argmax(decode_both(int8, cfg, PROMPTS[:2], 3, opts), 2e-2)
+
+
+def test_aot_package_key_follows_shapes_not_weight_values():
+    params, cfg = random_model("tiny-gpt")
+    tokens = torch.zeros(1, dtype=torch.int64)
+    key = aot.package_key(cfg, params, "decode", [tokens])
+    other_weights, _ = random_model("tiny-gpt", seed=1)  # the same layout: weights are inputs
+    assert aot.package_key(cfg, other_weights, "decode", [tokens]) == key
+    assert aot.package_key(cfg, params, "decode", [torch.zeros(2, dtype=torch.int64)]) != key
+    assert aot.package_key(cfg, params, "prefill", [tokens]) != key
+    assert aot.package_key(cfg, pf.astype(params, torch.bfloat16), "decode", [tokens]) != key
+    wider, wider_cfg = random_model("tiny-gpt", intermediate_size=2 * cfg.intermediate_size)
+    assert aot.package_key(wider_cfg, wider, "decode", [tokens]) != key
+    with pytest.raises(pf.ConfigError, match="tree of tensors"):
+        aot.package_key(cfg, pf.quantize(params, pf.QuantRecipe(scheme="int8")), "decode", [tokens])
+
+
+def test_aot_cache_loads_only_our_private_packages(tmp_path, monkeypatch):
+    """A cached package is loaded when it is our regular file, never when it is writable by
+    others or a link (then programs compile into a private temporary folder)."""
+    params, cfg = random_model("tiny-gpt")
+    monkeypatch.setenv("PANGU_FN_CACHE", str(tmp_path / "cache"))
+    loaded, compiled_to = [], []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: loaded.append(path) or (lambda *a: a))
+    monkeypatch.setattr(aot, "_compile", lambda step, params, args, path: compiled_to.append(path) or path.touch())
+    progs = aot.AotPrograms(cfg, torch.device("cpu"))
+    cache = progs.init_cache(params, 1, 8)
+    args = (torch.zeros(1, dtype=torch.int64), cache.keys, cache.values, cache.lengths)
+    _, how = progs._load_or_compile("decode", params, args)  # compiles into the shared cache
+    folder = tmp_path / "cache" / "aot"
+    assert how == "compiled" and compiled_to[-1].parent == folder and oct(folder.stat().st_mode & 0o777) == "0o700"
+    shared = compiled_to[-1]
+    assert progs._load_or_compile("decode", params, args)[1] == "loaded" and loaded[-1] == str(shared)
+    shared.chmod(0o666)
+    assert progs._load_or_compile("decode", params, args)[1] == "compiled"
+    assert compiled_to[-1].parent != folder and loaded[-1] == str(compiled_to[-1])
+    shared.unlink()
+    shared.symlink_to(compiled_to[-1])
+    assert progs._load_or_compile("decode", params, args)[1] == "compiled" and compiled_to[-1].parent != folder
+
+
+@pytest.mark.skipif(not os.environ.get("PANGU_SLOW_TESTS"),
+                    reason="AOTInductor compiles each program for ~35-45 s here; set PANGU_SLOW_TESTS=1")
+def test_aot_decode_matches_eager_and_loads_in_a_new_process(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PANGU_FN_CACHE": str(tmp_path)}
+    script = ("import json, torch, pangu_fn as pf; from pangu_fn import compiled\n"
+              "from helpers import random_model\n"
+              "params, cfg = random_model('tiny-openpangu')\n"
+              f"got = pf.generate(params, cfg, {PROMPTS[:2]!r}, 6, eos_token_ids=(), compile='aot')\n"
+              f"want = pf.generate(params, cfg, {PROMPTS[:2]!r}, 6, eos_token_ids=())\n"
+              "progs = compiled.programs(params, cfg, compiled.CompileOptions('aot'))\n"
+              "print(json.dumps([[c.tokens for c in got], [c.tokens for c in want], progs.events]))\n")
+    runs = []
+    for _ in range(2):  # the second process loads the packages the first compiled
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=600, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for got, want, _ in runs:
+        assert got == want
+    assert [how for _, how, _ in runs[0][2]] == ["compiled", "compiled"]
+    assert [how for _, how, _ in runs[1][2]] == ["loaded", "loaded"]
