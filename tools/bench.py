@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import gguf_bench, ort_bench, quant_bench, spec_bench, tensor_parallel
+from . import gguf_bench, ort_bench, peers_bench, quant_bench, spec_bench, tensor_parallel
 from .common import add_model_args, resolve_model, write_json
 
 
@@ -26,14 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     spec_bench.add_args(p)
     ort_bench.add_args(p)
     gguf_bench.add_args(p)
+    peers_bench.add_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="also time compiled decoding (torch.compile; BACKEND inductor (default), aot_eager "
-                        "or eager) in turns with eager decoding, with the compile seconds")
+                   help="also time compiled decoding in turns with eager decoding, with the compile seconds: "
+                        "a comma list of inductor (default), aot (AOTInductor packages cached on disk), "
+                        "inductor-pywrapper, aot_eager, eager")
     tensor_parallel.add_args(p)  # --tp N: N ranks of threads // N threads against one process
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
     p.set_defaults(func=run)
@@ -141,20 +143,27 @@ def pruned_engine(params: Any, cfg: Any, spec: str) -> tuple[str, Engine, dict[s
     return f"pangu-fn pruned {spec}", pangu_engine(pruned, cfg), info
 
 
-def compiled_row(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], dtype: str) -> dict[str, Any]:
-    """Compiled decoding timed in turns with eager decoding (at least one warmup run each, which
-    compiles), with the seconds spent compiling (tracing and code generation, or loading it
-    from torch's on-disk cache)."""
+# `--compile` names beyond torch.compile's backends: inductor with Python wrapper code.
+BENCH_COMPILE = {"inductor-pywrapper": {"backend": "inductor", "cpp_wrapper": False}}
+
+
+def compiled_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], dtype: str) -> list[dict[str, Any]]:
+    """Compiled decoding, one row per `--compile` entry (a comma list of inductor, aot,
+    inductor-pywrapper, aot_eager, eager), all timed in turns with eager decoding (at least one
+    warmup run each, which compiles), with the seconds spent compiling (tracing and code
+    generation, or loading it from an on-disk cache: torch's, or the AOT packages)."""
     from pangu_fn import compiled
 
-    opts = compiled.options(args.compile)
-    print(f"bench: pangu-fn compiled ({opts.backend}) in turns with eager ...", file=sys.stderr, flush=True)
-    eager, fast = measure_interleaved([pangu_engine(params, cfg), pangu_engine(params, cfg, compile=opts)], prompt,
-                                      args.new_tokens, args.repeats, max(1, args.warmup), rotate=True)
-    return {"engine": f"pangu-fn compiled {opts.backend}", "dtype": dtype, **fast,
-            "compile_s": round(compiled.programs(params, cfg, opts).compile_s, 2),
-            "in_turns": {"eager_decode_tok_s": eager["decode_tok_s"], "decode_tok_s": fast["decode_tok_s"],
-                         "decode_vs_eager": round(fast["decode_tok_s"] / eager["decode_tok_s"], 3)}}
+    names = [s.strip() for s in args.compile.split(",") if s.strip()]
+    opts = [compiled.CompileOptions(**BENCH_COMPILE[n]) if n in BENCH_COMPILE else compiled.options(n) for n in names]
+    print(f"bench: pangu-fn compiled ({', '.join(names)}) in turns with eager ...", file=sys.stderr, flush=True)
+    eager, *fast = measure_interleaved([pangu_engine(params, cfg), *(pangu_engine(params, cfg, compile=o) for o in opts)],
+                                       prompt, args.new_tokens, args.repeats, max(1, args.warmup), rotate=True)
+    return [{"engine": f"pangu-fn compiled {name}", "dtype": dtype, **row,
+             "compile_s": round(compiled.programs(params, cfg, o).compile_s, 2),
+             "in_turns": {"eager_decode_tok_s": eager["decode_tok_s"], "decode_tok_s": row["decode_tok_s"],
+                          "decode_vs_eager": round(row["decode_tok_s"] / eager["decode_tok_s"], 3)}}
+            for name, o, row in zip(names, opts, fast)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,11 +194,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
     if args.compile:
-        rows.append(compiled_row(params, cfg, args, prompt, dtype))
+        rows += compiled_rows(params, cfg, args, prompt, dtype)
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)
     rows += gguf_bench.gguf_rows(params, cfg, args, prompt, pangu_engine)
+    rows += peers_bench.peer_rows(params, cfg, args, prompt)
     base = rows[0]
     hf_row = next((r for r in rows if r["engine"] == "transformers"), None)
     for row in rows:

@@ -127,20 +127,24 @@ class _Worker:
     """One engine in a child process (`python -m pangu_tools.ort_bench JOB`), called like an
     `Engine`: each call asks the child for one timed generation."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], module: str = "pangu_tools.ort_bench") -> None:
         import subprocess
 
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close(); a pipe could stall the child)
-        self._proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.ort_bench", json.dumps(job)],
+        self._proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(job)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
-        self._reply()  # ready: built and warmed up
+        self.ready = self._reply()  # built and warmed up (what `serve` said then)
 
     def __call__(self, prompt: list[int], n: int) -> tuple[float, list[float]]:
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": n}) + "\n")
-        self._proc.stdin.flush()
-        out = self._reply()
+        out = self.ask({"prompt": prompt, "new_tokens": n})
         return out["start"], out["stamps"]
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request line to the child and return its reply."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return self._reply()
 
     def _reply(self) -> dict[str, Any]:
         assert self._proc.stdout is not None
@@ -174,15 +178,42 @@ def _serve(job: dict[str, Any]) -> None:
         engine = plain_engine(Path(job["baseline"]), shape, threads)
     else:
         engine = genai_engine(Path(job["genai_copy"]))
+    serve(engine, job, torch_free=True)
+
+
+def serve(engine: Callable[[list[int], int], tuple[float, list[float]]], job: dict[str, Any],
+          torch_free: bool = False, **ready: Any) -> None:
+    """A child's loop (see `_Worker`): warm `engine` up on the job's prompt, say ready (with
+    `ready`'s fields), then answer each request line: a generation's start time and token
+    timestamps, or with {"maxrss": true} this process's peak RSS so far (MiB). With
+    `torch_free`, raises RuntimeError if torch was imported."""
     for _ in range(max(1, job["warmup"])):
         engine(job["prompt"], job["new_tokens"])
-    if "torch" in sys.modules:
+    if torch_free and "torch" in sys.modules:
         raise RuntimeError("bench: the ONNX Runtime engines imported torch; they must run without it")
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, **ready}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("maxrss"):
+            print(json.dumps({"maxrss_mb": round(peak_rss_kib() / 1024, 1)}), flush=True)
+            continue
         start, stamps = engine(request["prompt"], request["new_tokens"])
         print(json.dumps({"start": start, "stamps": stamps}), flush=True)
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS in KiB: Linux's VmHWM, which starts afresh at exec, where
+    `getrusage`'s maxrss carries over the RSS of the parent that forked it (a child of a
+    500 MB parent reports at least 500 MB); elsewhere `getrusage` (KiB on Linux, bytes on macOS)."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
 
 
 def _genai_installed() -> bool:
@@ -205,8 +236,7 @@ def runtime_engine(folder: Path, threads: int) -> Callable[[list[int], int], tup
 
 def plain_onnx_model(params: Any, cfg: Any, folder: Path, scheme: str, args: argparse.Namespace) -> Path:
     """The baseline graph: transformers' model on these weights, torch.onnx.export, ORT fusions,
-    and for int4 ONNX Runtime's MatMulNBitsQuantizer."""
-    import onnx
+    and for int4 / int8 ONNX Runtime's quantizer (`quantize_plain`)."""
     import torch
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from pangu_export.onnx_export import _quiet
@@ -229,15 +259,30 @@ def plain_onnx_model(params: Any, cfg: Any, folder: Path, scheme: str, args: arg
         optimize_for_ort(program.model)
     path = folder / "model.onnx"
     program.save(path)
+    if scheme != "fp32":
+        quantize_plain(path, path, scheme, args)
+    return path
+
+
+def quantize_plain(src: Path, dst: Path, scheme: str, args: argparse.Namespace) -> None:
+    """ONNX Runtime's own quantizers on the fp32 plain graph `src`, written to `dst` (may be
+    `src`): "int4" MatMulNBitsQuantizer (`args.group_size`, symmetric unless `args.asym`,
+    `args.accuracy_level`), "int8" `quantize_dynamic` (W8A8: int8 weights per output channel,
+    activations quantized per call)."""
+    import onnx
+
     if scheme == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=args.group_size,
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=args.group_size,
                                          is_symmetric=not args.asym,
                                          accuracy_level=args.accuracy_level or None)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
-    return path
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
 
 
 def hf_model(params: Any, cfg: Any) -> tuple[Any, Any]:
@@ -298,8 +343,10 @@ def hf_wrapper(model: Any, config: Any) -> Any:
     return Wrapper()
 
 
-def plain_engine(path: Path, cfg: Any, threads: int) -> Callable[[list[int], int], tuple[float, list[float]]]:
-    """The plainest loop: session.run with numpy feeds; present becomes the next past."""
+def plain_engine(path: Path, cfg: Any, threads: int,
+                 tokens: list[int] | None = None) -> Callable[[list[int], int], tuple[float, list[float]]]:
+    """The plainest loop: session.run with numpy feeds; present becomes the next past. Each run
+    writes its greedy tokens into `tokens` when given."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -312,7 +359,7 @@ def plain_engine(path: Path, cfg: Any, threads: int) -> Callable[[list[int], int
         start = time.perf_counter()
         ids = np.array([prompt], np.int64)
         past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype) for _ in range(2 * n)]
-        length, stamps = 0, []
+        length, stamps, out = 0, [], []
         for _ in range(steps):
             T = ids.shape[1]
             feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + T), np.int64),
@@ -322,6 +369,9 @@ def plain_engine(path: Path, cfg: Any, threads: int) -> Callable[[list[int], int
             length += T
             ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
             stamps.append(time.perf_counter())
+            out.append(int(ids[0, 0]))
+        if tokens is not None:
+            tokens[:] = out
         return start, stamps
 
     return run
