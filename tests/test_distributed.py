@@ -339,6 +339,9 @@ def test_bench_tp_rows_and_ratios(tmp_path):
     assert (single["engine"], single["threads"], sharded["engine"], sharded["threads"]) == \
         ("pangu-fn tp=1", 2, "pangu-fn tp=2", 1)
     assert tp["decode_tp_vs_single"] == round(sharded["decode_tok_s"] / single["decode_tok_s"], 3)
+    layers = pf.ModelConfig.preset("tiny-openpangu").num_layers  # a block's two all-reduces, the embedding's, the greedy pair
+    assert sharded["collectives_per_call"] == 2 * layers + 2 and 0 < sharded["collective_share"] < 1
+    assert sharded["all_reduce_us"] > 0
     assert len(tp["rank_peak_rss_mb"]) == 2 and all(r > 0 for r in tp["rank_peak_rss_mb"])
     for ratio, rank_mb in zip(tp["rank_peak_rss_vs_single"], tp["rank_peak_rss_mb"]):  # MB are rounded
         assert abs(ratio - rank_mb / tp["single_peak_rss_mb"]) < 0.01

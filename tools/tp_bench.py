@@ -71,7 +71,9 @@ def run(args: argparse.Namespace, measure: Any, engine: Any) -> int:
         print(f"{row['engine']:>14} ({row['threads']} threads)  prefill {row['prefill_ms']:8.2f} ms   "
               f"decode {row['decode_tok_s']:8.2f} tok/s", file=sys.stderr)
     print(f"tp={args.tp}: decode x{tp['decode_tp_vs_single']} vs one process; peak RSS per rank "
-          f"{tp['rank_peak_rss_vs_single']} of the single process's", file=sys.stderr)
+          f"{tp['rank_peak_rss_vs_single']} of the single process's; rank 0 spent "
+          f"{sharded['collective_share']:.0%} of its time in {sharded['collectives_per_call']} collectives a "
+          f"step (one all-reduce: {sharded['all_reduce_us']} us)", file=sys.stderr)
     if args.json_out:
         write_json(result, args.json_out)
     return 0
@@ -81,12 +83,14 @@ def _rank(args: argparse.Namespace, measure: Any, engine: Any) -> int:
     import torch.distributed as dist
 
     import pangu_fn as pf
+    from pangu_fn.distributed.timing import all_reduce_latency
 
     if Path(args.model).exists():
         params, cfg, _ = tensor_parallel.rank_model(args)
     else:
         params, cfg = _random_part(args)
-    row = measure(engine(params, cfg), prompt_for(cfg, args.prompt_len), args.new_tokens, args.repeats, args.warmup)
+    row = {**measure_split(args, measure, engine(params, cfg), prompt_for(cfg, args.prompt_len)),
+           "all_reduce_us": round(all_reduce_latency(cfg.hidden_size, pf.cache.compute_dtype(params)) * 1e6, 1)}
     mine = [pf.memory_stats("cpu")["peak_rss"], pf.nbytes(params)]
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
@@ -94,6 +98,23 @@ def _rank(args: argparse.Namespace, measure: Any, engine: Any) -> int:
         Path(os.environ[OUT_ENV]).write_text(json.dumps({"row": row, "peak_rss": [e[0] for e in every],
                                                          "param_bytes": [e[1] for e in every]}))
     return 0
+
+
+def measure_split(args: argparse.Namespace, measure: Any, run: Any, prompt: list[int]) -> dict[str, Any]:
+    """`measure`'s row with where the time went: collectives per forward call (a prefill or a
+    decode step), their wall time per call (waiting for the peers included) and their share of
+    the measured time (warmup runs included in both)."""
+    import time
+
+    from pangu_fn.distributed.timing import collective_time
+
+    start = time.perf_counter()
+    with collective_time() as spent:
+        row = measure(run, prompt, args.new_tokens, args.repeats, args.warmup)
+    calls = (args.repeats + args.warmup) * args.new_tokens
+    return {**row, "collectives_per_call": round(spent.count / calls, 1),
+            "collective_ms_per_call": round(spent.seconds * 1e3 / calls, 3),
+            "collective_share": round(spent.seconds / (time.perf_counter() - start), 3)}
 
 
 def _random_part(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -15,12 +15,15 @@ these leaves traces with torch.compile(fullgraph=True).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+
+from .timing import record
 
 
 def _eager(x: torch.Tensor) -> bool:
@@ -36,7 +39,9 @@ def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
     the functional collective, which torch.compile understands."""
     if _eager(x):
         x = x.contiguous()
+        start = time.perf_counter()
         dist.all_reduce(x, group=group)
+        record(start)
         return x
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
@@ -46,7 +51,9 @@ def all_gather_last(x: torch.Tensor, group: Any) -> torch.Tensor:
     if _eager(x):
         world = dist.get_world_size(group)
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))  # rank-major along dim 0
+        start = time.perf_counter()
         dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        record(start)
         return out.view(world, *x.shape).movedim(0, -2).flatten(-2)
     return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
 
