@@ -6,10 +6,12 @@ and Hugging Face LLaMA-layout folders in safetensors (openPangu-Embedded's own r
 their tensors are ours renamed, never transposed or fused) are read slice by slice: each
 file's header goes through the strict reader (`io/safetensors_io.read_header`) first, then
 `safetensors.safe_open(...).get_slice` copies out just the rows or columns the rank's `Split`
-names, so a rank's memory is about its share of the weights plus the replicated rest. Every
-other layout `load` reads (MindSpore `.ckpt`, PanGu-α's `gpt_pangu` port, `.pt`, GPT-2 with
-its fused, transposed projections) is read one whole tensor at a time through its `Source`,
-each cut before the next is read: the rank's share plus its largest tensor.
+names, so a rank's memory is about its share of the weights plus the replicated rest. A
+MindSpore `.ckpt` is read slice by slice too, through its `Source` (`TensorRef.read_part`: the
+reader seeks to the slice's rows, or to each row's columns). Every other layout `load` reads
+(PanGu-α's `gpt_pangu` port, `.pt`, GPT-2 with its fused, transposed projections) is read one
+whole tensor at a time through its `Source`, each cut before the next is read: the rank's
+share plus its largest tensor.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
                config: ModelConfig | str | Path | None = None) -> tuple[Params, ModelConfig]:
     """(rank `rank`'s sharded params, cfg) from a checkpoint, equal to
     `shard(load(path)[0], cfg, rank, world_size)`. Our folders and Hugging Face LLaMA-layout
-    folders in safetensors are read slice by slice (`reads_slices`); other layouts `load`
-    reads (`config` as there) are read one whole tensor at a time, each cut before the next is
-    read (the GPT-2 layout reads all its tensors first). Cast to `dtype` and moved to `device`
+    folders in safetensors are read slice by slice (`reads_slices`), and so is a MindSpore
+    `.ckpt`; other layouts `load` reads (`config` as there) are read one whole tensor at a
+    time, each cut before the next is read (the GPT-2 layout reads all its tensors first). Cast to `dtype` and moved to `device`
     (default CPU) after cutting. Raises FormatError for unreadable files, missing tensors or
     files that disagree with their index, ShapeError for shapes that disagree with the config,
     ConfigError for a world size the model cannot split."""
@@ -57,7 +59,8 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
         stored_shape = {name: tuple(ref.shape) for name, ref in refs.items()}
 
         def reader(name: str) -> Reader:
-            return tensor_reader(refs[name].read())  # one whole tensor, dropped once cut
+            part = refs[name].read_part  # a MindSpore .ckpt reads just the slice
+            return part if part is not None else tensor_reader(refs[name].read())  # or one whole tensor, cut
 
     owner = {f"{leaf}.{suffix}": leaf for leaf in leaves for suffix in _suffixes(stored_shape, leaf)}
     shapes = {name: shape for name, shape in stored_shape.items() if name not in owner}

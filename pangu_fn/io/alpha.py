@@ -165,7 +165,8 @@ def open_mindspore(path: Path, hint: ModelConfig | None = None) -> Source:
     assumed, and `Source.notes` says so. Raises FormatError for other files."""
     reader = CheckpointReader(path)
     skipped = [n for n, e in reader.entries.items() if is_training_entry(n) or not e.is_tensor]
-    refs = {n: TensorRef(e.shape, e.dtype, lambda n=n: reader.read(n))  # type: ignore[arg-type]
+    refs = {n: TensorRef(e.shape, e.dtype, lambda n=n: reader.read(n),  # type: ignore[arg-type]
+                         read_part=(lambda dim, a, b, n=n: reader.read_part(n, dim, a, b)) if 1 <= len(e.shape) <= 2 else None)
             for n, e in reader.entries.items() if n not in skipped}
     naming = next((n for n in MS_NAMINGS.values() if n.word in refs), None)
     if naming is None:

@@ -103,7 +103,8 @@ class Entry:
 
 
 class CheckpointReader:
-    """Index of a MindSpore `.ckpt` file; tensors are read one at a time with `read(name)`.
+    """Index of a MindSpore `.ckpt` file; tensors are read one at a time with `read(name)`, or
+    in part with `read_part(name, dim, start, stop)` (tensor parallelism reads a rank's slices).
 
     Opening scans the whole file (seeking over tensor contents) and, when a CRC trailer is
     present and `verify_crc`, checks it. Raises FormatError naming the file, the tensor and the
@@ -118,6 +119,7 @@ class CheckpointReader:
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror or e}") from None
         self.crc: int | None = None
+        self.bytes_read = 0  # tensor content read so far (read, read_part)
         self.end = self._find_end(verify_crc)
         self.entries: dict[str, Entry] = {}
         self._scan()
@@ -138,16 +140,52 @@ class CheckpointReader:
         out = torch.empty(e.shape, dtype=e.dtype)
         if out.numel() == 0:
             return out
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        pos = 0
-        for start, n in e.pieces:
-            self._f.seek(start)
-            got = self._f.readinto(buf[pos:pos + n])
-            if got != n:
-                raise FormatError(f"{self.path}: tensor {name!r}: expected {n} bytes at offset {start}, "
-                                  f"read {got} (the file changed or is truncated)")
-            pos += n
+        self._copy(e, 0, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
         return out
+
+    def read_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (`dim` 0) or columns (`dim` 1, of a 2-D tensor) `start:stop` of tensor `name`,
+        reading only their bytes: one range for rows, one per row for columns. Raises
+        FormatError as `read` does, and for a slice outside the tensor."""
+        e = self.entries.get(name)
+        if e is None or not e.is_tensor:
+            return self.read(name)  # raises the same errors
+        shape = e.shape
+        if not (0 <= dim < len(shape) <= 2 and 0 <= start <= stop <= shape[dim]):
+            raise FormatError(f"{self.path}: tensor {name!r} of shape {list(shape)}: no slice {start}:{stop} "
+                              f"along dim {dim}")
+        item = _itemsize(e.dtype)
+        cols = shape[1] if len(shape) == 2 else 1
+        if dim == 0:
+            out = torch.empty((stop - start, *shape[1:]), dtype=e.dtype)
+            if out.numel():
+                self._copy(e, start * cols * item, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            return out
+        out = torch.empty((shape[0], stop - start), dtype=e.dtype)
+        if out.numel():
+            flat, width = memoryview(out.reshape(-1).view(torch.uint8).numpy()), (stop - start) * item
+            for r in range(shape[0]):
+                self._copy(e, (r * cols + start) * item, flat[r * width:(r + 1) * width])
+        return out
+
+    def _copy(self, e: Entry, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with the bytes of `e`'s content from byte `offset` on (across its pieces)."""
+        pos, need = 0, len(buf)
+        for start, n in e.pieces:
+            if offset >= n:
+                offset -= n
+                continue
+            take = min(n - offset, need - pos)
+            self._f.seek(start + offset)
+            got = self._f.readinto(buf[pos:pos + take])
+            if got != take:
+                raise FormatError(f"{self.path}: tensor {e.name!r}: expected {take} bytes at offset "
+                                  f"{start + offset}, read {got} (the file changed or is truncated)")
+            self.bytes_read += got
+            pos, offset = pos + take, 0
+            if pos == need:
+                return
+        raise FormatError(f"{self.path}: tensor {e.name!r}: its content ends {need - pos} bytes early")
 
     def close(self) -> None:
         self._f.close()

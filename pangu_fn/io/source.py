@@ -28,19 +28,24 @@ MAX_INDEX = 100_000_000  # bytes of a *.index.json
 class TensorRef:
     """A tensor not yet read: its shape and dtype in our layout, and how to read it (the
     result may be a view, e.g. the transpose of a stored `[in, out]` matrix). `read_rows(a, b)`,
-    where the file allows it, reads only rows `a:b` (loading lays large matrices out slab by slab)."""
+    where the file allows it, reads only rows `a:b` (loading lays large matrices out slab by slab);
+    `read_part(dim, a, b)`, where the file allows it, only rows or columns `a:b` of a 1-D or
+    2-D tensor (a tensor-parallel rank's slice)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
     read_rows: Callable[[int, int], torch.Tensor] | None = None
+    read_part: Callable[[int, int, int], torch.Tensor] | None = None  # (dim, start, stop), reading only that
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
     def transposed(self) -> TensorRef:
-        return TensorRef(self.shape[::-1], self.dtype, lambda: self.read().t())
+        part = self.read_part
+        return TensorRef(self.shape[::-1], self.dtype, lambda: self.read().t(),
+                         read_part=None if part is None else lambda dim, a, b: part(1 - dim, a, b).t().contiguous())
 
     @staticmethod
     def of(t: torch.Tensor) -> TensorRef:
