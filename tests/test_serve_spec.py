@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 from helpers import random_model
+from pangu_tools.cli import main
 from serve_server import running_server
 
 import pangu_fn as pf
@@ -214,3 +215,10 @@ def test_http_completions_with_lookup_drafting(demo):
     drafted = float(re.search(r"^pangu_spec_draft_tokens_total (\S+)$", text, re.M).group(1))
     accepted = float(re.search(r"^pangu_spec_accepted_tokens_total (\S+)$", text, re.M).group(1))
     assert drafted > 0 and 0 < accepted <= drafted
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--draft", "nonsense"], "--draft 'nonsense': expected 'self'"),
+                                               (["--draft", "lookup", "--k", "0"], "expected an int draft length k >= 1")])
+def test_bad_draft_options_exit_2_on_one_line(capsys, args, message):
+    assert main(["serve", "tiny-gpt", "--port", "0", *args]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
