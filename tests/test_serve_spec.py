@@ -212,8 +212,8 @@ def test_http_completions_with_lookup_drafting(demo):
     _, ev = run_requests(init_engine(params, cfg, EngineSettings(max_batch=4, prefill_chunk=32), tok.decode),
                          params, cfg, [req])
     assert out.choices[0].text == "".join(e.text for e in ev["x"])
-    drafted = float(re.search(r"^pangu_spec_draft_tokens_total (\S+)$", text, re.M).group(1))
-    accepted = float(re.search(r"^pangu_spec_accepted_tokens_total (\S+)$", text, re.M).group(1))
+    drafted = float(re.search(r"^pangu_spec_draft_tokens_total (\S+)$", text, re.MULTILINE).group(1))
+    accepted = float(re.search(r"^pangu_spec_accepted_tokens_total (\S+)$", text, re.MULTILINE).group(1))
     assert drafted > 0 and 0 < accepted <= drafted
 
 

@@ -43,9 +43,6 @@ from .request import Event, Request
 from .sampler import sample_row, token_logprobs
 from .text import Detokenize, TextState, ids_text, release
 
-__all__ = ["MIN_ROWS", "MIN_WIDTH", "PAD_ROWS", "Counters", "EngineSettings", "EngineState", "QueueFullError",
-           "Running", "cancel", "engine_step", "init_engine", "run_requests", "submit"]
-
 
 class QueueFullError(InputError):
     """The waiting queue holds `max_queue` requests already."""
