@@ -52,7 +52,7 @@ def all_gather_last(x: torch.Tensor, group: Any) -> torch.Tensor:
         world = dist.get_world_size(group)
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))  # rank-major along dim 0
         start = time.perf_counter()
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        dist.all_gather_single(out, x.contiguous(), group=group)
         record(start)
         return out.view(world, *x.shape).movedim(0, -2).flatten(-2)
     return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
