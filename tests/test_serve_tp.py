@@ -12,12 +12,16 @@ that did not mirror that copy would decode it from wrong keys.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import httpx
+import pytest
 from helpers import random_model
 
 import pangu_fn as pf
@@ -96,26 +100,61 @@ def test_step_messages_round_trip_every_request_field():
     assert decode(encode(msg)) == msg
 
 
-def test_cli_serve_tp_2_answers_like_one_process():
-    params, cfg = pf.init_params(pf.ModelConfig.preset("tiny-openpangu"), seed=0), pf.ModelConfig.preset("tiny-openpangu")
-    request = Request("r", (5, 6, 7, 8), 8, pf.SamplingParams(temperature=1.0), seed=5, eos=frozenset({cfg.eos_token_id}))
-    _, events = run_requests(init_engine(params, cfg, EngineSettings()), params, cfg, [request])
-    expected = "".join(f" {e.token}" for e in events["r"] if e.token is not None)
+def _start_server() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", "serve", "tiny-openpangu", "--tp", "2",
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = threading.Timer(120, proc.kill)  # bound the wait for the ready line
     timer.start()
+    line = proc.stdout.readline()
+    timer.cancel()
+    if "ready at" not in line:
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
+    return proc, line.split("ready at ")[1].strip()
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The pid of the child of `parent` started as rank `rank` (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} under process {parent}")
+
+
+def test_cli_serve_tp_2_answers_like_one_process():
+    cfg = pf.ModelConfig.preset("tiny-openpangu")
+    params = pf.init_params(cfg, seed=0)  # the server's weights (`--weights-seed 0`)
+    request = Request("r", (5, 6, 7, 8), 8, pf.SamplingParams(temperature=1.0), seed=5, eos=frozenset({cfg.eos_token_id}))
+    _, events = run_requests(init_engine(params, cfg, EngineSettings()), params, cfg, [request])
+    expected = "".join(f" {e.token}" for e in events["r"] if e.token is not None)
+    proc, url = _start_server()
     try:
-        line = proc.stdout.readline()
-        timer.cancel()
-        assert "ready at" in line, proc.stderr.read() if proc.poll() is not None else line
-        url = line.split("ready at ")[1].strip()
         out = httpx.post(f"{url}/completions", timeout=60, json={
             "model": "tiny-openpangu", "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 1.0, "seed": 5}).json()
         assert out["choices"][0]["text"] == expected
         proc.send_signal(signal.SIGTERM)  # rank 0 stops its follower; every process exits 0
         assert proc.wait(timeout=60) == 0
     finally:
-        timer.cancel()
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.environ.get("PANGU_SLOW_TESTS"),
+                    reason="another server (~10 s; Linux /proc); set PANGU_SLOW_TESTS=1")
+def test_cli_serve_tp_a_dying_rank_takes_the_server_down():
+    proc, _ = _start_server()
+    try:
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        start = time.monotonic()
+        assert proc.wait(timeout=60) != 0
+        assert time.monotonic() - start < 30  # a closed socket fails rank 0's next heartbeat at once
+        err = proc.stderr.read()
+        assert "the tensor-parallel engine failed" in err and "rank 1 of 2 exited with code -9" in err, err
+    finally:
         proc.kill()
         proc.wait()
