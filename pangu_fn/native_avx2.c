@@ -17,6 +17,7 @@
  * memory runs out (y is then not to be used). Codes and bf16 weights become fp32 exactly.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,6 +72,38 @@ static float *activations(const void *x, int64_t m_total, int64_t k_total, int b
 }
 
 static int same_order(int j) { return j; }
+
+/* bf16 activations as int16, per block of 32 elements (a scale max|x| / 32767 each), for
+ * integer products (`_mm256_madd_epi16`: 16 pairs multiplied, adjacent products added, exact in
+ * int32) converted to fp32 once per block. A bf16 activation carries 8 significant bits;
+ * rounding it to its block's int16 grid moves it by at most max|x| / 65534 of the block, well
+ * inside the bf16 rounding of the output (which the tests check each output against; for int8,
+ * 1.0-1.3x faster, it summed to more than the fp32 summation error they allow, so int8 keeps
+ * fp32). A block
+ * holding an infinity or NaN gets a NaN scale, so it reaches the output as in fp32. */
+static int q16_activations(const void *x, int64_t m_total, int64_t k_total, int (*perm)(int), int16_t **q,
+                           float **scales) {
+    *q = alloc64(sizeof(int16_t) * m_total * k_total);
+    *scales = alloc64(sizeof(float) * m_total * k_total / 32);
+    if (*q == NULL || *scales == NULL) {
+        free(*q);
+        free(*scales);
+        return -1;
+    }
+    const uint16_t *xb = x;
+    for (int64_t b = 0; b < m_total * k_total / 32; b++) {
+        float v[32], big = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            v[j] = bf16_to_f32(xb[32 * b + perm(j)]);
+            big = fabsf(v[j]) > big || v[j] != v[j] ? fabsf(v[j]) : big;
+        }
+        int finite = big <= 3.4e38f;
+        float inv = finite && big > 0.0f ? 32767.0f / big : 0.0f;
+        (*scales)[b] = finite ? big / 32767.0f : NAN;
+        for (int j = 0; j < 32; j++) (*q)[32 * b + j] = (int16_t)_mm_cvt_ss2si(_mm_set_ss(v[j] * inv));
+    }
+    return 0;
+}
 
 /* A constant row count R after inlining keeps the accumulators in registers. */
 #define BY_ROWS(F, ...)                                                                              \
@@ -169,15 +202,55 @@ static inline __attribute__((always_inline)) void int4_rows(const int R, const f
     for (int m = 0; m < R; m++) sums[m] = hsum(acc[m]);
 }
 
-/* G a multiple of 32 dividing K. */
+static int evens_first_32(int j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
+
+/* One row: 16 bytes (32 codes) a step, the low nibbles (even elements) and the high ones (odd)
+ * minus the zero point, sign-extended to int16, against the activations stored evens first. */
+static float int4_row_q16(const int16_t *xq, const float *xs, const uint8_t *qn, const void *sn, const uint8_t *zn,
+                          int64_t k_total, int64_t group, int flags) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k_total / group; g++) {
+        const __m128i z = _mm_set1_epi8((char)(zn == NULL ? 8 : zn[g]));
+        __m256 d = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(qn + k / 2));
+            __m256i even = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(v, low4), z));
+            __m256i odd = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), z));
+            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)(xq + k))),
+                                         _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xq + k + 16))));
+            d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xs + k / 32), d);
+        }
+        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(load_f(sn, g, flags & S_BF16)), acc);
+    }
+    return hsum(acc);
+}
+
+/* G a multiple of 32 dividing K. One row of bf16 activations takes the int16 route (one
+ * thread, GPT-2-small's shapes: 12-14 vs 9.5-11 G weights/s); from two rows on it was no
+ * faster than fp32 (at four rows slower: 3-6 vs 6 G weights/s), so they take the fp32 one. */
 int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
                            const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
                            int64_t group, int flags, int threads) {
     if (group <= 0 || group % 32 != 0 || k_total % group != 0) return -1;
     const int64_t blocks = k_total / group;
+    const int64_t scale_size = flags & S_BF16 ? 2 : 4;
+    if ((flags & X_BF16) && m_total == 1) {
+        int16_t *xq;
+        float *xs;
+        if (q16_activations(x, m_total, k_total, evens_first_32, &xq, &xs) != 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < n_total; n++) {
+            float sum = int4_row_q16(xq, xs, q + n * (k_total / 2), (const char *)scales + n * blocks * scale_size,
+                                     zeros == NULL ? NULL : zeros + n * blocks, k_total, group, flags);
+            write_rows(1, &sum, bias, y, n, n_total, flags);
+        }
+        free(xq);
+        free(xs);
+        return 0;
+    }
     float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
     if (xf == NULL) return -1;
-    const int64_t scale_size = flags & S_BF16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_total; n++) {
         const uint8_t *zn = zeros == NULL ? NULL : zeros + n * blocks;
