@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
     rows += spec_bench.spec_rows(params, cfg, args, measure, pangu_engine)
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)
+    rows += ort_bench.in_process_rows(params, cfg, args, prompt, pangu_engine)
     rows += gguf_bench.gguf_rows(params, cfg, args, prompt, pangu_engine)
     rows += peers_bench.peer_rows(params, cfg, args, prompt)
     base = rows[0]

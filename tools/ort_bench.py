@@ -43,6 +43,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "a plain torch.onnx.export + onnxruntime loop and onnxruntime-genai on them")
     p.add_argument("--bundle-scheme", default="fp32,int4", metavar="LIST",
                    help="--bundle rows: comma list of fp32, int4 (int4: --group-size, --asym; head int4 too)")
+    p.add_argument("--bundle-in-process", action="store_true",
+                   help="also export an fp32 bundle and time pangu_runtime on it in this process, in turns with "
+                        "pangu-fn (and each --compile backend), with the ratio to the runtime")
     p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="--bundle int4 rows: MatMulNBits accuracy_level for ours and the baseline (4 = int8 activations)")
 
@@ -61,6 +64,40 @@ def bundle_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[in
         root = Path(args.bundle) if args.bundle else Path(tmp)
         for scheme in wanted:
             rows += _scheme_rows(params, cfg, args, prompt, scheme, root / f"bundle-{scheme}", Path(tmp))
+    return rows
+
+
+def in_process_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int],
+                    pangu_engine: Callable[..., Any]) -> list[dict[str, Any]]:
+    """With --bundle-in-process: the weights exported as an fp32 bundle and run by
+    `pangu_runtime` in this process, timed in turns with pangu-fn at the model's dtype (eager,
+    and compiled with each `--compile` backend name): one row each, pangu-fn rows with
+    `vs_runtime_in_process` (their tok/s over the runtime's). Both libraries' thread pools live
+    in one process here, which is how the issue's demo figures were taken."""
+    if not args.bundle_in_process:
+        return []
+    from pangu_export import export_bundle
+
+    import pangu_fn as pf
+
+    from .bench import measure_interleaved
+
+    dtype = str(pf.cache.compute_dtype(params)).replace("torch.", "")
+    engines = [(f"pangu-fn {dtype}", pangu_engine(params, cfg))]
+    for backend in [s.strip() for s in (args.compile or "").split(",") if s.strip()]:
+        engines.append((f"pangu-fn {dtype} compiled {backend}", pangu_engine(params, cfg, compile=backend)))
+    with tempfile.TemporaryDirectory() as tmp:
+        print("bench: exporting an fp32 bundle for pangu_runtime in this process ...", file=sys.stderr, flush=True)
+        export_bundle(pf.astype(params, "fp32"), cfg, Path(tmp) / "bundle", "ort")
+        engines.append(("pangu-runtime fp32 (same process)", runtime_engine(Path(tmp) / "bundle", args.threads)))
+        print(f"bench: {', '.join(n for n, _ in engines)} in turns ...", file=sys.stderr, flush=True)
+        results = measure_interleaved([e for _, e in engines], prompt, args.new_tokens, args.repeats,
+                                      max(1, args.warmup), rotate=True)
+    rows = [{"engine": name, "dtype": dtype if i < len(engines) - 1 else "fp32", "in_process": True, **r}
+            for i, ((name, _), r) in enumerate(zip(engines, results))]
+    runtime = rows[-1]["decode_tok_s"]
+    for row in rows[:-1]:
+        row["vs_runtime_in_process"] = round(row["decode_tok_s"] / runtime, 3)
     return rows
 
 
