@@ -31,3 +31,35 @@ def _torch_threads():
 def family_model(request):
     """(params, cfg) of a random tiny model of each family, biases and norms redrawn."""
     return random_model(request.param)
+
+
+# -- scheduling under `pytest -n N` ------------------------------------------------------------
+# Files whose tests share a module fixture of minutes (the demo model's full held-out scores, the
+# quantization-quality Hessians): each goes whole to one worker.
+ONE_WORKER_FILES = ("test_demo_model.py", "test_quant_demo.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: takes ten seconds or more of CPU; scheduled first under -n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heavy tests first (a stable sort), so that xdist's workers finish at about the same time."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """For plain `-n N` (xdist's `load`): the ONE_WORKER_FILES first, each whole to one worker,
+    then every other test on its own, in collection order (heavy first), each to the next worker
+    that has two or fewer queued."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return path if path.rsplit("/", 1)[-1] in ONE_WORKER_FILES else nodeid
+
+    return Scheduler(config, log)

@@ -7,6 +7,7 @@ import pytest
 from pangu_tools.cli import main
 
 
+@pytest.mark.heavy
 def test_bench_bundle_rows_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-gpt", "--bundle", str(tmp_path / "bundles"), "--bundle-scheme", "fp32,int4",

@@ -70,6 +70,7 @@ SCRIPT = peak_rss_script(
     'result = {"code": main(["convert", sys.argv[1], sys.argv[2]])}')
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS counters")
 def test_peak_memory_is_one_tensor(tmp_path):
     size, largest = build_checkpoint(tmp_path / "big.ckpt")

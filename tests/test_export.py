@@ -78,6 +78,7 @@ def step_logits(params, cfg, session: Session, prompts, steps: int) -> tuple[lis
     return ref, got
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ort_bundle_reproduces_forward(shared_dir, family):
     params, cfg = random_model(family)
@@ -189,6 +190,7 @@ def test_manifest_describes_the_bundle(shared_dir):
     assert "tok_embed.weight" in names  # parameters keep their tree names
 
 
+@pytest.mark.heavy
 def test_fp16_and_bf16_exports(tmp_path):
     params, cfg = random_model("tiny-openpangu", num_layers=1)  # one block: these exports only test dtypes
     export_bundle(params, cfg, tmp_path / "fp16", "ort", dtype="fp16", progress=False, genai=False)
@@ -292,6 +294,7 @@ def demo_bundle(shared_dir: Path) -> tuple[Path, dict, pf.ModelConfig]:
     return path, params, cfg
 
 
+@pytest.mark.heavy
 def test_demo_text_in_text_out(shared_dir):
     """The trained demo model (openPangu family, SentencePiece tokenizer) through the runtime:
     text in, the same greedy text out as pangu_fn, with the tokenizer carried by the bundle."""

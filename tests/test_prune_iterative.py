@@ -104,6 +104,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.heavy
 def test_demo_model_recovery_lowers_perplexity(one_thread):
     """70% magnitude sparsity in two rounds of the schedule on the trained demo model, with and
     without 20 steps of distillation recovery per round on training text (the pydoc topics of

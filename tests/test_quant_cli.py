@@ -67,6 +67,7 @@ def test_quantize_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, argv, me
     assert not dst.exists()  # nothing half-written
 
 
+@pytest.mark.heavy
 def test_bench_scheme_rows_with_ratios_and_rss(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-gpt", "--scheme", "bf16,int8", "--scheme", "int4", "--group-size", "32",

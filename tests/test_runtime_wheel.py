@@ -75,6 +75,7 @@ def skip_if_offline(proc: subprocess.CompletedProcess) -> None:
         pytest.skip(f"no package index reachable from here (pip: {reason.strip()[:200]})")
 
 
+@pytest.mark.heavy
 def test_wheel_installs_and_runs_a_bundle_without_torch(tmp_path):
     wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as z:
