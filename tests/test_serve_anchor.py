@@ -76,16 +76,27 @@ BINARY = serve_anchor.source_folder(Path(serve_anchor.DEFAULT_DIR).expanduser(),
 
 
 @pytest.mark.skipif(not BINARY.is_file(), reason="llama-server is not built (pangu serve-anchor builds it)")
-def test_llama_server_decodes_our_greedy_tokens(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny-gpt", "tiny-openpangu"])
+def test_llama_server_decodes_our_greedy_tokens(tmp_path, preset):
     from helpers import random_model
     from pangu_export.gguf import export_gguf
 
-    params, cfg = random_model("tiny-openpangu", seed=3)
+    params, cfg = random_model(preset, seed=3)
     gguf = tmp_path / "m.gguf"
-    export_gguf(params, cfg, gguf, "f32", progress=False)
+    tokenizer = serve_anchor.stand_in_tokenizer(tmp_path / "tok", cfg.vocab_size, cfg.eos_token_id)
+    export_gguf(params, cfg, gguf, "f32", tokenizer=tokenizer, progress=False)
     port = serve_anchor.free_port()
     prompt = [7, 3, 11, 5, 2, 9]
     cmd = serve_anchor.llama_server_command(BINARY, gguf, port, 2, cfg.max_seq_len, 1)
     with serve_anchor.serving(cmd, tmp_path / "log", f"http://127.0.0.1:{port}", timeout=60) as url:
         theirs = serve_anchor.llama_greedy(url, prompt, 8)
     assert theirs == pf.generate(params, cfg, [prompt], 8, eos_token_ids=())[0].tokens
+
+
+def test_stand_in_tokenizer_gives_every_id_its_own_piece(tmp_path):
+    d = json.loads((serve_anchor.stand_in_tokenizer(tmp_path, 50257, 50256) / "tokenizer.json").read_text())
+    ids = sorted(d["model"]["vocab"].values()) + [t["id"] for t in d["added_tokens"]]
+    assert ids == list(range(50257)) and d["added_tokens"][0]["id"] == 50256
+    vocab = d["model"]["vocab"]
+    assert all(a in vocab and b in vocab and a + b in vocab for a, b in (m.split(" ") for m in d["model"]["merges"]))
+    assert vocab["\u010a"] == 10  # byte 10 (newline) as GPT-2 writes it

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+import json
 import os
 import re
 import shutil
@@ -178,10 +180,49 @@ def make_gguf(model: str, dtype: str, src: Path, work: Path, seed: int) -> tuple
 
     params, cfg, _ = resolve_model(model, dtype="fp32", seed=seed)
     folder = Path(model)
-    tokenizer = folder if folder.is_dir() and find_tokenizer(folder) is not None else None
+    how = {"writer": "pangu-fn export_gguf (pangu export --target gguf)", "converter_error": error.strip()}
+    if folder.is_dir() and find_tokenizer(folder) is not None:
+        tokenizer = folder
+    else:
+        tokenizer = stand_in_tokenizer(work / "stand-in-tokenizer", cfg.vocab_size, cfg.eos_token_id)
+        how["tokenizer"] = "stand-in byte-level BPE (the model has none; llama-server needs one to stream text)"
     summary = export_gguf(params, cfg, out, GGUF_TYPE[dtype], tokenizer=tokenizer, progress=False, overwrite=True)
-    return out, {"writer": "pangu-fn export_gguf (pangu export --target gguf)",
-                 "converter_error": error.strip(), "notes": summary.notes}
+    return out, {**how, "notes": summary.notes}
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet: byte b as one printable character (printable ASCII and
+    most of Latin-1 stand for themselves, the other bytes for chr(256 + n) in order)."""
+    kept = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(others)) for b in range(256)]
+
+
+def stand_in_tokenizer(folder: Path, vocab_size: int, eos_id: int | None) -> Path:
+    """A byte-level BPE `tokenizer.json` of `vocab_size` tokens for a model without one (a
+    preset): a GGUF without a vocabulary aborts llama-server when it turns a token into text.
+    Ids: `<|endoftext|>` at `eos_id`; the others, in order, the 256 byte characters, then 2- and
+    3-character strings of printable ASCII (each with its merge), so that nearly every token
+    prints as whole UTF-8 text. Returns `folder`."""
+    printable = [chr(b) for b in range(33, 127)]
+    slots = vocab_size - (eos_id is not None and 0 <= eos_id < vocab_size)
+    singles = byte_chars()[:max(1, min(256, slots - 1))]  # at least one merge: llama.cpp requires merges
+    pieces = itertools.chain(singles, map("".join, itertools.product(printable, repeat=2)),
+                             map("".join, itertools.product(printable, repeat=3)))
+    vocab, merges = {}, []
+    for i in range(vocab_size):
+        if i != eos_id:
+            piece = next(pieces)
+            vocab[piece] = i
+            if len(piece) > 1:
+                merges.append(f"{piece[:-1]} {piece[-1]}")
+    added = [] if eos_id is None else [{"id": eos_id, "content": "<|endoftext|>", "special": True}]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges}, "added_tokens": added,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "decoder": {"type": "ByteLevel"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"} if added else {}))
+    return folder
 
 
 # ---- servers
@@ -231,7 +272,8 @@ def serving(cmd: list[str], log: Path, url: str | None = None, timeout: float = 
                 if url is not None and _healthy(httpx, url):
                     break
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+                    lines = log.read_text().strip().splitlines()
+                    tail = " | ".join(([x for x in lines if "error" in x.lower()] or lines)[-3:])
                     raise ConfigError(f"serve-anchor: {shown(cmd[:2])} did not become ready "
                                       f"(exit {proc.poll()}): {tail}")
                 time.sleep(0.5)
