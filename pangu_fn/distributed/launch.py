@@ -122,8 +122,8 @@ def run_processes(command: Sequence[str], world_size: int, env: dict[str, str] |
     exit code (1 for a rank ended by a signal) after stopping the rest and saying which on stderr."""
     store = _store(timeout_s)
     procs = [subprocess.Popen(list(command), env={**os.environ, **(env or {}), **rank_env(r, world_size, store.port)},
-                              stdout=None if r == 0 else subprocess.DEVNULL)
-             for r in range(world_size)]
+                              stdout=None if r == 0 else subprocess.DEVNULL, start_new_session=True)
+             for r in range(world_size)]  # own sessions: a signal to our group reaches rank 0 once, from us
     with _signals_to(procs[0]):
         failed = supervise(procs, lambda p: p.poll(), lambda: None)
     if failed is None:
@@ -137,7 +137,9 @@ def run_processes(command: Sequence[str], world_size: int, env: dict[str, str] |
 def _signals_to(lead: subprocess.Popen) -> Iterator[None]:
     """While inside: SIGINT and SIGTERM of this process go to rank 0 alone, which ends the run
     (a server stops its followers; elsewhere the others fail on their next collective and
-    `supervise` stops them). Only in the main thread, where Python takes signals."""
+    `supervise` stops them). The ranks run in sessions of their own, so Ctrl-C or a signal to
+    our process group reaches rank 0 once, through here. Only in the main thread, where Python
+    takes signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

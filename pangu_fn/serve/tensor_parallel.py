@@ -182,12 +182,15 @@ def _exit_on_failure(error: BaseException) -> None:
     os._exit(1)
 
 
-def ignore_interrupts_in_followers() -> None:
-    """Ranks > 0 leave Ctrl-C to rank 0, which stops them with a stop message."""
+def leave_signals_to_rank_0() -> None:
+    """Ranks > 0 ignore SIGINT and SIGTERM (Ctrl-C, `kill` of the process group, a service
+    manager stopping them all): rank 0 ends open streams and then stops them with a stop
+    message, so they exit 0 after it; the supervisor's SIGKILL still ends a stuck one."""
     import signal
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def follow_served(served: Any, options: Any) -> EngineState:
@@ -196,7 +199,7 @@ def follow_served(served: Any, options: Any) -> EngineState:
     `ServerOptions`), mirrored until rank 0 stops."""
     from .engine import init_engine
 
-    ignore_interrupts_in_followers()
+    leave_signals_to_rank_0()
     tok = served.tokenizer
     state = init_engine(served.params, served.cfg, options.settings, tok.decode if tok is not None else None,
                         options.seed, served.drafter, served.draft_k)
