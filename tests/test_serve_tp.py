@@ -33,6 +33,7 @@ from pangu_fn.serve.tensor_parallel import MirroredRunner, StepMessage, decode, 
 SETTINGS = EngineSettings(max_batch=3, prefix_cache=64, prefill_chunk=8)
 SAMPLED = pf.SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
 SHARED = [5, 17, 33, 2, 90, 41, 7, 12, 60]
+AFTER = Request("after", (150, 151, 152, 153), 5)  # shares no prefix with the others
 
 
 def _model():
@@ -41,7 +42,8 @@ def _model():
 
 
 def _requests() -> tuple[list[Request], list[Request]]:
-    """(the first wave, the wave sent once the first has finished: prefix-cache hits)."""
+    """(the first wave, the wave sent once the first has finished: prefix-cache hits). The
+    mirrored run then cancels a request after its first token and sends one more, `AFTER`."""
     first = [Request("greedy", tuple(SHARED), 8),
              Request("sampled", (11, 3, 50), 8, SAMPLED, seed=7),
              Request("penalties", (64, 65, 66, 67), 6, pf.SamplingParams(temperature=0.7, repetition_penalty=1.3),
@@ -70,11 +72,19 @@ def _serve_ranks(rank: int, world: int) -> dict | None:
         for wave in (first, second):
             queues = {q.id: runner.add(q) for q in wave}
             for rid, queue in queues.items():
-                events = [await asyncio.wait_for(queue.get(), 60)]
-                while events[-1].finish_reason is None:
-                    events.append(await asyncio.wait_for(queue.get(), 60))
-                out[rid] = _summary(events)
+                out[rid] = _summary(await _events(queue))
+        queue = runner.add(Request("cancelled", (200, 201, 202), 100))
+        first_event = await asyncio.wait_for(queue.get(), 60)
+        runner.cancel("cancelled")  # mirrored: every rank frees the slot at the same step
+        out["cancelled"] = _summary([first_event, *await _events(queue)])
+        out["after"] = _summary(await _events(runner.add(AFTER)))
         return out
+
+    async def _events(queue: asyncio.Queue) -> list:
+        events = [await asyncio.wait_for(queue.get(), 60)]
+        while events[-1].finish_reason is None:
+            events.append(await asyncio.wait_for(queue.get(), 60))
+        return events
 
     try:
         return asyncio.run(drive())
@@ -85,12 +95,14 @@ def _serve_ranks(rank: int, world: int) -> dict | None:
 def test_mirrored_engine_on_two_ranks_gives_the_single_process_tokens():
     params, cfg = _model()
     first, second = _requests()
-    _, events = run_requests(init_engine(params, cfg, SETTINGS), params, cfg, [*first, *second],
-                             arrivals=[0] * len(first) + [40] * len(second))  # all of the first wave done by 40
+    _, events = run_requests(init_engine(params, cfg, SETTINGS), params, cfg, [*first, *second, AFTER],
+                             arrivals=[0] * len(first) + [40] * len(second) + [80])  # each wave done by then
     expected = {rid: _summary(evs) for rid, evs in events.items()}
     assert expected["cached"]["cached"] > 0 and expected["cached-sampled"]["cached"] > 0
     got, none = launch(_serve_ranks, 2, threads=1)
     assert none is None
+    cancelled = got.pop("cancelled")
+    assert cancelled["reason"] == "cancelled" and 1 <= len(cancelled["tokens"]) < 100
     assert got == expected
 
 
