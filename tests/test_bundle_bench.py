@@ -11,7 +11,7 @@ from pangu_tools.cli import main
 def test_bench_bundle_rows_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-gpt", "--bundle", str(tmp_path / "bundles"), "--bundle-scheme", "fp32,int4",
-                 "--group-size", "32", "--new-tokens", "3", "--prompt-len", "4", "--repeats", "2", "--warmup", "0",
+                 "--group-size", "32", "--new-tokens", "3", "--prompt-len", "4", "--repeats", "2", "--warmup", "0", "--threads", "1",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     engines = [r["engine"] for r in rows]

@@ -71,7 +71,7 @@ def test_quantize_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, argv, me
 def test_bench_scheme_rows_with_ratios_and_rss(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-gpt", "--scheme", "bf16,int8", "--scheme", "int4", "--group-size", "32",
-                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--in-turns", "--json", str(out)]) == 0
+                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--in-turns", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["engine"] for r in rows] == ["pangu-fn", "pangu-fn bf16", "pangu-fn int8", "pangu-fn int4"]
     assert rows[0]["dtype"] == "float32" and all(r["dtype"] == "bfloat16" for r in rows[1:])
