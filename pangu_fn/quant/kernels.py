@@ -4,13 +4,16 @@
 |---|---|---|---|
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
 | CPU, bf16 activations, few rows | `native.int8_linear`, else `torch._weight_int8pack_mm` | `native.int4_linear`, else `torch._weight_int4pack_mm_for_cpu` | `native.bf16_linear`, else oneDNN prepacked matmul |
+| CPU with the AVX2 build, fp32 activations, few rows | `native.int8_linear` | `native.int4_linear` | - |
 | CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_INT4_ROWS`, `native.BF16_MAX_ELEMENTS`) | dequantize, then bf16 `F.linear` | the same (`native.int4_dequantize`) | `F.linear`, or oneDNN prepacked matmul |
 | CUDA, bf16 activations, few rows (`DEQUANTIZE_ROWS`) | dequantize, then `F.linear` (torch's CUDA `_weight_int8pack_mm` was no faster) | `torch._weight_int4pack_mm` (tinygemm; packed once per leaf) | `F.linear` |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
 
-`native.*` are the AVX-512 kernels compiled on first use (`native.py`); where they cannot run,
-a dense bf16 leaf holds oneDNN's prepacked copy and an int4 leaf torch's CPU pack instead.
+`native.*` are the AVX-512 or AVX2 kernels compiled on first use (`native.py`); where they cannot
+run, a dense bf16 leaf holds oneDNN's prepacked copy and an int4 leaf torch's CPU pack instead.
+Compiled graphs call them as the custom ops of `backend.py` (an int4 leaf with native data at
+any row count: tracing the torch dequantize would break the graph).
 The CUDA paths were run on an H100 (tests/test_accelerator.py); the Ascend path follows
 torch_npu's documented signature and has not been run (no NPU here).
 """
@@ -85,8 +88,8 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
     bf16_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    if (x.device.type == "cpu" and x.dtype == w.compute_dtype and x.numel() < NATIVE_INT4_ROWS * k
-            and w.native_kernel_data is not None):
+    if (x.device.type == "cpu" and x.dtype == w.compute_dtype and w.native_kernel_data is not None
+            and (x.numel() < NATIVE_INT4_ROWS * k or torch.compiler.is_compiling())):  # (the op takes any rows)
         y = backend.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias)
         if y is not None:
             return y.view(*x.shape[:-1], n)
