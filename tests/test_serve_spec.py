@@ -84,8 +84,8 @@ def test_greedy_drafting_equals_the_engine_without_a_drafter_demo(demo):
     rng = random.Random(0)
     tok = load_tokenizer(DEMO)
     repeats = [tuple(tok.encode(f"def {f}(a, b):\n    return a + b\n\ndef {f}(a, b):\n")) for f in ("add", "mul")]
-    reqs = requests(heldout_prompts(4, rng, 12), rng, 4)
-    reqs += [Request(f"repeat{i}", p, 6) for i, p in enumerate(repeats)]  # lookup finds their continuations
+    reqs = requests(heldout_prompts(8, rng, 16), rng, 6)
+    reqs += [Request(f"repeat{i}", p, 8) for i, p in enumerate(repeats)]  # lookup finds their continuations
     arrivals = [rng.randrange(0, 4) for _ in reqs]
     _, plain = run_requests(init_engine(params, cfg, SETTINGS), params, cfg, reqs, arrivals)
     for drafter in (DRAFT, "lookup", f"lookup+{DRAFT}"):
@@ -102,8 +102,8 @@ def test_greedy_drafting_equals_the_engine_without_a_drafter_demo(demo):
 def test_greedy_drafting_equals_the_engine_without_a_drafter_tiny(tiny, drafter):
     params, cfg, draft_model = tiny
     rng = random.Random(1)
-    prompts = [tuple(rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(2, 24))) for _ in range(10)]
-    reqs = requests(prompts, rng, 10)
+    prompts = [tuple(rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(2, 30))) for _ in range(12)]
+    reqs = requests(prompts, rng, 12)
     arrivals = [rng.randrange(0, 8) for _ in reqs]
     settings = EngineSettings(max_batch=6, prefill_chunk=8)
     _, plain = run_requests(init_engine(params, cfg, settings), params, cfg, reqs, arrivals)
@@ -113,15 +113,15 @@ def test_greedy_drafting_equals_the_engine_without_a_drafter_tiny(tiny, drafter)
     assert state.counters.draft_tokens > 0 and state.idle
 
 
-@pytest.mark.parametrize("drafter", ["lookup+model", "model-no-invariant"])
+@pytest.mark.parametrize("drafter", ["model", "lookup+model", "model-no-invariant"])
 def test_seeded_drafting_is_batch_invariant(tiny, drafter):
     params, cfg, draft_model = tiny
     rng = random.Random(2)
-    prompts = [tuple(rng.randrange(3, 40) for _ in range(rng.randint(2, 16))) for _ in range(6)]  # repeats: lookup hits
-    reqs = requests(prompts, rng, 7, sampled=True)
+    prompts = [tuple(rng.randrange(3, 40) for _ in range(rng.randint(2, 20))) for _ in range(10)]  # repeats: lookup hits
+    reqs = requests(prompts, rng, 8, sampled=True)
     invariant = drafter != "model-no-invariant"
-    settings = EngineSettings(max_batch=8, prefill_chunk=8, invariant=invariant)
-    spec = LookupFirst(draft_model) if drafter == "lookup+model" else draft_model
+    settings = EngineSettings(max_batch=10, prefill_chunk=8, invariant=invariant)
+    spec = LookupFirst(draft_model) if drafter.startswith("lookup+") else draft_model
 
     def engine():
         return init_engine(params, cfg, settings, drafter=spec, k=4)
@@ -136,6 +136,24 @@ def test_seeded_drafting_is_batch_invariant(tiny, drafter):
     else:  # last bits may differ with the batch: greedy tokens agree, sampled ones need not
         assert all(outputs(together)[q.id] == outputs(alone)[q.id] for q in reqs if q.sampling.greedy)
     assert state.counters.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("penalties", [{"presence_penalty": 2.0, "frequency_penalty": 1.0},
+                                       {"sampling": pf.SamplingParams(repetition_penalty=3.0)}])
+def test_a_draft_equal_to_the_target_is_accepted(tiny, penalties):
+    """The target's own layers as the draft model propose the target's tokens: nearly every draft
+    is accepted (the draft cache follows the rows), and strong penalties, applied at each drafted
+    position as if the drafts before it were generated, keep the plain engine's tokens."""
+    params, cfg, _ = tiny
+    rng = random.Random(5)
+    reqs = [Request(f"r{i}", tuple(rng.randrange(3, 60) for _ in range(rng.randint(2, 20))), 12, **penalties)
+            for i in range(6)]
+    settings = EngineSettings(max_batch=6, prefill_chunk=8)
+    _, plain = run_requests(init_engine(params, cfg, settings), params, cfg, reqs, [0, 0, 1, 2, 2, 5])
+    state, got = run_requests(init_engine(params, cfg, settings, drafter=f"self:{cfg.num_layers}", k=4), params, cfg,
+                              reqs, [0, 0, 1, 2, 2, 5])
+    assert outputs(got) == outputs(plain)
+    assert state.counters.accepted_tokens >= 0.9 * state.counters.draft_tokens > 0
 
 
 def test_prefix_cache_with_a_drafter(tiny):

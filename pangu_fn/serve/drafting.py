@@ -137,9 +137,13 @@ def propose(draft: Draft, running: list[Running], ends: dict[int, int], decoding
             drafts[slot], qs[slot] = [], []
             _draw(by_slot[slot], logits[slot][0], drafts[slot], qs[slot], draft.model.cfg.vocab_size)
     for i in range(1, max((ks[s] for s in drafts), default=0)):
-        feeds = {s: Feed(computed[s] + i - 1, (d[-1],), (0,)) for s, d in drafts.items() if len(d) < ks[s]}
+        going = {s for s, d in drafts.items() if len(d) < ks[s]}
+        # every user row is in the call (the others feed nothing at their length), so that no row's
+        # cached positions are overwritten by the padding of a row absent from the call
+        feeds = {s: Feed(computed[s] + i - 1, (drafts[s][-1],), (0,)) if s in going else Feed(computed[s], (), ())
+                 for s in computed}
         _, logits = call_rows(draft.model.params, draft.model.cfg, draft.cache, feeds, invariant)
-        for s in feeds:
+        for s in going:
             _draw(by_slot[s], logits[s][0], drafts[s], qs[s], draft.model.cfg.vocab_size)
     for s, d in drafts.items():
         out[s] = Proposal(tuple(d), torch.stack(qs[s]) if qs[s] else None, fed=len(d) - 1)
