@@ -4,7 +4,7 @@ loaded by later processes without recompiling (`torch._inductor.aoti_load_packag
 
 Weights are inputs of the programs, not constants baked into them: a package holds code only,
 so its key is what that code depends on — the config, the tree's names, shapes and dtypes, the
-program and the shapes and dtypes of its other inputs, the pangu_fn sources, torch's version and
+program and the shapes and dtypes of its other inputs, the sources it traces, torch's version and
 the CPU capability — and never the weight values (nothing to hash per load, one package serves
 every checkpoint of that shape). The price is that inductor cannot fold or prepack weights.
 Trees whose leaves are all tensors (fp32 / bf16 / fp16) are supported; quantized leaves are not.
@@ -44,16 +44,17 @@ from .params import Params
 from .sampling import greedy_tokens
 from .tree import leaves_with_names
 
-PACKAGE_SOURCES = Path(__file__).parent
+# The sources a traced program depends on: the math, the kernel choices under tracing, the config,
+# cache and sampling types, and this file.
+TRACED_SOURCES = ("aot.py", "backend.py", "cache.py", "config.py", "layers.py", "model.py", "params.py", "sampling.py")
 
 
 @functools.cache
 def _source_hash() -> str:
-    """Hash of pangu_fn's top-level Python sources (the traced math, its kernel choices, the
-    config and cache types)."""
+    """Hash of `TRACED_SOURCES`."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_SOURCES.glob("*.py")):
-        h.update(str(path.relative_to(PACKAGE_SOURCES)).encode() + b"\0" + path.read_bytes())
+    for name in TRACED_SOURCES:
+        h.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
 
 
