@@ -147,6 +147,18 @@ def pruned_engine(params: Any, cfg: Any, spec: str) -> tuple[str, Engine, dict[s
 BENCH_COMPILE = {"inductor-pywrapper": {"backend": "inductor", "cpp_wrapper": False}}
 
 
+def compile_names(args: argparse.Namespace) -> list[str]:
+    """The `--compile` entries ([] without it)."""
+    return [s.strip() for s in (args.compile or "").split(",") if s.strip()]
+
+
+def compile_options(name: str) -> Any:
+    """The CompileOptions a `--compile` entry names. Raises ConfigError for an unknown one."""
+    from pangu_fn import compiled
+
+    return compiled.CompileOptions(**BENCH_COMPILE[name]) if name in BENCH_COMPILE else compiled.options(name)
+
+
 def compiled_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], dtype: str) -> list[dict[str, Any]]:
     """Compiled decoding, one row per `--compile` entry (a comma list of inductor, aot,
     inductor-pywrapper, aot_eager, eager), all timed in turns with eager decoding (at least one
@@ -154,8 +166,8 @@ def compiled_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[
     generation, or loading it from an on-disk cache: torch's, or the AOT packages)."""
     from pangu_fn import compiled
 
-    names = [s.strip() for s in args.compile.split(",") if s.strip()]
-    opts = [compiled.CompileOptions(**BENCH_COMPILE[n]) if n in BENCH_COMPILE else compiled.options(n) for n in names]
+    names = compile_names(args)
+    opts = [compile_options(n) for n in names]
     print(f"bench: pangu-fn compiled ({', '.join(names)}) in turns with eager ...", file=sys.stderr, flush=True)
     eager, *fast = measure_interleaved([pangu_engine(params, cfg), *(pangu_engine(params, cfg, compile=o) for o in opts)],
                                        prompt, args.new_tokens, args.repeats, max(1, args.warmup), rotate=True)

@@ -80,12 +80,12 @@ def in_process_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: lis
 
     import pangu_fn as pf
 
-    from .bench import measure_interleaved
+    from .bench import compile_names, compile_options, measure_interleaved
 
     dtype = str(pf.cache.compute_dtype(params)).replace("torch.", "")
     engines = [(f"pangu-fn {dtype}", pangu_engine(params, cfg))]
-    for backend in [s.strip() for s in (args.compile or "").split(",") if s.strip()]:
-        engines.append((f"pangu-fn {dtype} compiled {backend}", pangu_engine(params, cfg, compile=backend)))
+    for name in compile_names(args):
+        engines.append((f"pangu-fn {dtype} compiled {name}", pangu_engine(params, cfg, compile=compile_options(name))))
     with tempfile.TemporaryDirectory() as tmp:
         print("bench: exporting an fp32 bundle for pangu_runtime in this process ...", file=sys.stderr, flush=True)
         export_bundle(pf.astype(params, "fp32"), cfg, Path(tmp) / "bundle", "ort")
