@@ -201,3 +201,17 @@ def test_aot_decode_matches_eager_and_loads_in_a_new_process(tmp_path):
         assert got == want
     assert [how for _, how, _ in runs[0][2]] == ["compiled", "compiled"]
     assert [how for _, how, _ in runs[1][2]] == ["loaded", "loaded"]
+
+
+def test_bench_compile_list_times_every_backend_in_one_run(tmp_path):
+    from pangu_tools.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-gpt", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1",
+                 "--warmup", "0", "--compile", "eager,aot_eager", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["engine"] for r in rows] == ["pangu-fn", "pangu-fn compiled eager", "pangu-fn compiled aot_eager"]
+    # both compiled rows were timed in turns with one eager engine: the same eager figure
+    assert rows[1]["in_turns"]["eager_decode_tok_s"] == rows[2]["in_turns"]["eager_decode_tok_s"]
+    for row in rows[1:]:
+        assert row["in_turns"]["decode_vs_eager"] == round(row["decode_tok_s"] / row["in_turns"]["eager_decode_tok_s"], 3)
