@@ -143,12 +143,17 @@ def test_greedy_generation_is_stable_and_equals_no_cache_argmax(models, metrics)
     assert tok.decode(tokens) == ref["text"]
 
 
-def test_demo_command_runs_end_to_end(models, capsys):
+def test_demo_command_runs_end_to_end(models, capsys, monkeypatch):
+    """Every stage runs, shortened: 6 tokens, one timed run, 1024 held-out tokens, and 2 of the
+    pruning stage's 60 distillation steps (recovery on the demo model is checked by
+    test_prune_iterative.py::test_demo_model_recovery_lowers_perplexity)."""
+    from pangu_tools import demo_stages
     from pangu_tools.cli import main
     from pangu_tools.demo import stages
 
+    monkeypatch.setattr(demo_stages, "RECOVERY_STEPS", 2)
     assert main(["demo", "--max-new-tokens", "6", "--repeats", "1", "--heldout-tokens", "1024",
-                 "--prompt", "The for statement"]) == 0
+                 "--prompt", "The for statement", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
     assert "The for statement" in out and f"{len(stages())} stages" in out
     report = out[out.index("stage "):]
@@ -157,6 +162,7 @@ def test_demo_command_runs_end_to_end(models, capsys):
                  "onnx + pangu_runtime"):
         assert f"\n{name} " in report, name
     assert "6/6 greedy" in report  # speculative decoding and the ONNX runtime reproduce the fp32 tokens
+    assert "2 distillation steps" in report
     row = next(line for line in report.splitlines() if line.startswith("pytorch"))
     target, tcfg, *_, held = models
     assert f" {perplexity(target, tcfg, held[:1024]):.2f} " in row
