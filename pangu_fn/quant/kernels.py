@@ -5,7 +5,7 @@
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
 | CPU, bf16 activations, few rows | `native.int8_linear`, else `torch._weight_int8pack_mm` | `native.int4_linear`, else `torch._weight_int4pack_mm_for_cpu` | `native.bf16_linear`, else oneDNN prepacked matmul |
 | CPU with the AVX2 build, fp32 activations, few rows | `native.int8_linear` | `native.int4_linear` | - |
-| CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_INT4_ROWS`, `native.BF16_MAX_ELEMENTS`) | dequantize, then bf16 `F.linear` | the same (`native.int4_dequantize`) | `F.linear`, or oneDNN prepacked matmul |
+| CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_INT4_ROWS`, `native.BF16_MAX_ELEMENTS`) | dequantize, then bf16 `F.linear` (fp32 where oneDNN has no bf16 path: `backend.matmul_dtype`) | the same (`native.int4_dequantize`) | `F.linear` (the same), or oneDNN prepacked matmul |
 | CUDA, bf16 activations, few rows (`DEQUANTIZE_ROWS`) | dequantize, then `F.linear` (torch's CUDA `_weight_int8pack_mm` was no faster) | `torch._weight_int4pack_mm` (tinygemm; packed once per leaf) | `F.linear` |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
 | anything else | dequantize, then `F.linear` | dequantize, then `F.linear` | `F.linear` |
@@ -115,11 +115,11 @@ def dequantized_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> to
     """`F.linear` with the weight dequantized to x's dtype, `DEQUANTIZE_CHUNK` output rows at a
     time, so that no more than that many rows of float weight exist at once (a quantized
     50257-row head would otherwise briefly need its full bf16 copy)."""
-    n = w.shape[0]
+    n, dtype = w.shape[0], backend.matmul_dtype(x)  # fp32 where the CPU's bf16 matmul is slow
     if n <= DEQUANTIZE_CHUNK:
-        return F.linear(x, w.dequantize(x.dtype), bias)
-    parts = [F.linear(x, w.dequantize(x.dtype, slice(r0, min(r0 + DEQUANTIZE_CHUNK, n))),
-                      None if bias is None else bias[r0:r0 + DEQUANTIZE_CHUNK])
+        return backend.linear_in(dtype, x, w.dequantize(dtype), bias)
+    parts = [backend.linear_in(dtype, x, w.dequantize(dtype, slice(r0, min(r0 + DEQUANTIZE_CHUNK, n))),
+                               None if bias is None else bias[r0:r0 + DEQUANTIZE_CHUNK])
              for r0 in range(0, n, DEQUANTIZE_CHUNK)]
     return torch.cat(parts, dim=-1)
 
@@ -135,7 +135,7 @@ def dense_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
     packed = w.packed
     if packed is not None and x.dtype == packed.dtype and x.device.type == "cpu" and not tracing():
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, w.weight, bias)
+    return backend.linear_in(backend.matmul_dtype(x), x, w.weight, bias)
 
 
 def mkldnn_prepack(weight: torch.Tensor) -> torch.Tensor | None:
