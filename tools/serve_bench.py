@@ -91,8 +91,9 @@ async def level(url: str, model: str, prompts: list[list[int]], warm_up: list[in
         async with gate:
             return await one(client, model, prompt, max_tokens, extra)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    # a connection per request: llama-server may close a kept-alive one after a stream
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers, limits=limits) as client:
         await one(client, model, warm_up, 2, extra)
         start = time.perf_counter()
         results = await asyncio.gather(*[bounded(client, p) for p in prompts])
