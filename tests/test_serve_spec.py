@@ -26,7 +26,7 @@ from pangu_fn.prune import PruneRecipe, prune
 from pangu_fn.serve import EngineSettings, Request, cancel, engine_step, init_engine, submit
 from pangu_fn.serve.app import Served, ServerOptions
 from pangu_fn.serve.engine import run_requests
-from pangu_fn.speculative import DraftModel, LookupFirst
+from pangu_fn.speculative import DraftModel, LookupFirst, SpecStats, load_drafter, speculative_generate
 from pangu_fn.tokenizer import load_tokenizer
 
 DEMO = Path("models/demo/target")
@@ -58,7 +58,8 @@ def heldout_prompts(n: int, rng: random.Random, longest: int) -> list[tuple[int,
     return out
 
 
-def requests(prompts, rng: random.Random, most_tokens: int, sampled: bool = False) -> list[Request]:
+def requests(prompts, rng: random.Random, most_tokens: int, sampled: bool = False,
+             temperatures: tuple[float, ...] = (0.7, 1.0)) -> list[Request]:
     """Greedy requests (some with penalties); with `sampled`, every other one seeded sampling."""
     out = []
     for i, p in enumerate(prompts):
@@ -68,7 +69,7 @@ def requests(prompts, rng: random.Random, most_tokens: int, sampled: bool = Fals
         elif i % 3 == 2:
             kw = {"sampling": pf.SamplingParams(repetition_penalty=1.2)}
         if sampled and i % 2:
-            kw["sampling"] = pf.SamplingParams(temperature=rng.choice([0.7, 1.0]), top_k=rng.choice([0, 20]),
+            kw["sampling"] = pf.SamplingParams(temperature=rng.choice(temperatures), top_k=rng.choice([0, 20]),
                                                repetition_penalty=rng.choice([1.0, 1.2]))
         out.append(Request(f"r{i}", p, rng.randint(2, most_tokens), seed=100 + i, logprobs=1, **kw))
     return out
@@ -118,7 +119,7 @@ def test_seeded_drafting_is_batch_invariant(tiny, drafter):
     params, cfg, draft_model = tiny
     rng = random.Random(2)
     prompts = [tuple(rng.randrange(3, 40) for _ in range(rng.randint(2, 20))) for _ in range(10)]  # repeats: lookup hits
-    reqs = requests(prompts, rng, 8, sampled=True)
+    reqs = requests(prompts, rng, 8, sampled=True, temperatures=(2.0, 4.0))  # flat: the draws matter
     invariant = drafter != "model-no-invariant"
     settings = EngineSettings(max_batch=10, prefill_chunk=8, invariant=invariant)
     spec = LookupFirst(draft_model) if drafter.startswith("lookup+") else draft_model
@@ -154,6 +155,34 @@ def test_a_draft_equal_to_the_target_is_accepted(tiny, penalties):
                               reqs, [0, 0, 1, 2, 2, 5])
     assert outputs(got) == outputs(plain)
     assert state.counters.accepted_tokens >= 0.9 * state.counters.draft_tokens > 0
+
+
+def test_drafts_and_acceptance_match_speculative_generate(demo):
+    """A request alone drafts and accepts what `speculative_generate` does with the same draft
+    model: the draft cache follows the row through rollbacks."""
+    params, cfg = demo
+    prompt = heldout_prompts(1, random.Random(7), 16)[0]  # some drafts rejected: rollbacks
+    stats = SpecStats()
+    ref = speculative_generate(params, cfg, [list(prompt)], 20, eos_token_ids=(), drafter=load_drafter(DRAFT, dtype="fp32"), k=4,
+                               stats=stats)[0].tokens
+    state, ev = run_requests(init_engine(params, cfg, SETTINGS, drafter=DRAFT, k=4), params, cfg,
+                             [Request("a", prompt, 20)])
+    assert [e.token for e in ev["a"]] == ref
+    assert (state.counters.draft_tokens, state.counters.accepted_tokens) == (stats.drafted, stats.accepted)
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_seeded_drafting_is_batch_invariant_demo(demo):
+    params, cfg = demo
+    rng = random.Random(8)
+    reqs = [Request(f"s{i}", p, 10, pf.SamplingParams(temperature=1.0, top_k=rng.choice([0, 40])), seed=i)
+            for i, p in enumerate(heldout_prompts(5, rng, 16))]
+    alone = {}
+    for q in reqs:
+        alone.update(run_requests(init_engine(params, cfg, SETTINGS, drafter=DRAFT), params, cfg, [q])[1])
+    state, together = run_requests(init_engine(params, cfg, SETTINGS, drafter=DRAFT), params, cfg, reqs, [0, 2, 2, 3, 5])
+    assert outputs(together) == outputs(alone)
+    assert 0 < state.counters.accepted_tokens < state.counters.draft_tokens
 
 
 def test_prefix_cache_with_a_drafter(tiny):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..cache import KVCache, init_cache
+from ..cache import KVCache, compute_dtype, init_cache
 from ..config import ModelConfig
 from ..errors import InputError
 from ..params import Params
@@ -76,12 +76,13 @@ class _Context(NamedTuple):
 def make_draft(drafter: Any, params: Params, cfg: ModelConfig, rows: int, k: int, dtype: Any = None) -> Draft:
     """The engine's Draft for a drafter: a `--draft` spec string ("lookup", "self", a model
     folder, "lookup+" before one of those; see `load_drafter`) or a drafter object (anything
-    `make_drafter` takes; a folder loads in `dtype`, default as stored). A draft model gets a
+    `make_drafter` takes; a folder loads in `dtype`, default the target's). A draft model gets a
     cache of `rows` rows. Raises ConfigError for a drafter that cannot draft for this model,
     InputError for k < 1."""
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise InputError(f"engine: expected an int draft length k >= 1, found {k!r}")
     device = params["tok_embed"]["weight"].device
+    dtype = dtype or compute_dtype(params)
     drafter = load_drafter(drafter, device, dtype) if isinstance(drafter, str) else make_drafter(drafter)
     target = Model(params, cfg)
     drafter.check(target)
@@ -138,10 +139,10 @@ def propose(draft: Draft, running: list[Running], ends: dict[int, int], decoding
             _draw(by_slot[slot], logits[slot][0], drafts[slot], qs[slot], draft.model.cfg.vocab_size)
     for i in range(1, max((ks[s] for s in drafts), default=0)):
         going = {s for s, d in drafts.items() if len(d) < ks[s]}
-        # every user row is in the call (the others feed nothing at their length), so that no row's
-        # cached positions are overwritten by the padding of a row absent from the call
-        feeds = {s: Feed(computed[s] + i - 1, (drafts[s][-1],), (0,)) if s in going else Feed(computed[s], (), ())
-                 for s in computed}
+        # every user row is in the call, the others feeding nothing past the drafts they were fed,
+        # so that no row's cached positions are overwritten by the padding of the call
+        feeds = {s: Feed(computed[s] + i - 1, (drafts[s][-1],), (0,)) if s in going
+                 else Feed(computed[s] + max(len(drafts.get(s, ())) - 1, 0), (), ()) for s in computed}
         _, logits = call_rows(draft.model.params, draft.model.cfg, draft.cache, feeds, invariant)
         for s in going:
             _draw(by_slot[s], logits[s][0], drafts[s], qs[s], draft.model.cfg.vocab_size)

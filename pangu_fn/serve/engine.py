@@ -143,9 +143,9 @@ def init_engine(params: Params, cfg: ModelConfig, settings: EngineSettings = Eng
     """An engine with empty slots on the params' device. `detokenize` turns generated ids
     into text (None: `ids_text`); `seed` seeds the seeds of requests that bring none;
     `drafter` (None: none) drafts `k` tokens per decoding row and step: a `--draft` spec
-    ("lookup", "self", a model folder loaded in `draft_dtype`, "lookup+" before one) or a
-    drafter object of `pangu_fn.speculative`. Raises ConfigError for bad settings or a drafter
-    that does not fit the model."""
+    ("lookup", "self", a model folder loaded in `draft_dtype`, default the target's dtype,
+    "lookup+" before one) or a drafter object of `pangu_fn.speculative`. Raises ConfigError
+    for bad settings or a drafter that does not fit the model."""
     settings.check(cfg)
     rows = max(settings.max_batch + PAD_ROWS, MIN_ROWS)
     cache = init_cache(params, cfg, rows, cfg.max_seq_len)
