@@ -3,9 +3,9 @@ compiled ahead of time into packages on disk (`torch._inductor.aoti_compile_and_
 loaded by later processes without recompiling (`torch._inductor.aoti_load_package`).
 
 Weights are inputs of the programs, not constants baked into them: a package holds code only,
-so its key is what that code depends on — the config, the tree's names, shapes and dtypes, the
-program and the shapes and dtypes of its other inputs, the sources it traces, torch's version and
-the CPU capability — and never the weight values (nothing to hash per load, one package serves
+so its key is what that code depends on — the config, the tree's names, shapes, strides and
+dtypes, the program and the shapes, strides and dtypes of its other inputs, the sources it
+traces, torch's version and the CPU capability — and never the weight values (nothing to hash per load, one package serves
 every checkpoint of that shape). The price is that inductor cannot fold or prepack weights.
 Trees whose leaves are all tensors (fp32 / bf16 / fp16) are supported; quantized leaves are not.
 
@@ -66,8 +66,8 @@ def package_key(cfg: ModelConfig, params: Params, name: str, inputs: list[torch.
         if not isinstance(leaf, torch.Tensor):
             raise ConfigError(f"compile='aot': expected a tree of tensors (fp32 / bf16 / fp16), "
                               f"found a {type(leaf).__name__} at {leaf_name}")
-        layout.append(f"{leaf_name}:{leaf.dtype}:{tuple(leaf.shape)}")
-    shapes = [f"{t.dtype}:{tuple(t.shape)}" for t in inputs]
+        layout.append(f"{leaf_name}:{leaf.dtype}:{tuple(leaf.shape)}:{leaf.stride()}")
+    shapes = [f"{t.dtype}:{tuple(t.shape)}:{t.stride()}" for t in inputs]  # compiled code assumes the strides
     parts = [repr(cfg), *layout, name, *shapes, _source_hash(), torch.__version__,
              torch.backends.cpu.get_cpu_capability()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
@@ -150,7 +150,7 @@ class AotPrograms:
              *rest: torch.Tensor) -> tuple[Any, KVCache]:
         weights = pytree.tree_leaves(params)
         args = (tokens, cache.keys, cache.values, cache.lengths, *rest)
-        key = (id(params), name, tuple((t.dtype, tuple(t.shape)) for t in pytree.tree_leaves(args)))
+        key = (id(params), name, tuple((t.dtype, tuple(t.shape), t.stride()) for t in pytree.tree_leaves(args)))
         program = self.loaded.get(key)
         if program is None:
             start = time.perf_counter()

@@ -148,6 +148,9 @@ def test_aot_package_key_follows_shapes_not_weight_values():
     assert aot.package_key(cfg, params, "decode", [torch.zeros(2, dtype=torch.int64)]) != key
     assert aot.package_key(cfg, params, "prefill", [tokens]) != key
     assert aot.package_key(cfg, pf.astype(params, torch.bfloat16), "decode", [tokens]) != key
+    w = params["tok_embed"]["weight"]
+    flipped = w.contiguous() if not w.is_contiguous() else w.t().contiguous().t()  # row- <-> column-major
+    assert aot.package_key(cfg, {**params, "tok_embed": {"weight": flipped}}, "decode", [tokens]) != key
     wider, wider_cfg = random_model("tiny-gpt", intermediate_size=2 * cfg.intermediate_size)
     assert aot.package_key(wider_cfg, wider, "decode", [tokens]) != key
     with pytest.raises(pf.ConfigError, match="tree of tensors"):
