@@ -147,16 +147,16 @@ def hf_folder(model: str, seed: int, work: Path) -> Path:
 
     from .common import resolve_model
 
-    src = Path(model)
+    src, dst = Path(model), work / "hf"
+    if dst.exists():  # written for an earlier dtype
+        return dst
     if not src.exists():
         params, cfg, _ = resolve_model(model, seed=seed)
         src = work / "pangu-fn"
         pf.save(src, params, cfg)
         del params
-    dst = work / "hf"
-    if not dst.exists():
-        subprocess.run([sys.executable, "-m", "pangu_tools.cli", "convert", str(src), str(dst), "--to", "hf"],
-                       check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "pangu_tools.cli", "convert", str(src), str(dst), "--to", "hf"],
+                   check=True, stdout=subprocess.DEVNULL)
     return dst
 
 
@@ -391,16 +391,16 @@ def run(args: argparse.Namespace) -> int:
                          f"exceeds the model's context {cfg.max_seq_len}")
     root = Path(args.llama_dir).expanduser()
     src = llama_source(root, args.llama_version) if "llama" in args.servers else root
-    load = [os.getloadavg()[0]]
+    start = os.getloadavg()[0]
     runs = []
     with tempfile.TemporaryDirectory(prefix="serve-anchor-") as tmp:
-        for dtype in args.dtypes:
+        for k, dtype in enumerate(args.dtypes):
             runs += run_dtype(args, dtype, src, cfg, vocab, Path(tmp))
-    load.append(os.getloadavg()[0])
-    write_json({"command": "pangu " + " ".join(sys.argv[1:]), "model": args.model,
-                "llama_cpp_python_sdist": args.llama_version,
-                "threads": args.threads, "slots": args.slots, "requests": args.requests, "prompt_len": args.prompt_len,
-                "max_tokens": args.max_tokens, "vocab": vocab, "seed": args.seed,
-                "load_average_1min": {"start": round(load[0], 2), "end": round(load[1], 2)}, "cpus": os.cpu_count(),
-                "summary": summary(runs), "runs": runs}, args.json)
+            if args.json is not None or k == len(args.dtypes) - 1:  # a file is rewritten after each dtype
+                write_json({"command": "pangu " + " ".join(sys.argv[1:]), "model": args.model,
+                            "llama_cpp_python_sdist": args.llama_version, "threads": args.threads,
+                            "slots": args.slots, "requests": args.requests, "prompt_len": args.prompt_len,
+                            "max_tokens": args.max_tokens, "vocab": vocab, "seed": args.seed,
+                            "load_average_1min": {"start": round(start, 2), "end": round(os.getloadavg()[0], 2)},
+                            "cpus": os.cpu_count(), "summary": summary(runs), "runs": runs}, args.json)
     return 0
