@@ -210,7 +210,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
 
 
 @torch.compiler.assume_constant_result
-def _native_fp32_available() -> bool:
+def native_avx2() -> bool:
+    """`native.avx2()`, a constant to compiled graphs."""
     return native.avx2()
 
 
@@ -222,7 +223,7 @@ def native_int8_fits(x: torch.Tensor, scales: torch.Tensor) -> bool:
         return False
     if x.dtype == torch.bfloat16 == scales.dtype and _native_bf16_available():
         return True
-    return x.dtype in native.FLOATS and scales.dtype in native.FLOATS and _native_fp32_available()
+    return x.dtype in native.FLOATS and scales.dtype in native.FLOATS and native_avx2()
 
 
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

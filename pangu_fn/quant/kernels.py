@@ -4,7 +4,7 @@
 |---|---|---|---|
 | exporting | `torch.ops.pangu.int8_linear` | `torch.ops.pangu.int4_linear` | `F.linear` |
 | CPU, bf16 activations, few rows | `native.int8_linear`, else `torch._weight_int8pack_mm` | `native.int4_linear`, else `torch._weight_int4pack_mm_for_cpu` | `native.bf16_linear`, else oneDNN prepacked matmul |
-| CPU with the AVX2 build, fp32 activations, few rows | `native.int8_linear` | `native.int4_linear` | - |
+| CPU with the AVX2 build, bf16 or fp32 activations, fewer than `AVX2_NATIVE_ROWS` (64) rows | `native.int8_linear` | `native.int4_linear` | `native.bf16_linear` (bf16) |
 | CPU, bf16, many rows (`DEQUANTIZE_ROWS`, `NATIVE_INT4_ROWS`, `native.BF16_MAX_ELEMENTS`) | dequantize, then bf16 `F.linear` (fp32 where oneDNN has no bf16 path: `backend.matmul_dtype`) | the same (`native.int4_dequantize`) | `F.linear` (the same), or oneDNN prepacked matmul |
 | CUDA, bf16 activations, few rows (`DEQUANTIZE_ROWS`) | dequantize, then `F.linear` (torch's CUDA `_weight_int8pack_mm` was no faster) | `torch._weight_int4pack_mm` (tinygemm; packed once per leaf) | `F.linear` |
 | Ascend (`torch_npu`) | `npu_weight_quant_batchmatmul` | the same, int4 packed by `npu_convert_weight_to_int4pack` | `F.linear` |
@@ -38,6 +38,10 @@ DEQUANTIZE_ROWS = {"int8": 32, "int4": 128}
 # The native int4 kernel makes one pass over the weight per 8 rows; from 32 rows on, the native
 # dequantize and a bf16 matmul are faster (768 x 3072, two threads, 32 rows: 0.90 vs 0.74 ms).
 NATIVE_INT4_ROWS = 32
+# With the AVX2 kernels (weights read once per call at any row count) up to this many rows: int4
+# at 2304 x 768, one thread, busy machine: 32 rows 23 vs 46 ms dequantized, 64 rows 46 vs 40;
+# int8 32 rows 23 vs 23, 64 rows 22 vs 25, 128 rows 59 vs 52.
+AVX2_NATIVE_ROWS = 64
 DEQUANTIZE_CHUNK = 4096  # weight rows dequantized at once (a multiple of the int4 PACK_ROWS)
 
 
@@ -70,7 +74,8 @@ def int8_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     n, k = w.shape
     if torch.compiler.is_exporting():
         return torch.ops.pangu.int8_linear(x, w.qdata, w.scales, bias)
-    if x.device.type == "cpu" and x.numel() < DEQUANTIZE_ROWS["int8"] * k and (
+    rows = AVX2_NATIVE_ROWS if backend.native_avx2() else DEQUANTIZE_ROWS["int8"]
+    if x.device.type == "cpu" and x.numel() < rows * k and (
             backend.native_int8_fits(x, w.scales) or (x.dtype == torch.bfloat16 == w.scales.dtype and k % 16 == 0)):
         # torch's kernel (bf16 only) crashes on K % 16 != 0
         return backend.int8_linear(_rows(x), w.qdata, w.scales, bias).view(*x.shape[:-1], n)
@@ -89,7 +94,8 @@ def int4_linear(w: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         return torch.ops.pangu.int4_linear(x, w.qdata, w.scales, w.zero_points, bias, w.group_size, k)
     bf16_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16
     if (x.device.type == "cpu" and x.dtype == w.compute_dtype and w.native_kernel_data is not None
-            and (x.numel() < NATIVE_INT4_ROWS * k or torch.compiler.is_compiling())):  # (the op takes any rows)
+            and (x.numel() < (AVX2_NATIVE_ROWS if backend.native_avx2() else NATIVE_INT4_ROWS) * k
+                 or torch.compiler.is_compiling())):  # (the op takes any rows)
         y = backend.int4_linear(_rows(x), *w.native_kernel_data, w.group_size, bias)
         if y is not None:
             return y.view(*x.shape[:-1], n)
