@@ -369,6 +369,7 @@ def run_dtype(args: argparse.Namespace, dtype: str, src: Path, cfg: Any, vocab: 
                 r["levels"].append(serve_bench.measure_level(r["bench"], serve_bench.api_url(r["url"]), r["model_name"],
                                                              {}, i, c))
     for r in runs.values():
+        r["model_name"] = shown([r["model_name"]])  # llama-server names the model by its file's path
         serve_bench.with_ratios(r["levels"])
         r["extra_body"] = r.pop("bench").extra_body
         del r["url"]
