@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+
 import torch
 
 import pangu_fn as pf
@@ -61,3 +65,18 @@ def peak_rss_script(imports: str, body: str) -> str:
              body,
              "print(json.dumps({**result, 'base': base, 'peak': hwm()}))"]
     return "\n".join(lines)
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """`pangu serve *args --port 0` in a new process: (the process, its base URL from the ready
+    line). Waits at most 120 s for that line; kills the process and fails otherwise."""
+    proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", "serve", *args, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(120, proc.kill)  # bound the wait for the ready line
+    timer.start()
+    line = proc.stdout.readline()
+    timer.cancel()
+    if "ready at" not in line:
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
+    return proc, line.split("ready at ")[1].strip()

@@ -8,36 +8,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 from typing import ClassVar
 
 import httpx
 import pytest
+from helpers import start_server
 from pangu_tools.cli import main
 
 from pangu_fn.serve.chat import OPENPANGU_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate, chat_template_for
 from pangu_fn.tokenizer import openpangu_chat_prompt
 
 
-def start(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", "serve", *args, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    timer = threading.Timer(120, proc.kill)  # bound the wait for the ready line
-    timer.start()
-    line = proc.stdout.readline()
-    timer.cancel()
-    if "ready at" not in line:
-        proc.kill()
-        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
-    return proc, line.split("ready at ")[1].strip()
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.skipif(
     not os.environ.get("PANGU_SLOW_TESTS"), reason="a second server process (~15 s); set PANGU_SLOW_TESTS=1"))])
 def test_serves_and_stops_on_a_signal(sig):
-    proc, url = start("tiny-gpt", "--max-batch", "2")
+    proc, url = start_server("tiny-gpt", "--max-batch", "2")
     try:
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
         out = httpx.post(f"{url}/completions", json={"model": "tiny-gpt", "prompt": [5, 6], "max_tokens": 3,

@@ -14,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import random_model
+from helpers import random_model, start_server
 
 import pangu_fn as pf
 from pangu_fn.distributed import launch, shard
@@ -112,19 +110,6 @@ def test_step_messages_round_trip_every_request_field():
     assert decode(encode(msg)) == msg
 
 
-def _start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", "serve", "tiny-openpangu", "--tp", "2",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    timer = threading.Timer(120, proc.kill)  # bound the wait for the ready line
-    timer.start()
-    line = proc.stdout.readline()
-    timer.cancel()
-    if "ready at" not in line:
-        proc.kill()
-        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
-    return proc, line.split("ready at ")[1].strip()
-
-
 def _rank_pid(parent: int, rank: int) -> int:
     """The pid of the child of `parent` started as rank `rank` (Linux /proc)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -144,7 +129,7 @@ def test_cli_serve_tp_2_answers_like_one_process():
     request = Request("r", (5, 6, 7, 8), 8, pf.SamplingParams(temperature=1.0), seed=5, eos=frozenset({cfg.eos_token_id}))
     _, events = run_requests(init_engine(params, cfg, EngineSettings()), params, cfg, [request])
     expected = "".join(f" {e.token}" for e in events["r"] if e.token is not None)
-    proc, url = _start_server()
+    proc, url = start_server("tiny-openpangu", "--tp", "2")
     try:
         out = httpx.post(f"{url}/completions", timeout=60, json={
             "model": "tiny-openpangu", "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 1.0, "seed": 5}).json()
@@ -159,7 +144,7 @@ def test_cli_serve_tp_2_answers_like_one_process():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not os.environ.get("PANGU_SLOW_TESTS"),
                     reason="another server (~10 s; Linux /proc); set PANGU_SLOW_TESTS=1")
 def test_cli_serve_tp_a_dying_rank_takes_the_server_down():
-    proc, _ = _start_server()
+    proc, _ = start_server("tiny-openpangu", "--tp", "2")
     try:
         os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
         start = time.monotonic()
