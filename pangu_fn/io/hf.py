@@ -248,7 +248,7 @@ def _gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
     if act is None:
         raise ConfigError(f"to_hf: GPT-2 has no activation {cfg.activation!r}; expected gelu_tanh, gelu or fast_gelu")
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.max_seq_len, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
+            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
             "n_head": cfg.num_heads, "n_inner": cfg.intermediate_size, "activation_function": act,
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
