@@ -82,13 +82,16 @@ class EngineRunner:
                 state = submit(state, request, self.cfg)
             for rid in cancels:
                 state = cancel(state, rid)
-            state, events = engine_step(state, self.params, self.cfg)
-            with self._lock:
-                self.state = state
-                for ev in events:
-                    self._deliver(ev)
-            if self.on_step is not None:
-                self.on_step(state, events)
+            self._publish(*engine_step(state, self.params, self.cfg))
+
+    def _publish(self, state: EngineState, events: list[Event]) -> None:
+        """Make `state` the runner's, hand out `events`, then call `on_step` (engine thread)."""
+        with self._lock:
+            self.state = state
+            for ev in events:
+                self._deliver(ev)
+        if self.on_step is not None:
+            self.on_step(state, events)
 
     def _deliver(self, ev: Event) -> None:
         target = self._queues.get(ev.id)

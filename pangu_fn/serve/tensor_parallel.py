@@ -167,13 +167,7 @@ class MirroredRunner(EngineRunner):
                 return
             if not step:
                 continue
-            state, events = apply(state, self.params, self.cfg, msg)
-            with self._lock:
-                self.state = state
-                for ev in events:
-                    self._deliver(ev)
-            if self.on_step is not None:
-                self.on_step(state, events)
+            self._publish(*apply(state, self.params, self.cfg, msg))
 
 
 def _exit_on_failure(error: BaseException) -> None:
