@@ -30,11 +30,11 @@ from ..io import hf
 from ..io.checkpoint import FORMAT, load_config, open_source, read_config_json
 from ..io.leaves import leaf_type
 from ..io.safetensors_io import read_header
-from ..params import Params, astype, parse_dtype, to_device, validate
+from ..params import Params, is_matmul_weight, laid_out, parse_dtype, validate
 from ..tree import unflatten
 from .plan import REPLICATE, split_plan
 from .shard import wrap
-from .slicing import Reader, cut, described, tensor_reader
+from .slicing import Reader, cut, cut_column_major, described, tensor_reader
 
 INDEX = "model.safetensors.index.json"
 
@@ -46,17 +46,20 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
     `shard(load(path)[0], cfg, rank, world_size)`. Our folders and Hugging Face LLaMA-layout
     folders in safetensors are read slice by slice (`reads_slices`), and so is a MindSpore
     `.ckpt`; other layouts `load` reads (`config` as there) are read one whole tensor at a
-    time, each cut before the next is read (the GPT-2 layout reads all its tensors first). Cast to `dtype` and moved to `device`
-    (default CPU) after cutting. Raises FormatError for unreadable files, missing tensors or
+    time, each cut before the next is read (the GPT-2 layout reads all its tensors first). Each
+    part is cast to `dtype`, moved to `device` (default CPU) and laid out as `decode_layout`
+    says before the next is read (fp32 CPU matrices filled column-major from slabs), so the
+    rank's peak memory is about its share. Raises FormatError for unreadable files, missing tensors or
     files that disagree with their index, ShapeError for shapes that disagree with the config,
     ConfigError for a world size the model cannot split."""
     folder = Path(path)
     if reads_slices(folder):
-        cfg, leaves, stored_shape, reader = _sliced(folder)
+        cfg, leaves, stored_shape, stored_dtype, reader = _sliced(folder)
     else:
         source = open_source(folder, config=config)
         cfg, leaves, refs = source.cfg, source.leaves, source.tensors
         stored_shape = {name: tuple(ref.shape) for name, ref in refs.items()}
+        stored_dtype = {name: ref.dtype for name, ref in refs.items()}
 
         def reader(name: str) -> Reader:
             part = refs[name].read_part  # a MindSpore .ckpt reads just the slice
@@ -67,6 +70,8 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
     shapes.update({leaf: tuple(desc.get("shape", ())) for leaf, desc in leaves.items()})
     validate(unflatten({n: torch.empty(s, device="meta") for n, s in shapes.items()}), cfg)
     plan = split_plan(shapes, cfg, rank, world_size)
+    dev, want = torch.device(device or "cpu"), (None if dtype is None else parse_dtype(dtype))
+    tied = "lm_head.weight" not in shapes
     flat: dict[str, Any] = {}
     for name, shape in tqdm(shapes.items(), desc=f"load rank {rank}", disable=len(shapes) < 200,
                             dynamic_ncols=True):
@@ -74,13 +79,30 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
         if name in leaves:
             parts = {s: cut(reader(f"{name}.{s}"), stored_shape[f"{name}.{s}"], k, split, f"{name}.{s}")
                      for s in _suffixes(stored_shape, name)}
-            flat[name] = leaf_type(leaves[name]["kind"]).from_tensors(parts, described(leaves[name], shape, split))
+            leaf = leaf_type(leaves[name]["kind"]).from_tensors(parts, described(leaves[name], shape, split))
+        elif _fills_column_major(name, shape, stored_dtype[name], want, dev, tied):
+            flat[name] = cut_column_major(reader(name), shape, split, torch.float32)
+            continue
         else:
-            flat[name] = cut(reader(name), shape, k, split, name)
-    params = unflatten(flat)
-    if dtype is not None:
-        params = astype(params, parse_dtype(dtype))
-    return wrap(to_device(params, device or "cpu"), plan, cfg, group), cfg
+            leaf = cut(reader(name), shape, k, split, name)
+        flat[name] = laid_out(name, _cast(leaf, want).to(dev), tied)  # each placed before the next is read
+    return wrap(unflatten(flat), plan, cfg, group), cfg
+
+
+def _cast(leaf: Any, dtype: torch.dtype | None) -> Any:
+    """`leaf` in compute dtype `dtype` as `params.astype` casts it (None: as stored)."""
+    if dtype is None or (isinstance(leaf, torch.Tensor) and not leaf.is_floating_point()):
+        return leaf
+    return leaf.to(dtype) if isinstance(leaf, torch.Tensor) else leaf.astype(dtype)
+
+
+def _fills_column_major(name: str, shape: tuple[int, ...], stored: torch.dtype, want: torch.dtype | None,
+                        device: torch.device, tied: bool) -> bool:
+    """Whether a plain tensor ends up an fp32 CPU matmul weight (column-major in
+    `decode_layout`), so `cut_column_major` fills it straight from the file."""
+    final = want if want is not None and stored.is_floating_point else stored
+    return (final == torch.float32 and device.type == "cpu" and len(shape) == 2
+            and is_matmul_weight(name, tied))
 
 
 def reads_slices(path: str | Path) -> bool:
@@ -96,9 +118,10 @@ def reads_slices(path: str | Path) -> bool:
     return d.get("format") == FORMAT or d.get("model_type") in hf.LLAMA_TYPES
 
 
-def _sliced(folder: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, tuple[int, ...]], Any]:
-    """(cfg, leaf descriptions, {our name: stored shape}, name -> Reader of slices) of a folder
-    `reads_slices` accepts."""
+def _sliced(folder: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, tuple[int, ...]],
+                                   dict[str, torch.dtype], Any]:
+    """(cfg, leaf descriptions, {our name: stored shape}, {our name: stored dtype}, name -> Reader
+    of slices) of a folder `reads_slices` accepts."""
     d = read_config_json(folder)
     cfg = load_config(folder)  # checks our format version / reads an HF config
     leaves: dict[str, dict[str, Any]] = d.get("leaves", {}) if d.get("format") == FORMAT else {}
@@ -113,7 +136,8 @@ def _sliced(folder: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, tuple[
         part = handles[file].get_slice(names[name])
         return lambda dim, a, b: part[a:b] if dim == 0 else part[:, a:b]
 
-    return cfg, leaves, {ours: tuple(stored[theirs][1].shape) for ours, theirs in names.items()}, reader
+    return (cfg, leaves, {ours: tuple(stored[theirs][1].shape) for ours, theirs in names.items()},
+            {ours: stored[theirs][1].dtype for ours, theirs in names.items()}, reader)
 
 
 def _stored_names(d: dict[str, Any], cfg: ModelConfig, folder: Path, stored: dict[str, Any]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io.leaves import leaf_type
+from ..io.source import CHUNK_BYTES
 from .plan import Split
 
 # (dim, start, stop) -> that slice of one stored tensor, as a tensor of its own
@@ -43,6 +44,31 @@ def cut(read: Reader, shape: tuple[int, ...], k: int, split: Split, where: str) 
     if split.pad:
         t = torch.cat([t, t.new_zeros((split.pad, *t.shape[1:]))])
     return t
+
+
+def cut_column_major(read: Reader, shape: tuple[int, ...], split: Split, dtype: torch.dtype) -> torch.Tensor:
+    """`cut`'s part of a plain 2-D matrix as `dtype`, stored column-major (`decode_layout`'s
+    layout of fp32 CPU weights: strides (1, rows)), filled from slabs of about `CHUNK_BYTES`
+    along the split dim (rows for column / vocab splits and whole tensors, columns for row
+    splits), so no row-major copy of the part is ever held."""
+    dim = split.dim if split.how != "replicate" else 0
+    ranges = split.ranges if split.how != "replicate" else ((0, shape[0]),)
+    rows, cols = cut_shape(shape, split)
+    buf = torch.empty(cols, rows, dtype=dtype)  # the transpose's storage
+    step = max(1, CHUNK_BYTES // (buf.element_size() * max(shape[1 - dim], 1)))
+    at = 0
+    for a, b in ranges:
+        for start in range(a, b, step):
+            stop = min(start + step, b)
+            piece = read(dim, start, stop).t()  # [K, rows] of a row slab, [cols, N] of a column slab
+            if dim == 0:
+                buf[:, at:at + stop - start] = piece
+            else:
+                buf[at:at + stop - start] = piece
+            at += stop - start
+    if split.pad:
+        buf[:, at:] = 0
+    return buf.t()
 
 
 def cut_shape(shape: tuple[int, ...], split: Split) -> list[int]:
