@@ -10,7 +10,6 @@ rules are wrong. Tests that need no process group (sizes, bad world sizes) run i
 from __future__ import annotations
 
 import os
-import resource
 import time
 
 import pytest
@@ -169,7 +168,9 @@ def test_two_ranks_equal_one_process(tmp_path):
     for r in results:  # each rank loaded its slices only: its peak stays near its half
         assert r["load"]["diff"] <= TOL
         assert r["load"]["bytes"] < 0.55 * total
-        assert r["load"]["peak"] < 0.75 * total, (r["load"]["peak"], total)
+        if r["load"]["peak"] is not None:  # it sees the rank's part, never the whole (0.69x here: the
+            # file pages safetensors maps while slicing count in RSS until its handles close)
+            assert r["load"]["bytes"] * 0.9 <= r["load"]["peak"] < 0.8 * total, (r["load"], total)
     for family in _family_models():
         for r in results:  # every rank returns the same tokens and logits
             for check, value in r[family].items():
@@ -205,10 +206,27 @@ def test_a_silent_rank_times_the_others_out_and_is_stopped():
     assert all(code not in (0, None) for code in info.value.exit_codes), info.value.exit_codes
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS (VmHWM) since the last `_reset_peak_rss`. Not ru_maxrss: a
+    spawned rank's carries the forking pytest process's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def load_and_measure(rank: int, world: int, folder: str) -> dict:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Rank's slices of `folder`: their bytes, how far the peak RSS grew while loading them
+    (None without Linux's /proc counters), and their logits' distance from the whole model's."""
+    linux = os.path.exists("/proc/self/clear_refs")
+    if linux:
+        _reset_peak_rss()
+    before = _peak_rss() if linux else 0
     params, cfg = load_shard(folder, rank, world)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = _peak_rss() - before if linux else None
     full, _ = pf.load(folder)
     with torch.inference_mode():
         diff = _max_diff(pf.forward(full, cfg, torch.tensor([PROMPTS[0]]))[0],
