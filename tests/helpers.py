@@ -67,10 +67,12 @@ def peak_rss_script(imports: str, body: str) -> str:
     return "\n".join(lines)
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """`pangu serve *args --port 0` in a new process: (the process, its base URL from the ready
-    line). Waits at most 120 s for that line; kills the process and fails otherwise."""
-    proc = subprocess.Popen([sys.executable, "-m", "pangu_tools.cli", "serve", *args, "--port", "0"],
+def start_server(*args: str, launcher: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`pangu serve *args --port 0` in a new process (`python *launcher -m pangu_tools.cli ...`,
+    e.g. launcher `("-m", "torch.distributed.run", ...)` for torchrun): (the process, its base
+    URL from the ready line). Waits at most 120 s for that line; kills the process and fails
+    otherwise."""
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "pangu_tools.cli", "serve", *args, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = threading.Timer(120, proc.kill)  # bound the wait for the ready line
     timer.start()

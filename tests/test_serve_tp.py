@@ -141,6 +141,38 @@ def test_cli_serve_tp_2_answers_like_one_process():
         proc.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's ranks in Linux /proc")
+def test_cli_serve_tp_2_under_torchrun_answers_and_stops_on_sigterm():
+    cfg = pf.ModelConfig.preset("tiny-openpangu")
+    params = pf.init_params(cfg, seed=0)
+    request = Request("r", (9, 8, 7), 6, pf.SamplingParams(temperature=1.0), seed=3, eos=frozenset({cfg.eos_token_id}))
+    _, events = run_requests(init_engine(params, cfg, EngineSettings()), params, cfg, [request])
+    expected = "".join(f" {e.token}" for e in events["r"] if e.token is not None)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # free rendezvous port
+    proc, url = start_server("tiny-openpangu", "--tp", "2", launcher=torchrun)
+    try:
+        ranks = [_rank_pid(proc.pid, rank) for rank in range(2)]
+        out = httpx.post(f"{url}/completions", timeout=60, json={
+            "model": "tiny-openpangu", "prompt": [9, 8, 7], "max_tokens": 6, "temperature": 1.0, "seed": 3}).json()
+        assert out["choices"][0]["text"] == expected
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks: rank 0 stops, then stops rank 1
+        proc.wait(timeout=60)  # torchrun itself exits 1 (its agent re-raises the signal)
+        err = proc.stderr.read()
+        assert "pangu serve: stopped" in err and "forcefully" not in err, err  # no rank needed SIGKILL
+        assert not [pid for pid in ranks if _alive(pid)]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not os.environ.get("PANGU_SLOW_TESTS"),
                     reason="another server (~10 s; Linux /proc); set PANGU_SLOW_TESTS=1")
 def test_cli_serve_tp_a_dying_rank_takes_the_server_down():
