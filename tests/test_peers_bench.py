@@ -1,24 +1,37 @@
-"""`pangu bench --peers` orchestration on a tiny model: one process per engine, every scheme's
-rows in order, the fp32 engines agreeing on the greedy tokens, per-process peak RSS and the
-ratios to the fastest peer. llama.cpp rows appear only where llama-cpp-python is installed."""
+"""`pangu bench --peers` orchestration on a tiny model: every peer's file built in a child
+process of its own, one process per engine, every scheme's rows in order, the fp32 engines
+agreeing on the greedy tokens, per-process peak RSS and the ratios to the fastest peer.
+llama.cpp rows appear only where llama-cpp-python is installed."""
 
 from __future__ import annotations
 
 from argparse import Namespace
 
+import pangu_export.gguf
 import pytest
 from helpers import random_model
-from pangu_tools import peers_bench
+from pangu_tools import ort_bench, peers_bench, peers_build
 
 import pangu_fn as pf
+import pangu_fn.quant
 
 
-def test_peer_rows_one_process_per_engine(tmp_path):
+def _built_here(*_: object, **__: object) -> None:
+    raise AssertionError("a peer's file was built in the bench process, not in a child")
+
+
+@pytest.mark.heavy
+def test_peer_rows_one_process_per_engine(tmp_path, monkeypatch):
     params, cfg = random_model("tiny-gpt")
     args = Namespace(peers=str(tmp_path), peers_schemes="fp32,int4", threads=1, new_tokens=2, repeats=1,
                      warmup=0, group_size=32, asym=False, quant_head="keep", accuracy_level=0)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    rows = peers_bench.peer_rows(params, cfg, args, prompt)
+    peers = peers_bench.prepare(params, cfg, args, prompt)
+    # the builders fail in this process; the child processes import their own, unpatched ones
+    for module, name in [(pangu_fn.quant, "quantize"), (pangu_export.gguf, "export_gguf"), (ort_bench, "hf_model"),
+                         (ort_bench, "export_hf_onnx"), (ort_bench, "quantize_plain")]:
+        monkeypatch.setattr(module, name, _built_here)
+    rows = peers_bench.peer_rows(peers, args, prompt)
 
     peers = ["llama.cpp", "onnxruntime"] if peers_bench.llama_cpp_installed() else ["onnxruntime"]
     assert [(r["peers_scheme"], r["engine"]) for r in rows] == [
@@ -36,10 +49,23 @@ def test_peer_rows_one_process_per_engine(tmp_path):
         # the pangu-fn child (torch) or this test process
         ort = next(r for r in others if r["engine"] == "onnxruntime")
         assert 0 < ort["peak_rss_mb"] < ours["peak_rss_mb"]
+    # every file but the fp32 tree saved by prepare() came from a child that reported its own peak
+    built = [r for r in rows if not (r["engine"] == "pangu-fn" and r["peers_scheme"] == "fp32")]
+    assert all(r["build_peak_rss_mb"] > 0 for r in built)
+    assert "build_peak_rss_mb" not in rows[0]
+    assert (tmp_path / "onnx-int4" / "model.onnx.data").is_file()  # int4 graph with external data
+
+
+def test_a_childs_error_keeps_its_type(tmp_path):
+    step = {"step": "pangu", "source": str(tmp_path / "missing"), "out": str(tmp_path / "out"), "scheme": "int8",
+            "options": {"group_size": 32, "asym": False, "quant_head": "keep", "accuracy_level": 0}}
+    with pytest.raises(pf.FormatError, match="missing.*config.json"):
+        peers_build.build_in_child(step)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_peer_scheme_is_a_config_error():
     params, cfg = random_model("tiny-gpt")
     args = Namespace(peers="", peers_schemes="fp8")
     with pytest.raises(pf.ConfigError, match="fp8.*fp32"):
-        peers_bench.peer_rows(params, cfg, args, [1, 2])
+        peers_bench.prepare(params, cfg, args, [1, 2])

@@ -212,7 +212,10 @@ def run(args: argparse.Namespace) -> int:
     rows += ort_bench.bundle_rows(params, cfg, args, prompt)
     rows += ort_bench.in_process_rows(params, cfg, args, prompt, pangu_engine)
     rows += gguf_bench.gguf_rows(params, cfg, args, prompt, pangu_engine)
-    rows += peers_bench.peer_rows(params, cfg, args, prompt)
+    peers = peers_bench.prepare(params, cfg, args, prompt)  # with --peers: the fp32 tree saved for the children
+    parameters = pf.count_params(params)
+    del params, engines, engine  # no model is held here while the peers' child processes build and run
+    rows += peers_bench.peer_rows(peers, args, prompt)
     base = rows[0]
     hf_row = next((r for r in rows if r["engine"] == "transformers"), None)
     for row in rows:
@@ -222,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     for row in rows[1:]:
         row["first_decode_vs_this"] = round(base["decode_tok_s"] / row["decode_tok_s"], 3)
     result = {"command": "pangu " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("pangu") else None,
-              "model": args.model, "random_weights": random, "parameters": pf.count_params(params),
+              "model": args.model, "random_weights": random, "parameters": parameters,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "threads": args.threads, "device": pf.device_info(args.device)["name"],
               "torch": torch.__version__, "python": platform.python_version(), "kernels": native.status(),

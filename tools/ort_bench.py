@@ -272,13 +272,23 @@ def runtime_engine(folder: Path, threads: int) -> Callable[[list[int], int], tup
 
 
 def plain_onnx_model(params: Any, cfg: Any, folder: Path, scheme: str, args: argparse.Namespace) -> Path:
-    """The baseline graph: transformers' model on these weights, torch.onnx.export, ORT fusions,
-    and for int4 / int8 ONNX Runtime's quantizer (`quantize_plain`)."""
+    """The baseline graph: transformers' model on these weights (`hf_model`), exported
+    (`export_hf_onnx`), and for int4 / int8 ONNX Runtime's quantizer (`quantize_plain`)."""
+    model, hf_cfg = hf_model(params, cfg)
+    if scheme == "fp32":
+        return export_hf_onnx(model, hf_cfg, cfg, folder)
+    quantize_plain(export_hf_onnx(model, hf_cfg, cfg, folder / "fp32"), folder / "model.onnx", scheme, args)
+    return folder / "model.onnx"
+
+
+def export_hf_onnx(model: Any, hf_cfg: Any, cfg: Any, folder: Path) -> Path:
+    """folder/model.onnx: transformers' `model` (from `hf_model`) through a plain
+    torch.onnx.export(dynamo=True) with a dynamic past, onnxscript's ORT fusions applied; the
+    weights go to model.onnx.data when the graph passes protobuf's 2 GB."""
     import torch
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from pangu_export.onnx_export import _quiet
 
-    model, hf_cfg = hf_model(params, cfg)
     wrapper = hf_wrapper(model, hf_cfg)
     n = cfg.num_layers
     B, T, P, heads = 1, 3, 4, cfg.num_kv_heads
@@ -296,14 +306,14 @@ def plain_onnx_model(params: Any, cfg: Any, folder: Path, scheme: str, args: arg
         optimize_for_ort(program.model)
     path = folder / "model.onnx"
     program.save(path)
-    if scheme != "fp32":
-        quantize_plain(path, path, scheme, args)
     return path
 
 
 def quantize_plain(src: Path, dst: Path, scheme: str, args: argparse.Namespace) -> None:
-    """ONNX Runtime's own quantizers on the fp32 plain graph `src`, written to `dst` (may be
-    `src`): "int4" MatMulNBitsQuantizer (`args.group_size`, symmetric unless `args.asym`,
+    """ONNX Runtime's own quantizers on the fp32 plain graph `src`, written to `dst` with its
+    weights beside it in DST.data (external data: no 2 GB protobuf to build or parse; onnx
+    appends to an existing DST.data, so `dst` belongs in a fresh folder other than `src`'s):
+    "int4" MatMulNBitsQuantizer (`args.group_size`, symmetric unless `args.asym`,
     `args.accuracy_level`), "int8" `quantize_dynamic` (W8A8: int8 weights per output channel,
     activations quantized per call)."""
     import onnx
@@ -315,11 +325,12 @@ def quantize_plain(src: Path, dst: Path, scheme: str, args: argparse.Namespace) 
                                          is_symmetric=not args.asym,
                                          accuracy_level=args.accuracy_level or None)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=True)
 
 
 def hf_model(params: Any, cfg: Any) -> tuple[Any, Any]:

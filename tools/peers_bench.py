@@ -11,10 +11,13 @@ temporary folder, as a user deploys it):
 | int8 | the `pangu quantize` int8 recipe | GGUF q8_0 | `quantize_dynamic` W8A8 |
 | int4 | the int4 recipe (`--group-size`, `--asym`, `--quant-head`) | GGUF q4_0 | MatMulNBits |
 
-pangu-fn trees are quantized with the recipes `pangu bench --scheme` uses (`quant_bench.recipe`,
-`pangu quantize`'s defaults), saved with `pangu_fn.save` and loaded by the child with
-`pangu_fn.load`; GGUF files come from `gguf_bench.our_tree` + `export_gguf`; the ONNX graphs are
-one fp32 export quantized by ONNX Runtime's own tools (`ort_bench.quantize_plain`).
+The bench process saves the fp32 tree once (`prepare`, DIR/pangu-fp32), and the caller drops
+its model; every other file is built from that folder by a child process of its own
+(`peers_build`: pangu-fn trees quantized with the recipes `pangu bench --scheme` uses, saved
+with `pangu_fn.save`; GGUF files from `gguf_bench.our_tree` + `export_gguf`; one fp32 ONNX export
+quantized by ONNX Runtime's own tools, `ort_bench.quantize_plain`), so the peak memory of a run
+is about its largest single step. Rows whose file a child built carry that child's peak RSS
+(`build_peak_rss_mb`).
 
 Each engine runs in a fresh process (`python -m pangu_tools.peers_bench JOB`, the loop of
 `ort_bench.serve`) that loads its file, warms up and then times one generation each time it is
@@ -35,11 +38,13 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PEER_SCHEMES = ("fp32", "bf16", "int8", "int4")
-GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # the schemes the peers have
+ENGINES = ("pangu-fn", "llama.cpp", "onnxruntime")  # the order of a scheme's rows
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -56,36 +61,138 @@ def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def peer_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int]) -> list[dict[str, Any]]:
-    """The rows described in the module docstring ([] without --peers). Raises ConfigError for
-    an unknown scheme."""
+@dataclass
+class Peers:
+    """What `peer_rows` builds from (made by `prepare`): the folder of the files, the schemes,
+    the fp32 tree saved there (pangu-fn's format), pangu-fn's fp32 greedy tokens on the prompt."""
+
+    root: Path
+    schemes: list[str]
+    cfg: Any
+    fp32: Path
+    fp32_mb: float
+    reference: list[int]
+    tmp: tempfile.TemporaryDirectory[str] | None  # removed by peer_rows when DIR was not given
+
+
+def prepare(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int]) -> Peers | None:
+    """With --peers: check --peers-schemes, save the tree as fp32 to DIR/pangu-fp32 (what every
+    peer's files are built from) and compute pangu-fn's fp32 greedy tokens on `prompt`. None
+    without --peers. The caller then drops `params`, so that no model is held in this process
+    while `peer_rows` runs. Raises ConfigError for an unknown scheme."""
     if args.peers is None:
-        return []
+        return None
     import pangu_fn as pf
     from pangu_fn.errors import ConfigError
 
     wanted = [s.strip() for s in args.peers_schemes.split(",") if s.strip()]
     if not wanted or any(s not in PEER_SCHEMES for s in wanted):
         raise ConfigError(f"--peers-schemes {args.peers_schemes!r}: expected a comma list of {list(PEER_SCHEMES)}")
+    tmp = None if args.peers else tempfile.TemporaryDirectory()
+    try:
+        root = Path(args.peers or tmp.name)  # type: ignore[union-attr]
+        root.mkdir(parents=True, exist_ok=True)
+        fp32 = pf.astype(params, "fp32")
+        reference = [e.token for e in pf.stream(fp32, cfg, [prompt], args.new_tokens, eos_token_ids=())]
+        print(f"bench: saving the fp32 tree to {root / 'pangu-fp32'} (the peers' source) ...", file=sys.stderr, flush=True)
+        pf.save(root / "pangu-fp32", fp32, cfg, overwrite=True)
+        return Peers(root, wanted, cfg, root / "pangu-fp32", round(pf.nbytes(fp32) / 2**20, 1), reference, tmp)
+    except BaseException:
+        if tmp is not None:
+            tmp.cleanup()
+        raise
+
+
+def peer_rows(peers: Peers | None, args: argparse.Namespace, prompt: list[int]) -> list[dict[str, Any]]:
+    """The rows described in the module docstring ([] without --peers): every scheme's files
+    built from `peers.fp32` by child processes (`build_jobs`), then each scheme's engines timed."""
+    if peers is None:
+        return []
     if not llama_cpp_installed():
         print("bench: llama-cpp-python is not installed; no llama.cpp rows", file=sys.stderr)
-    fp32 = pf.astype(params, "fp32")
-    reference = [e.token for e in pf.stream(fp32, cfg, [prompt], args.new_tokens, eos_token_ids=())]
+    _release_memory()
+    print(f"bench: this process holds {_rss_mb():.0f} MB while the peers' files are built", file=sys.stderr, flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.peers) if args.peers else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        onnx_fp32 = None
-        for scheme in wanted:
-            jobs = [("pangu-fn", pangu_job(fp32, cfg, scheme, root, args))]
-            if scheme in GGUF_TYPE and llama_cpp_installed():
-                jobs.append(("llama.cpp", llama_job(fp32, cfg, scheme, root, args, len(prompt))))
-            if scheme in GGUF_TYPE and cfg.family != "alpha":
-                if onnx_fp32 is None:
-                    onnx_fp32 = onnx_model(fp32, cfg, "fp32", root, args, None)
-                jobs.append(("onnxruntime", onnx_job(fp32, cfg, scheme, root, args, onnx_fp32)))
-            rows += scheme_rows(scheme, jobs, args, prompt, reference)
+    try:
+        jobs = build_jobs(peers, args, len(prompt))
+        for scheme in peers.schemes:
+            scheme_jobs = [(name, jobs[name, scheme]) for name in ENGINES if (name, scheme) in jobs]
+            rows += scheme_rows(scheme, scheme_jobs, args, prompt, peers.reference)
+    finally:
+        if peers.tmp is not None:
+            peers.tmp.cleanup()
     return rows
+
+
+def build_jobs(peers: Peers, args: argparse.Namespace, prompt_len: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(engine, scheme): its child's job} after building every file in child processes, one
+    at a time (see peers_build): pangu-fn's quantized trees, llama.cpp's GGUF files (when
+    llama-cpp-python is installed), the fp32 ONNX export and its quantized graphs (not for
+    PanGu-α). Each job but pangu-fn fp32 (saved by `prepare`) has `build_peak_rss_mb`."""
+    from .peers_build import build_in_child, options
+    from .quant_bench import recipe
+
+    root, source, opts = peers.root, str(peers.fp32), options(args)
+    jobs = {}
+    if "fp32" in peers.schemes:
+        jobs["pangu-fn", "fp32"] = {**_job("pangu", peers.fp32, args), "scheme": "fp32", "weights_mb": peers.fp32_mb}
+    quantized = [s for s in peers.schemes if s != "fp32"]
+    if quantized:
+        print(f"bench: pangu-fn {', '.join(quantized)} trees to {root} (child process) ...", file=sys.stderr, flush=True)
+        built = build_in_child({"step": "pangu", "source": source, "out": str(root), "schemes": quantized,
+                                "options": opts})
+        for scheme in quantized:
+            jobs["pangu-fn", scheme] = {**_job("pangu", root / f"pangu-{scheme}", args),
+                                        "scheme": recipe(scheme, args).summary(),
+                                        "weights_mb": built["weights_mb"][scheme],
+                                        "build_peak_rss_mb": built["build_peak_rss_mb"]}
+    peer_schemes = [s for s in peers.schemes if s in GGUF_TYPE]
+    if peer_schemes and llama_cpp_installed():
+        types = [GGUF_TYPE[s] for s in peer_schemes]
+        print(f"bench: GGUF {', '.join(types)} files to {root} (child process) ...", file=sys.stderr, flush=True)
+        built = build_in_child({"step": "gguf", "source": source, "out": str(root), "types": types})
+        for scheme, type in zip(peer_schemes, types):
+            path = root / f"model-{type}.gguf"
+            jobs["llama.cpp", scheme] = {**_job("llama", path, args), "scheme": type,
+                                         "n_ctx": prompt_len + args.new_tokens + 8,
+                                         "weights_mb": round(path.stat().st_size / 2**20, 1),
+                                         "build_peak_rss_mb": built["build_peak_rss_mb"]}
+    if peer_schemes and peers.cfg.family != "alpha":
+        print(f"bench: ONNX Runtime fp32 export to {root / 'onnx-fp32'} (child process) ...", file=sys.stderr, flush=True)
+        export_peak = build_in_child({"step": "onnx", "source": source, "out": str(root / "onnx-fp32")})["build_peak_rss_mb"]
+        for scheme in peer_schemes:  # a quantized graph's peak: the larger of the export's and its own
+            peak = export_peak
+            if scheme != "fp32":
+                print(f"bench: ONNX Runtime {scheme} graph in {root / f'onnx-{scheme}'} (child process) ...",
+                      file=sys.stderr, flush=True)
+                peak = max(peak, build_in_child({"step": "onnx-quant", "source": str(root / "onnx-fp32" / "model.onnx"),
+                                                 "out": str(root / f"onnx-{scheme}"), "scheme": scheme,
+                                                 "options": opts})["build_peak_rss_mb"])
+            jobs["onnxruntime", scheme] = onnx_job(peers, scheme, args, root / f"onnx-{scheme}" / "model.onnx", peak)
+    return jobs
+
+
+def _release_memory() -> None:
+    """Free what the caller dropped: collect cycles, then ask glibc to hand freed heap pages back
+    to the kernel (it keeps them otherwise: ~400 MB of a dropped GPT-2-small tree stayed
+    resident). Elsewhere only the collection."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (MiB; 0 where /proc is missing)."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _job(kind: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -94,56 +201,13 @@ def _job(kind: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup}
 
 
-def pangu_job(fp32: Any, cfg: Any, scheme: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Quantize (bf16 / int8 / int4: `quant_bench.recipe`) and save the tree to root/pangu-SCHEME."""
-    import pangu_fn as pf
-    from pangu_fn.quant import quantize
-
-    from .quant_bench import recipe
-
-    tree = fp32 if scheme == "fp32" else quantize(fp32, recipe(scheme, args))
-    folder = root / f"pangu-{scheme}"
-    print(f"bench: saving pangu-fn {scheme} to {folder} ...", file=sys.stderr, flush=True)
-    pf.save(folder, tree, cfg, overwrite=True)
-    label = "fp32" if scheme == "fp32" else recipe(scheme, args).summary()
-    return {**_job("pangu", folder, args), "scheme": label, "weights_mb": round(pf.nbytes(tree) / 2**20, 1)}
-
-
-def llama_job(fp32: Any, cfg: Any, scheme: str, root: Path, args: argparse.Namespace,
-              prompt_len: int) -> dict[str, Any]:
-    """The GGUF of `scheme`'s llama.cpp type (see gguf_bench), written to root/model-TYPE.gguf."""
-    from pangu_export.gguf import export_gguf
-
-    from .gguf_bench import our_tree
-
-    type = GGUF_TYPE[scheme]
-    path = root / f"model-{type}.gguf"
-    print(f"bench: writing {path} ...", file=sys.stderr, flush=True)
-    export_gguf(our_tree(fp32, type)[0], cfg, path, type, progress=False, overwrite=True)
-    return {**_job("llama", path, args), "scheme": type, "n_ctx": prompt_len + args.new_tokens + 8,
-            "weights_mb": round(path.stat().st_size / 2**20, 1)}
-
-
-def onnx_model(fp32: Any, cfg: Any, scheme: str, root: Path, args: argparse.Namespace, src: Path | None) -> Path:
-    """root/onnx-SCHEME/model.onnx: the fp32 export, or `src` (that export) quantized."""
-    from .ort_bench import plain_onnx_model, quantize_plain
-
-    folder = root / f"onnx-{scheme}"
-    print(f"bench: ONNX Runtime {scheme} graph in {folder} ...", file=sys.stderr, flush=True)
-    if src is None:
-        return plain_onnx_model(fp32, cfg, folder, "fp32", args)
-    folder.mkdir(parents=True, exist_ok=True)
-    quantize_plain(src, folder / "model.onnx", scheme, args)
-    return folder / "model.onnx"
-
-
-def onnx_job(fp32: Any, cfg: Any, scheme: str, root: Path, args: argparse.Namespace, onnx_fp32: Path) -> dict[str, Any]:
-    """The ONNX graph of `scheme` (the fp32 export itself, or quantized from it)."""
-    path = onnx_fp32 if scheme == "fp32" else onnx_model(fp32, cfg, scheme, root, args, onnx_fp32)
+def onnx_job(peers: Peers, scheme: str, args: argparse.Namespace, path: Path, build_peak_rss_mb: float) -> dict[str, Any]:
+    """The ONNX Runtime child's job on the graph `path` of `scheme`."""
     size = sum(f.stat().st_size for f in path.parent.iterdir())
     names = {"fp32": "fp32", "int8": "W8A8 quantize_dynamic", "int4": f"MatMulNBits g{args.group_size}"}
+    cfg = peers.cfg
     return {**_job("ort", path, args), "scheme": names[scheme], "weights_mb": round(size / 2**20, 1),
-            "cache": [cfg.num_layers, cfg.num_kv_heads, cfg.head_dim]}
+            "build_peak_rss_mb": build_peak_rss_mb, "cache": [cfg.num_layers, cfg.num_kv_heads, cfg.head_dim]}
 
 
 def scheme_rows(scheme: str, jobs: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, prompt: list[int],
@@ -165,7 +229,8 @@ def scheme_rows(scheme: str, jobs: list[tuple[str, dict[str, Any]]], args: argpa
         for worker in workers:
             worker.close()
     rows = [{"engine": name, "peers_scheme": scheme, "dtype": job["scheme"], "weights_mb": job["weights_mb"],
-             "peak_rss_mb": peak, "same_tokens_as_fp32": worker.ready["tokens"] == reference, **result}
+             "peak_rss_mb": peak, **{k: job[k] for k in ("build_peak_rss_mb",) if k in job},
+             "same_tokens_as_fp32": worker.ready["tokens"] == reference, **result}
             for (name, job), worker, peak, result in zip(jobs, workers, peaks, timed)]
     ours, peers = rows[0], rows[1:]
     if peers:
