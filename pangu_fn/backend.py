@@ -6,6 +6,7 @@ compiler fuses or lowers; eager inference gets the choices measured faster on ea
 
 | piece | eager (CPU) | traced |
 |---|---|---|
+| every block of a step of <= `native_step.MAX_ROWS` rows with a cache (AVX2 + FMA CPUs) | one native call, `native_step.fused_blocks` | the blocks' own ops |
 | dense bf16 linear, few rows | `native.bf16_linear` (AVX-512 or AVX2 build) | compiled: `pangu_backend::bf16_linear`; exported: `F.linear` |
 | int8 / int4 leaf, few rows | `native.int8_linear` / `native.int4_linear` (bf16 activations; AVX2: bf16 or fp32) | compiled: `pangu_backend::int8_linear` / `int4_linear` |
 | dense fp32 linear, few rows, column-major weight | split-K batched matmul (one K-slice a thread) | `F.linear` |
@@ -28,12 +29,12 @@ the default: GPT-2-small, one thread, busy machine, int8 with its head kept: bf1
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, native_step
 
 # Up to this many rows a CPU fp32 product is split over K (see `_split_k_parts`).
 SPLIT_K_MAX_ROWS = 8
@@ -68,6 +69,13 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
     if parts > 1:
         return _split_k_linear(x, w, b, parts)
     return linear_in(matmul_dtype(x), x, w, b)
+
+
+def fused_blocks(params: Any, cfg: Any, x: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor | None:
+    """The final hidden states of `model.blocks` for embedded tokens `x [B, T, H]` at
+    `positions [B, T]` from one native call where it runs (eager CPU steps of few rows; see
+    `native_step`), writing the cache in place; None: run `model.blocks`."""
+    return native_step.fused_blocks(params, cfg, x, positions, cache)
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:

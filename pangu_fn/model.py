@@ -43,6 +43,21 @@ def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor, cache: KVCac
     if cfg.positions == "learned":
         x = x + params["pos_embed"]["weight"][ctx.positions]
 
+    fused = None if tracing or cache is None else backend.fused_blocks(params, cfg, x, ctx.positions, cache)
+    x = fused if fused is not None else blocks(params, cfg, x, ctx, cache)
+
+    head = params["lm_head"] if "lm_head" in params else params["tok_embed"]
+    if logits_index is not None:
+        rows = torch.arange(B, device=x.device)
+        x = x[rows, logits_index][:, None] if logits_index.dim() == 1 else x[rows[:, None], logits_index]
+    logits = linear(x, head)
+    new_cache = None if cache is None else KVCache(cache.keys, cache.values, cache.lengths + T)
+    return logits, new_cache
+
+
+def blocks(params: Params, cfg: ModelConfig, x: torch.Tensor, ctx: Context, cache: KVCache | None) -> torch.Tensor:
+    """Every block, the final norm and PanGu-α's query layer: `[B, T, H]` in and out."""
+
     def kv(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if cache is None else (cache.keys[i], cache.values[i])
 
@@ -52,14 +67,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: torch.Tensor, cache: KVCac
     if cfg.query_layer:
         query = params["query_embed"]["weight"][ctx.positions]
         x = block(params["query_layer"], cfg, x, ctx, kv(cfg.num_layers), query_input=query)
-
-    head = params["lm_head"] if "lm_head" in params else params["tok_embed"]
-    if logits_index is not None:
-        rows = torch.arange(B, device=x.device)
-        x = x[rows, logits_index][:, None] if logits_index.dim() == 1 else x[rows[:, None], logits_index]
-    logits = linear(x, head)
-    new_cache = None if cache is None else KVCache(cache.keys, cache.values, cache.lengths + T)
-    return logits, new_cache
+    return x
 
 
 def _check_tokens(tokens: torch.Tensor, cfg: ModelConfig) -> None:

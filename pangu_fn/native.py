@@ -62,7 +62,9 @@ import torch
 
 from .errors import InputError
 
-SOURCES = {"avx512": Path(__file__).with_name("native_kernels.c"), "avx2": Path(__file__).with_name("native_avx2.c")}
+_HERE = Path(__file__).parent
+# the C files each library is built from (the AVX2 one holds the fused step, native_step.c)
+SOURCES = {"avx512": (_HERE / "native_kernels.c",), "avx2": (_HERE / "native_avx2.c", _HERE / "native_step.c")}
 # the compiler macros each source needs under FLAGS
 NEEDS = {"avx512": ("__AVX512F__",), "avx2": ("__AVX2__", "__FMA__")}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -141,6 +143,23 @@ def _declare_avx2(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.cache
+def step_library() -> ctypes.CDLL | None:
+    """The AVX2 library, which holds the fused decode step (`native_step.c`), on any x86-64 CPU
+    with AVX2 and FMA (AVX-512 ones build it beside their own library), or None where it cannot
+    run (`PANGU_FN_NATIVE=0`, no compiler, another CPU)."""
+    lib = library()
+    if lib is not None and _is_avx2(lib):
+        return lib
+    if _unsupported() is not None:
+        return None
+    try:
+        return _declare_avx2(_load("avx2"))
+    except BuildError as e:
+        _notes.append(f"no fused step: {e}")
+        return None
+
+
+@functools.cache
 def avx2() -> bool:
     """True where the AVX2 kernels run (fp32 or bf16 activations)."""
     lib = library()
@@ -157,7 +176,7 @@ def activation_dtypes() -> tuple[torch.dtype, ...]:
 def forget() -> None:
     """Drop the loaded library and the cached answers, so that the next call looks again
     (after changing `PANGU_FN_NATIVE`, `CC` or `PANGU_FN_CACHE`)."""
-    for cached in (library, avx2, bf16_kernels, bf16_fits, int4_fits):
+    for cached in (library, step_library, avx2, bf16_kernels, bf16_fits, int4_fits):
         cached.cache_clear()
     _reason.clear()
     _notes.clear()
@@ -423,16 +442,17 @@ def _unsupported() -> str | None:
     return None
 
 
-def _load() -> ctypes.CDLL:
-    """Build (or find) the library and load it; a cached file that fails to load is rebuilt
-    once. Raises BuildError with the reason."""
-    path, origin = _build()
+def _load(isa: str | None = None) -> ctypes.CDLL:
+    """Build (or find) the library (`isa`: "avx2", else the best this CPU and compiler take)
+    and load it; a cached file that fails to load is rebuilt once. Raises BuildError with the
+    reason."""
+    path, origin = _build(isa=isa)
     try:
         return _open(path, origin)
     except OSError as e:
         if origin != "cached":
             raise BuildError(f"load failed: {e}") from e
-    path, origin = _build(rebuild=True)
+    path, origin = _build(rebuild=True, isa=isa)
     try:
         return _open(path, origin)
     except OSError as e:
@@ -447,41 +467,42 @@ def _open(path: Path, origin: str) -> ctypes.CDLL:
             shutil.rmtree(path.parent, ignore_errors=True)
 
 
-def _build(rebuild: bool = False) -> tuple[Path, str]:
+def _build(rebuild: bool = False, isa: str | None = None) -> tuple[Path, str]:
     """(path of the shared library for this source, compiler and target, where it came from:
     "cached", "built" into the cache, or "private": built in a fresh temporary folder because
     the cache folder or file is not trusted). `rebuild` replaces a cached file. Raises BuildError."""
     compiler = os.environ.get("CC", "cc")
-    key, source = _cache_key(compiler)
-    name = f"{source.stem}-{key}.so"
+    key, sources = _cache_key(compiler, isa)
+    name = f"{sources[0].stem}-{key}.so"
     cache = _cache_folder()
     if cache is None:
-        return _compile(compiler, source, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
+        return _compile(compiler, sources, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
     lib = cache / name
     with _locked(cache / "build.lock"):
         if lib.exists() or lib.is_symlink():
             why = _untrusted(lib)
             if why is not None:
                 _notes.append(f"cached {lib.name} {why}: built in a private temporary folder")
-                return _compile(compiler, source, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
+                return _compile(compiler, sources, Path(tempfile.mkdtemp(prefix="pangu_fn-")) / name), "private"
             if not rebuild:
                 return lib, "cached"
-        return _compile(compiler, source, lib), "built"
+        return _compile(compiler, sources, lib), "built"
 
 
-def _cache_key(compiler: str) -> tuple[str, Path]:
-    """(hash of the source, the flags, the compiler (path, `--version`) and the macros it
-    predefines for these flags (`-march=native`: this CPU's instruction sets), the source to
-    build: AVX-512 where torch reports it and the compiler targets it, else AVX2). Raises
-    BuildError without a usable compiler, or when it targets neither here."""
+def _cache_key(compiler: str, only: str | None = None) -> tuple[str, tuple[Path, ...]]:
+    """(hash of the sources, the flags, the compiler (path, `--version`) and the macros it
+    predefines for these flags (`-march=native`: this CPU's instruction sets), the sources to
+    build: AVX-512 where torch reports it and the compiler targets it, else AVX2; `only`: that
+    ISA's). Raises BuildError without a usable compiler, or when it does not target them here."""
     version = _run([compiler, "--version"])
     macros = set(_run([compiler, *FLAGS, "-dM", "-E", "-x", "c", os.devnull]).split())
     isas = ("avx512", "avx2") if torch.backends.cpu.get_cpu_capability() == "AVX512" else ("avx2",)
+    isas = isas if only is None else (only,)
     isa = next((i for i in isas if all(m in macros for m in NEEDS[i])), None)
     if isa is None:
         wanted = " or ".join("+".join(NEEDS[i]) for i in isas)
         raise BuildError(f"{compiler} does not target {wanted} with {' '.join(FLAGS)}")
-    parts = [SOURCES[isa].read_bytes(), " ".join(FLAGS).encode(), str(shutil.which(compiler) or compiler).encode(),
+    parts = [*(f.read_bytes() for f in SOURCES[isa]), " ".join(FLAGS).encode(), str(shutil.which(compiler) or compiler).encode(),
              version.encode(), " ".join(sorted(macros)).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16], SOURCES[isa]
 
@@ -541,12 +562,12 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _compile(compiler: str, source: Path, lib: Path) -> Path:
+def _compile(compiler: str, sources: tuple[Path, ...], lib: Path) -> Path:
     """Compile into a temporary name beside `lib`, make it owner-only (0700), rename it to `lib`."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        _run([compiler, *FLAGS, str(source), "-o", tmp])
+        _run([compiler, *FLAGS, *map(str, sources), "-o", tmp])
         os.chmod(tmp, 0o700)
         os.replace(tmp, lib)
     finally:

@@ -18,6 +18,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,7 @@
 #define X_BF16 1
 #define S_BF16 2
 #define B_BF16 4
+#define X_Q16 8 /* int8 / int4: activations rounded to int16 per block of 32 (the fused step, native_step.c) */
 #define ROWS 4 /* activation rows per pass over a weight row (registers: ROWS x 2 accumulators) */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -81,8 +83,8 @@ static int same_order(int j) { return j; }
  * 1.0-1.3x faster, it summed to more than the fp32 summation error they allow, so int8 keeps
  * fp32). A block
  * holding an infinity or NaN gets a NaN scale, so it reaches the output as in fp32. */
-static int q16_activations(const void *x, int64_t m_total, int64_t k_total, int (*perm)(int), int16_t **q,
-                           float **scales) {
+static int q16_activations(const void *x, int x_bf16, int64_t m_total, int64_t k_total, int (*perm)(int),
+                           int16_t **q, float **scales) {
     *q = alloc64(sizeof(int16_t) * m_total * k_total);
     *scales = alloc64(sizeof(float) * m_total * k_total / 32);
     if (*q == NULL || *scales == NULL) {
@@ -90,11 +92,10 @@ static int q16_activations(const void *x, int64_t m_total, int64_t k_total, int 
         free(*scales);
         return -1;
     }
-    const uint16_t *xb = x;
     for (int64_t b = 0; b < m_total * k_total / 32; b++) {
         float v[32], big = 0.0f;
         for (int j = 0; j < 32; j++) {
-            v[j] = bf16_to_f32(xb[32 * b + perm(j)]);
+            v[j] = load_f(x, 32 * b + perm(j), x_bf16);
             big = fabsf(v[j]) > big || v[j] != v[j] ? fabsf(v[j]) : big;
         }
         int finite = big <= 3.4e38f;
@@ -141,10 +142,52 @@ static inline __attribute__((always_inline)) void int8_rows(const int R, const f
     }
 }
 
+/* With X_Q16: 32 weights sign-extended to int16 against the int16 activations (`_mm256_madd_epi16`,
+ * exact in int32), converted once per block of 32 and scaled by the block's activation scale. */
+static inline __attribute__((always_inline)) void int8_rows_q16(const int R, const int16_t *xq, const float *xs,
+                                                                const int8_t *wn, int64_t k_total, float *sums) {
+    __m256 acc[ROWS];
+    for (int m = 0; m < R; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_total; k += 32) {
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wn + k)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wn + k + 16)));
+        for (int m = 0; m < R; m++) {
+            const int16_t *xm = xq + m * k_total + k;
+            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xm)),
+                                         _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xm + 16))));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xs + (m * k_total + k) / 32), acc[m]);
+        }
+    }
+    for (int m = 0; m < R; m++) sums[m] = hsum(acc[m]);
+}
+
+static int int8_linear_q16(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
+                           int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
+    int16_t *xq;
+    float *xs;
+    if (q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs) != 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_total; n++) {
+        const float s = load_f(scales, n, flags & S_BF16);
+        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
+            int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
+            float sums[ROWS];
+            BY_ROWS(int8_rows_q16, xq + m0 * k_total, xs + m0 * k_total / 32, w + n * k_total, k_total, sums)
+            for (int m = 0; m < rows; m++) sums[m] *= s;
+            char *ym = (char *)y + m0 * n_total * (flags & X_BF16 ? 2 : 4);
+            write_rows(rows, sums, bias, ym, n, n_total, flags);
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
+}
+
 /* K a multiple of 32. */
 int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
                            int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
     if (k_total % 32 != 0) return -1;
+    if (flags & X_Q16) return int8_linear_q16(x, w, scales, bias, y, m_total, n_total, k_total, flags, threads);
     float *xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order);
     if (xf == NULL) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -235,10 +278,10 @@ int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, 
     if (group <= 0 || group % 32 != 0 || k_total % group != 0) return -1;
     const int64_t blocks = k_total / group;
     const int64_t scale_size = flags & S_BF16 ? 2 : 4;
-    if ((flags & X_BF16) && m_total == 1) {
+    if ((flags & (X_BF16 | X_Q16)) && m_total == 1) {
         int16_t *xq;
         float *xs;
-        if (q16_activations(x, m_total, k_total, evens_first_32, &xq, &xs) != 0) return -1;
+        if (q16_activations(x, flags & X_BF16, m_total, k_total, evens_first_32, &xq, &xs) != 0) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < n_total; n++) {
             float sum = int4_row_q16(xq, xs, q + n * (k_total / 2), (const char *)scales + n * blocks * scale_size,
@@ -311,5 +354,87 @@ int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, v
         }
     }
     free(xf);
+    return 0;
+}
+
+/* ---- fp32 weights (the fused decode step, native_step.c; fp32 activations and output) ---- */
+
+static inline __attribute__((always_inline)) void f32_rows(const int R, const float *x, const float *wn,
+                                                           int64_t k_total, float *sums) {
+    const int U = R == 1 ? 4 : 2;
+    __m256 acc[ROWS][4];
+    for (int m = 0; m < R; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_total; k += 32)
+        for (int v = 0; v < 4; v++) {
+            __m256 w = _mm256_loadu_ps(wn + k + 8 * v);
+            for (int m = 0; m < R; m++)
+                acc[m][v % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * k_total + k + 8 * v), acc[m][v % U]);
+        }
+    for (int m = 0; m < R; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
+        sums[m] = hsum(acc[m][0]);
+    }
+}
+
+/* y [M, N] = x [M, K] w [N, K].T + bias; K a multiple of 32. */
+int pangu_avx2_f32_linear(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
+                          int64_t n_total, int64_t k_total, int flags, int threads) {
+    if (k_total % 32 != 0) return -1;
+    flags &= ~X_BF16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_total; n++)
+        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
+            int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
+            float sums[ROWS];
+            BY_ROWS(f32_rows, x + m0 * k_total, w + n * k_total, k_total, sums)
+            write_rows(rows, sums, bias, y + m0 * n_total, n, n_total, flags);
+        }
+    return 0;
+}
+
+/* y [M, N] = x [M, K] wt [K, N] + bias, for a weight stored column-major (wt = W.T row-major,
+ * params.decode_layout): each thread streams a contiguous K-slice of wt into partial sums of all
+ * outputs (kept in L1 / L2: N at a time for one row, 512 columns at a time for more), four
+ * weight rows per pass over them; then the threads add their partials. N a multiple of 8, K of 4. */
+int pangu_avx2_f32t_linear(const float *x, const float *wt, const void *bias, float *y, int64_t m_total,
+                           int64_t n_total, int64_t k_total, int flags, int threads) {
+    if (n_total % 8 != 0 || k_total % 4 != 0) return -1;
+    float *part = alloc64(sizeof(float) * threads * m_total * n_total);
+    if (part == NULL) return -1;
+    const int64_t chunk = m_total == 1 ? n_total : 512;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t k0 = k_total / 4 * t / nt * 4, k1 = k_total / 4 * (t + 1) / nt * 4;
+        float *p = part + t * m_total * n_total;
+        memset(p, 0, sizeof(float) * m_total * n_total);
+        for (int64_t c0 = 0; c0 < n_total; c0 += chunk) {
+            const int64_t c1 = c0 + chunk < n_total ? c0 + chunk : n_total;
+            for (int64_t k = k0; k < k1; k += 4) {
+                const float *w0 = wt + k * n_total, *w1 = w0 + n_total, *w2 = w1 + n_total, *w3 = w2 + n_total;
+                for (int64_t m = 0; m < m_total; m++) {
+                    const float *xm = x + m * k_total + k;
+                    const __m256 a0 = _mm256_set1_ps(xm[0]), a1 = _mm256_set1_ps(xm[1]), a2 = _mm256_set1_ps(xm[2]),
+                                 a3 = _mm256_set1_ps(xm[3]);
+                    float *pm = p + m * n_total;
+                    for (int64_t j = c0; j < c1; j += 8) {
+                        __m256 s = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), a0, _mm256_load_ps(pm + j));
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), a1, s);
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), a2, s);
+                        _mm256_store_ps(pm + j, _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), a3, s));
+                    }
+                }
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m_total * n_total; i++) {
+            float s = 0.0f;
+            for (int u = 0; u < nt; u++) s += part[u * m_total * n_total + i];
+            y[i] = s + (bias == NULL ? 0.0f : load_f(bias, i % n_total, flags & B_BF16));
+        }
+    }
+    free(part);
     return 0;
 }
