@@ -9,7 +9,7 @@ compiler fuses or lowers; eager inference gets the choices measured faster on ea
 | every block of a step of <= `native_step.MAX_ROWS` rows with a cache (AVX2 + FMA CPUs) | one native call, `native_step.fused_blocks` | the blocks' own ops |
 | dense bf16 linear, few rows | `native.bf16_linear` (AVX-512 or AVX2 build) | compiled: `pangu_backend::bf16_linear`; exported: `F.linear` |
 | int8 / int4 leaf, few rows | `native.int8_linear` / `native.int4_linear` (bf16 activations; AVX2: bf16 or fp32) | compiled: `pangu_backend::int8_linear` / `int4_linear` |
-| dense fp32 linear, few rows, column-major weight | split-K batched matmul (one K-slice a thread) | `F.linear` |
+| dense fp32 linear, few rows | row-major weight: `native.f32_linear` (AVX2 library); column-major: split-K batched matmul (one K-slice a thread) | `F.linear` |
 | bf16 linear, many rows, CPU without oneDNN's bf16 path (AVX2) | `F.linear` in fp32, rounded once to bf16 (`matmul_dtype`) | `F.linear` |
 | attention, <= `FEW_QUERIES` queries in a reduced precision | SDPA in fp32 | SDPA in the dtype |
 | cache write, every row at one length | slice copy | scatter at the positions |
@@ -65,6 +65,10 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
         y = native.dense_bf16_linear(x, w, b)
         if y is not None:
             return y
+    if _native_f32_fits(x, w):
+        y = native.f32_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
+        if y is not None:
+            return y.view(*x.shape[:-1], w.shape[0])
     parts = _split_k_parts(x, w)
     if parts > 1:
         return _split_k_linear(x, w, b, parts)
@@ -98,6 +102,12 @@ def linear_in(dtype: torch.dtype, x: torch.Tensor, w: torch.Tensor, b: torch.Ten
 @functools.cache
 def _slow_bf16_matmul() -> bool:
     return not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _native_f32_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Few fp32 rows against a row-major fp32 CPU weight, eager inference: `native.f32_linear`."""
+    return (x.dtype == torch.float32 == w.dtype and x.device.type == "cpu" == w.device.type and w.is_contiguous()
+            and x.numel() <= SPLIT_K_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled() and native.f32_kernels())
 
 
 def _split_k_parts(x: torch.Tensor, w: torch.Tensor) -> int:

@@ -225,8 +225,9 @@ def decode_layout(params: Params) -> Params:
 
     On the CPU, MKL's matrix-vector product runs 1.2x (blocks) to 2x (a 50k-row LM head)
     faster on fp32 weights stored column-major (a transposed view: logical shape [out, in],
-    strides (1, out)) than row-major: they stream like `x @ W_t`. Other dtypes and devices keep
-    row-major. Applies to the linear weights of the blocks, the LM head, and a tied embedding
+    strides (1, out)) than row-major: they stream like `x @ W_t`. Where the native fp32 kernel
+    runs (`native.f32_kernels()`, x86-64 with AVX2), it streams row-major weights faster still,
+    so they stay row-major (`column_major_fp32`). Other dtypes and devices keep row-major. Applies to the linear weights of the blocks, the LM head, and a tied embedding
     (which is the head); `pos_embed` and untied embeddings are only gathered and stay as they are.
     Returns a new tree; leaves already in the right layout are shared, not copied."""
 
@@ -242,9 +243,17 @@ def laid_out(name: str, leaf: Any, tied: bool) -> Any:
         return leaf
     if leaf.dim() != 2 or not is_matmul_weight(name, tied):
         return leaf.contiguous()
-    if leaf.device.type == "cpu" and leaf.dtype == torch.float32:
+    if leaf.device.type == "cpu" and leaf.dtype == torch.float32 and column_major_fp32():
         return leaf if leaf.t().is_contiguous() else leaf.t().contiguous().t()
     return leaf.contiguous()
+
+
+def column_major_fp32() -> bool:
+    """Whether `decode_layout` stores fp32 CPU matmul weights column-major (where the native
+    fp32 kernel does not run; see `decode_layout`)."""
+    from . import native
+
+    return not native.f32_kernels()
 
 
 def is_matmul_weight(name: str, tied: bool) -> bool:

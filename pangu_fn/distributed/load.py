@@ -30,7 +30,7 @@ from ..io import hf
 from ..io.checkpoint import FORMAT, load_config, open_source, read_config_json
 from ..io.leaves import leaf_type
 from ..io.safetensors_io import read_header
-from ..params import Params, is_matmul_weight, laid_out, parse_dtype, validate
+from ..params import Params, column_major_fp32, is_matmul_weight, laid_out, parse_dtype, validate
 from ..tree import unflatten
 from .plan import REPLICATE, split_plan
 from .shard import wrap
@@ -102,7 +102,7 @@ def _fills_column_major(name: str, shape: tuple[int, ...], stored: torch.dtype, 
     `decode_layout`), so `cut_column_major` fills it straight from the file."""
     final = want if want is not None and stored.is_floating_point else stored
     return (final == torch.float32 and device.type == "cpu" and len(shape) == 2
-            and is_matmul_weight(name, tied))
+            and is_matmul_weight(name, tied) and column_major_fp32())
 
 
 def reads_slices(path: str | Path) -> bool:

@@ -23,7 +23,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
-from ..params import Params, astype, is_matmul_weight, laid_out, parse_dtype, to_device, validate
+from ..params import Params, astype, column_major_fp32, is_matmul_weight, laid_out, parse_dtype, to_device, validate
 from ..tree import flatten, unflatten
 from . import alpha, gguf, hf, leaves, torch_pt
 from .source import CHUNK_BYTES, Source, TensorRef, WeightFiles
@@ -258,7 +258,7 @@ def _placed(source: Source, device: str | torch.device, dtype: str | torch.dtype
     for name, ref in source.tensors.items():
         want = dtype if dtype is not None and ref.dtype.is_floating_point else ref.dtype
         if (want == torch.float32 and torch.device(device).type == "cpu" and ref.read_rows is not None
-                and len(ref.shape) == 2 and is_matmul_weight(name, tied)):
+                and len(ref.shape) == 2 and is_matmul_weight(name, tied) and column_major_fp32()):
             out[name] = _column_major(ref)
             continue
         t = ref.read()
