@@ -95,10 +95,11 @@ def status() -> str:
         return f"native kernels: off ({_reason[0]})"
     note = f" ({'; '.join(_notes)})" if _notes else ""
     if _is_avx2(lib):
-        return f"native kernels: int8, bf16, int4 (AVX2; fp32 or bf16 activations){note}"
+        return f"native kernels: int8, bf16, int4, fp32 and the fused decode step (AVX2; fp32 or bf16 activations){note}"
+    step = "; fp32 and the fused decode step (AVX2)" if step_library() is not None else ""
     if not _has_bf16(lib):
-        return f"native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's){note}"
-    return f"native kernels: int8, bf16, int4{note}"
+        return f"native kernels: int8 (no AVX512-BF16: bf16 and int4 use torch's){step}{note}"
+    return f"native kernels: int8, bf16, int4{step}{note}"
 
 
 @functools.cache

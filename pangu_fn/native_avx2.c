@@ -247,26 +247,44 @@ static inline __attribute__((always_inline)) void int4_rows(const int R, const f
 
 static int evens_first_32(int j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
 
-/* One row: 16 bytes (32 codes) a step, the low nibbles (even elements) and the high ones (odd)
- * minus the zero point, sign-extended to int16, against the activations stored evens first. */
-static float int4_row_q16(const int16_t *xq, const float *xs, const uint8_t *qn, const void *sn, const uint8_t *zn,
-                          int64_t k_total, int64_t group, int flags) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+/* One row: 16 bytes (32 codes) a step, zero-extended to int16 (byte i in lane i: its low nibble is
+ * element 2i, its high nibble, the lane shifted right by 4, element 2i + 1), against the
+ * activations stored evens first. The zero point comes off once per group:
+ * sum_k (c_k - z) x_k = sum_k c_k x_k - z zx[g], zx[g] = sum_{k in g} x_k (as rounded). */
+static float int4_row_q16(const int16_t *xq, const float *xs, const float *zx, const uint8_t *qn, const void *sn,
+                          const uint8_t *zn, int64_t k_total, int64_t group, int flags) {
+    const __m256i low4 = _mm256_set1_epi16(0x0F);
     __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
     for (int64_t g = 0; g < k_total / group; g++) {
-        const __m128i z = _mm_set1_epi8((char)(zn == NULL ? 8 : zn[g]));
         __m256 d = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(qn + k / 2));
-            __m256i even = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(v, low4), z));
-            __m256i odd = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), z));
-            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)(xq + k))),
-                                         _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xq + k + 16))));
+            __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qn + k / 2)));
+            __m256i p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_and_si256(w, low4), _mm256_loadu_si256((const __m256i *)(xq + k))),
+                _mm256_madd_epi16(_mm256_srli_epi16(w, 4), _mm256_loadu_si256((const __m256i *)(xq + k + 16))));
             d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xs + k / 32), d);
         }
-        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(load_f(sn, g, flags & S_BF16)), acc);
+        const float s = load_f(sn, g, flags & S_BF16);
+        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(s), acc);
+        corr += s * (float)(zn == NULL ? 8 : zn[g]) * zx[g];
     }
-    return hsum(acc);
+    return hsum(acc) - corr;
+}
+
+/* zx[g] = sum over group g of the rounded activations (xq times its block's scale). */
+static float *group_sums(const int16_t *xq, const float *xs, int64_t k_total, int64_t group) {
+    float *zx = alloc64(sizeof(float) * (k_total / group));
+    if (zx == NULL) return NULL;
+    for (int64_t g = 0; g < k_total / group; g++) {
+        zx[g] = 0.0f;
+        for (int64_t b = g * group / 32; b < (g + 1) * group / 32; b++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++) sum += xq[32 * b + j];
+            zx[g] += xs[b] * (float)sum;
+        }
+    }
+    return zx;
 }
 
 /* G a multiple of 32 dividing K. One row of bf16 activations takes the int16 route (one
@@ -282,15 +300,19 @@ int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, 
         int16_t *xq;
         float *xs;
         if (q16_activations(x, flags & X_BF16, m_total, k_total, evens_first_32, &xq, &xs) != 0) return -1;
+        float *zx = group_sums(xq, xs, k_total, group);
+        if (zx != NULL) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < n_total; n++) {
-            float sum = int4_row_q16(xq, xs, q + n * (k_total / 2), (const char *)scales + n * blocks * scale_size,
-                                     zeros == NULL ? NULL : zeros + n * blocks, k_total, group, flags);
-            write_rows(1, &sum, bias, y, n, n_total, flags);
+            for (int64_t n = 0; n < n_total; n++) {
+                float sum = int4_row_q16(xq, xs, zx, q + n * (k_total / 2), (const char *)scales + n * blocks * scale_size,
+                                         zeros == NULL ? NULL : zeros + n * blocks, k_total, group, flags);
+                write_rows(1, &sum, bias, y, n, n_total, flags);
+            }
         }
         free(xq);
         free(xs);
-        return 0;
+        free(zx);
+        return zx == NULL ? -1 : 0;
     }
     float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
     if (xf == NULL) return -1;

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pangu_fn import backend, native
+from pangu_fn.errors import InputError
 from pangu_fn.quant import quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(not native.avx2(), reason=native.status())
@@ -94,3 +95,18 @@ def test_fp32_leaves_and_the_custom_ops_take_the_kernels():
                        int4.linear(x, b))
     wb = w.bfloat16()
     assert torch.equal(torch.ops.pangu_backend.bf16_linear(x.bfloat16(), wb, None), native.bf16_linear(x.bfloat16(), wb, None))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_fp32_kernel_equals_torch(rows):
+    """`native.f32_linear` (row-major fp32 weights): fp32 summation error only; widths it does
+    not take return None; an input that does not fit the weight raises."""
+    for n, k, with_bias in [(37, 96, True), (3000, 768, False)]:
+        w, x, b = draw(rows, n, k, torch.float32, seed=rows)
+        b = b if with_bias else None
+        y = native.f32_linear(x, w, b)
+        assert y.dtype == torch.float32 and y.shape == (rows, n)
+        assert bounded(y, F.linear(x, w, b), torch.float32)
+    assert native.f32_linear(torch.randn(rows, 48), torch.randn(8, 48), None) is None  # K % 32 != 0
+    with pytest.raises(InputError, match="input width of 64"):
+        native.f32_linear(torch.randn(rows, 32), torch.randn(8, 64), None)

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time compiled decoding in turns with eager decoding, with the compile seconds: "
                         "a comma list of inductor (default), aot (AOTInductor packages cached on disk), "
                         "inductor-pywrapper, aot_eager, eager")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time decoding with the fused native step off (the PyTorch blocks) in turns with it")
     tensor_parallel.add_args(p)  # --tp N: N ranks of threads // N threads against one process
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
     p.set_defaults(func=run)
@@ -178,6 +180,25 @@ def compiled_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[
             for name, o, row in zip(names, opts, fast)]
 
 
+def unfused_rows(params: Any, cfg: Any, args: argparse.Namespace, prompt: list[int], dtype: str) -> list[dict[str, Any]]:
+    """Decoding with the fused native step off (`native_step.disabled()`: every block through
+    PyTorch's operators), timed in turns with the default, as `--unfused` asks."""
+    from pangu_fn import native_step
+
+    fused_engine = pangu_engine(params, cfg)
+
+    def unfused(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        with native_step.disabled():
+            return fused_engine(prompt, n)
+
+    print("bench: pangu-fn with and without the fused step, in turns ...", file=sys.stderr, flush=True)
+    fused, plain = measure_interleaved([fused_engine, unfused], prompt, args.new_tokens, args.repeats,
+                                       max(1, args.warmup), rotate=True)
+    return [{"engine": "pangu-fn unfused", "dtype": dtype, **plain,
+             "in_turns": {"fused_decode_tok_s": fused["decode_tok_s"], "decode_tok_s": plain["decode_tok_s"],
+                          "fused_vs_unfused": round(fused["decode_tok_s"] / plain["decode_tok_s"], 3)}}]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -205,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
     for name, engine in engines:
         print(f"bench: {name} ({dtype}) ...", file=sys.stderr, flush=True)
         rows.append({"engine": name, "dtype": dtype, **measure(engine, prompt, args.new_tokens, args.repeats, args.warmup)})
+    if args.unfused:
+        rows += unfused_rows(params, cfg, args, prompt, dtype)
     if args.compile:
         rows += compiled_rows(params, cfg, args, prompt, dtype)
     rows += quant_bench.scheme_rows(params, cfg, args, prompt, measure, pangu_engine)
