@@ -9,6 +9,7 @@ rules are wrong. Tests that need no process group (sizes, bad world sizes) run i
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -18,8 +19,8 @@ import torch.utils._pytree as pytree
 from helpers import random_model
 
 import pangu_fn as pf
-from pangu_fn.distributed import RankFailed, launch, load_shard, shard, split_plan, valid_world_sizes
-from pangu_fn.distributed.leaves import _Parallel
+from pangu_fn.distributed import RankFailed, launch, leaves, load_shard, shard, split_plan, valid_world_sizes
+from pangu_fn.distributed.leaves import GATHER_BYTES, _Parallel
 from pangu_fn.distributed.plan import kv_heads_for
 from pangu_fn.errors import ConfigError
 from pangu_fn.tree import flatten, nbytes
@@ -261,9 +262,15 @@ def _three_rank_models() -> dict[str, tuple[dict, pf.ModelConfig]]:
 
 
 def three_rank_checks(rank: int, world: int) -> dict:
-    return {name: {**_logit_checks(params, cfg, sharded := shard(params, cfg, rank, world)),
-                   **_token_checks(params, cfg, sharded)}
-            for name, (params, cfg) in _three_rank_models().items()}
+    out = {name: {**_logit_checks(params, cfg, sharded := shard(params, cfg, rank, world)),
+                  **_token_checks(params, cfg, sharded)}
+           for name, (params, cfg) in _three_rank_models().items()}
+    sums = {}  # the leaves' sum both ways: gathered and added (small), all-reduced in place (large)
+    for way, numel in (("gathered", 1536), ("all_reduced", GATHER_BYTES // 4 + 1)):
+        x = torch.arange(numel, dtype=torch.float32) * (rank + 1)
+        sums[way] = (leaves.all_reduce(x, None) - torch.arange(numel) * 6).abs().max().item()  # 1 + 2 + 3
+    out["all_reduce"] = sums
+    return out
 
 
 def test_three_ranks_replicated_kv_heads_and_padded_vocab():
@@ -385,3 +392,16 @@ def test_readme_example_runs_and_every_rank_gets_the_single_process_tokens(tmp_p
     cfg = pf.ModelConfig.preset("tiny-openpangu")
     single = pf.generate(pf.init_params(cfg, seed=0), cfg, [[1, 5, 9]], max_new_tokens=8)[0].tokens
     assert ast.literal_eval(run.stdout.strip()) == [single, single]
+
+
+@pytest.mark.skipif(not os.environ.get("PANGU_SLOW_TESTS"), reason="two more ranks (~8 s); set PANGU_SLOW_TESTS=1")
+def test_allreduce_latency_tool_sums_every_way_and_writes_its_rows(tmp_path):
+    from pangu_tools import allreduce_latency
+
+    out = tmp_path / "latency.json"
+    assert allreduce_latency.main(["--numel", "64", "--calls", "3", "--rounds", "2", "--transports", "TCP",
+                                   "--dtypes", "fp32,bf16", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]  # each rank checked every method's sum against its own
+    assert len(rows) == len(allreduce_latency.METHODS) * 2 * 2  # methods x dtypes x peers
+    assert all(r["median_us"] > 0 and r["step_us"] >= r["cost_us"] for r in rows)
+    assert {r["vs_base"] for r in rows if r["method"] == "c10d"} == {1.0}

@@ -8,8 +8,9 @@ own kernel, so the model definition stays one.
   all-reduces, `linear` (the LM head, tied or not) computes the local logits and all-gathers
   them into `[..., V]`.
 
-The local weight is a float tensor or a quantized leaf. Eager collectives are c10d's in-place
-ones (the lowest latency); traced, torch.distributed's functional ones, so a forward through
+The local weight is a float tensor or a quantized leaf. Eager collectives are c10d's (the
+lowest latency; on gloo a small sum is an all-gather and a local add, see `all_reduce`);
+traced, torch.distributed's functional ones, so a forward through
 these leaves traces with torch.compile(fullgraph=True).
 """
 
@@ -31,16 +32,29 @@ def _eager(x: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.requires_grad)
 
 
+GATHER_BYTES = 256 * 1024  # on gloo, sums of at most this many bytes are gathered, then added
+
+
 def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum of `x` over the ranks of `group` (in `x`'s dtype). In eager mode the sum is taken in
-    place in `x`'s buffer (callers pass a tensor they just made and use only the result): c10d's
-    in-place all-reduce costs a third to a half of the functional one's latency on gloo (0.42 vs
-    0.99 ms for 1536 floats, 2 ranks on loopback, median of 300 on a busy 2-core CPU). Traced,
-    the functional collective, which torch.compile understands."""
+    """Sum of `x` over the ranks of `group` (in `x`'s dtype; callers pass a tensor they just
+    made and use only the result). In eager mode c10d's collectives, which cost a third to a
+    half of the functional ones' latency on gloo (0.42 vs 0.99 ms for 1536 floats, 2 ranks on
+    loopback). On gloo a tensor of at most `GATHER_BYTES` (a decode step's hidden states) is
+    all-gathered and added locally in rank order: one exchange where gloo's ring all-reduce
+    makes two, 0.6-0.8x its cost for 1536 values at 2 ranks (`python -m
+    pangu_tools.allreduce_latency`), and every rank adds the same numbers in the same order,
+    so all get the same bits. Larger ones (prefill) are all-reduced in place. Traced, the
+    functional all-reduce, which torch.compile understands."""
     if _eager(x):
         x = x.contiguous()
         start = time.perf_counter()
-        dist.all_reduce(x, group=group)
+        if x.dim() and x.numel() * x.element_size() <= GATHER_BYTES and dist.get_backend(group) == "gloo":
+            world = dist.get_world_size(group)
+            parts = x.new_empty((world * x.shape[0], *x.shape[1:]))  # rank-major along dim 0
+            dist.all_gather_single(parts, x, group=group)
+            x = parts.view(world, *x.shape).sum(0)
+        else:
+            dist.all_reduce(x, group=group)
         record(start)
         return x
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
