@@ -48,7 +48,8 @@ def load_shard(path: str | Path, rank: int, world_size: int, device: str | torch
     `.ckpt`; other layouts `load` reads (`config` as there) are read one whole tensor at a
     time, each cut before the next is read (the GPT-2 layout reads all its tensors first). Each
     part is cast to `dtype`, moved to `device` (default CPU) and laid out as `decode_layout`
-    says before the next is read (fp32 CPU matrices filled column-major from slabs), so the
+    says before the next is read (fp32 CPU matrices it stores column-major are filled so from
+    slabs), so the
     rank's peak memory is about its share. Raises FormatError for unreadable files, missing tensors or
     files that disagree with their index, ShapeError for shapes that disagree with the config,
     ConfigError for a world size the model cannot split."""
@@ -98,8 +99,9 @@ def _cast(leaf: Any, dtype: torch.dtype | None) -> Any:
 
 def _fills_column_major(name: str, shape: tuple[int, ...], stored: torch.dtype, want: torch.dtype | None,
                         device: torch.device, tied: bool) -> bool:
-    """Whether a plain tensor ends up an fp32 CPU matmul weight (column-major in
-    `decode_layout`), so `cut_column_major` fills it straight from the file."""
+    """Whether a plain tensor ends up an fp32 CPU matmul weight that `decode_layout` stores
+    column-major (where the native fp32 kernel does not run), so `cut_column_major` fills it
+    straight from the file."""
     final = want if want is not None and stored.is_floating_point else stored
     return (final == torch.float32 and device.type == "cpu" and len(shape) == 2
             and is_matmul_weight(name, tied) and column_major_fp32())
