@@ -334,7 +334,11 @@ def quantize_plain(src: Path, dst: Path, scheme: str, args: argparse.Namespace) 
 
 
 def hf_model(params: Any, cfg: Any) -> tuple[Any, Any]:
-    """transformers' GPT2LMHeadModel / LlamaForCausalLM holding these weights (fp32)."""
+    """transformers' GPT2LMHeadModel / LlamaForCausalLM holding these weights (fp32), sharing
+    the tree's memory where `to_hf` gives views (fp32 trees): its own parameters are made without
+    random initialisation and replaced by the tree's tensors, so building it costs about the
+    copies `to_hf` makes (GPT-2's fused q/k/v), not a second model (at pangu-1b that was 14.4 GB
+    of anonymous memory beside the 5 GB tree)."""
     import transformers
 
     from pangu_fn.io.hf import to_hf
@@ -345,8 +349,12 @@ def hf_model(params: Any, cfg: Any) -> tuple[Any, Any]:
     model_cls = transformers.GPT2LMHeadModel if gpt else transformers.LlamaForCausalLM
     config = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
     config._attn_implementation = "sdpa"
-    model = model_cls(config)  # built on the CPU: buffers such as RoPE's inv_freq get real values
-    model.load_state_dict(state, strict=False)
+    with _no_init_weights():  # built on the CPU: buffers such as RoPE's inv_freq get real values
+        model = model_cls(config)
+    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+    names = {name for name, _ in model.named_parameters()}
+    if any(name in names for name in missing):  # an uninitialised parameter would go unnoticed
+        raise RuntimeError(f"hf_model: to_hf gave no tensor for {[n for n in missing if n in names]}")
     if cfg.tie_embeddings:
         model.tie_weights()
     if gpt:
@@ -362,12 +370,26 @@ def _conv1d_to_linear(model: Any) -> None:
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                linear = torch.nn.Linear(child.weight.shape[0], child.nf)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.t())
-                    linear.bias.copy_(child.bias)
+            if isinstance(child, Conv1D):  # the Linear's weight is a view of the Conv1D's: no copy
+                linear = torch.nn.Linear(child.weight.shape[0], child.nf, device="meta")
+                linear.weight = torch.nn.Parameter(child.weight.detach().t(), requires_grad=False)
+                linear.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
                 setattr(module, name, linear)
+
+
+def _no_init_weights() -> Any:
+    """transformers' context that skips random initialisation (parameters are then left
+    untouched, so never resident), or a no-op where this transformers has none."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def hf_wrapper(model: Any, config: Any) -> Any:
