@@ -405,3 +405,35 @@ def test_allreduce_latency_tool_sums_every_way_and_writes_its_rows(tmp_path):
     assert len(rows) == len(allreduce_latency.METHODS) * 2 * 2  # methods x dtypes x peers
     assert all(r["median_us"] > 0 and r["step_us"] >= r["cost_us"] for r in rows)
     assert {r["vs_base"] for r in rows if r["method"] == "c10d"} == {1.0}
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_load_shard_lays_each_part_out_as_shard_of_load_does(tmp_path, monkeypatch, column_major):
+    """Values, dtypes and strides equal `shard(load(...))`'s, with fp32 matrices row-major (the
+    native fp32 kernel's layout) and column-major (filled from slabs where that kernel is off);
+    padded vocabularies and replicated KV heads (TP 4) take several ranges per tensor."""
+    from pangu_fn import params as params_module
+    from pangu_fn.distributed import load as load_module
+    from pangu_fn.io.checkpoint import source_of
+    from pangu_fn.io.writers import write_mindspore
+
+    for module in (params_module, load_module):
+        monkeypatch.setattr(module, "column_major_fp32", lambda: column_major)
+    gpt, gpt_cfg = random_model("tiny-gpt", seed=3, vocab_size=250, tie_embeddings=False)
+    pf.save(tmp_path / "gpt", gpt, gpt_cfg)
+    pf.save(tmp_path / "openpangu", *random_model("tiny-openpangu", seed=4))  # tied; 2 KV heads
+    alpha, alpha_cfg = random_model("tiny-alpha", seed=5)
+    write_mindspore(source_of(alpha, alpha_cfg), tmp_path / "alpha.ckpt")
+    for path, config, world in [(tmp_path / "gpt", None, 4), (tmp_path / "openpangu", None, 4),
+                                (tmp_path / "alpha.ckpt", alpha_cfg, 2)]:
+        for dtype in (None, "bf16"):
+            whole, cfg = pf.load(path, config=config, dtype=dtype)
+            for rank in range(world):
+                want = flatten(shard(whole, cfg, rank, world))
+                got = flatten(load_shard(path, rank, world, dtype=dtype, config=config)[0])
+                assert got.keys() == want.keys()
+                for name, leaf in got.items():
+                    a = leaf.local if isinstance(leaf, _Parallel) else leaf
+                    b = want[name].local if isinstance(want[name], _Parallel) else want[name]
+                    assert torch.equal(a, b) and a.dtype == b.dtype and a.stride() == b.stride(), (path, name)
+    assert flatten(load_shard(tmp_path / "gpt", 3, 4)[0])["lm_head.weight"].local.t().is_contiguous() == column_major
