@@ -12,7 +12,8 @@ speculative verification's length) each compile once; `torch.compile`'s FX graph
 inductor's output on disk across processes.
 
 On CUDA inductor runs with CUDA graphs (`mode="reduce-overhead"`; weights and cache buffers are
-marked static so a replay copies nothing); on the CPU with its C++ wrapper (`cpp_wrapper`).
+marked static so a replay copies nothing); on the CPU with its C++ wrapper (`cpp_wrapper`); on
+Ascend NPUs TorchAir's backend takes inductor's place (`npu_backend`, untested).
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def options(compile: bool | str | CompileOptions) -> CompileOptions | None:
     raise ConfigError(f"compile: expected a bool, a backend name or CompileOptions, found {compile!r:.60}")
 
 
+def npu_backend(mode: str | None) -> Any:
+    """TorchAir's graph backend for Ascend NPUs, standing in for inductor there: `mode`
+    "reduce-overhead" (the default here: captured graphs replayed, as CUDA graphs on CUDA) or
+    "max-autotune" (TorchAir's default, GE graph compilation). Written from the TorchAir user
+    guide (`torchair.CompilerConfig`, `torchair.get_npu_backend`); untested: no NPU was
+    available. torch_npu is imported first, as TorchAir requires."""
+    import torch_npu  # noqa: F401  (registers the NPU device before TorchAir loads)
+    import torchair
+
+    config = torchair.CompilerConfig()
+    config.mode = mode or "reduce-overhead"
+    return torchair.get_npu_backend(compiler_config=config)
+
+
 def _bucket(n: int, cap: int, least: int = 16) -> int:
     """The smallest power of two >= max(n, least), at most `cap` (n <= cap)."""
     b = least
@@ -97,7 +112,9 @@ class Programs:
         self.compile_s = 0.0  # seconds of the first call of each new shape (tracing + codegen)
         self._seen: set[tuple[Any, ...]] = set()
         kw: dict[str, Any] = {"backend": opts.backend, "fullgraph": True, "dynamic": False}
-        if opts.backend == "inductor":
+        if opts.backend == "inductor" and device.type == "npu":
+            kw["backend"] = npu_backend(opts.mode)
+        elif opts.backend == "inductor":
             if device.type == "cuda":
                 kw["mode"] = opts.mode or "reduce-overhead"
             elif opts.mode:

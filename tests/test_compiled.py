@@ -218,3 +218,26 @@ def test_bench_compile_list_times_every_backend_in_one_run(tmp_path):
     assert rows[1]["in_turns"]["eager_decode_tok_s"] == rows[2]["in_turns"]["eager_decode_tok_s"]
     for row in rows[1:]:
         assert row["in_turns"]["decode_vs_eager"] == round(row["decode_tok_s"] / row["in_turns"]["eager_decode_tok_s"], 3)
+
+
+def test_npu_backend_is_torchairs_graph_backend(monkeypatch):
+    """On Ascend the compiled programs use TorchAir's backend (as its user guide shows: import
+    torch_npu, then torchair; a CompilerConfig with the mode; get_npu_backend), here with
+    stand-in modules since no NPU stack is installed."""
+    import sys
+    import types
+
+    made = {}
+
+    class CompilerConfig:
+        mode = "max-autotune"
+
+    def get_npu_backend(*, compiler_config):
+        made["mode"] = compiler_config.mode
+        return "npu-backend"
+
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setitem(sys.modules, "torchair", types.SimpleNamespace(CompilerConfig=CompilerConfig,
+                                                                      get_npu_backend=get_npu_backend))
+    assert compiled.npu_backend(None) == "npu-backend" and made["mode"] == "reduce-overhead"
+    assert compiled.npu_backend("max-autotune") == "npu-backend" and made["mode"] == "max-autotune"
