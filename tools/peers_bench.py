@@ -4,7 +4,7 @@ in one run, each engine in its own process.
 Rows per `--peers-schemes` entry (what each engine loads is written first, to DIR or a
 temporary folder, as a user deploys it):
 
-| scheme | pangu-fn | llama.cpp (llama-cpp-python) | ONNX Runtime (`ort_bench.plain_onnx_model`) |
+| scheme | pangu-fn | llama.cpp (llama-cpp-python) | ONNX Runtime (`ort_bench.export_hf_onnx`) |
 |---|---|---|---|
 | fp32 | the fp32 tree | GGUF f32 | transformers' graph exported, ORT fusions |
 | bf16 | the bf16 recipe | - | - |
