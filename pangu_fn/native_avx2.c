@@ -122,6 +122,14 @@ static inline void write_rows(int R, const float *sums, const void *bias, void *
     for (int m = 0; m < R; m++) store_f(y, m * n_total + n, sums[m] + b, flags & X_BF16);
 }
 
+/* sums[m] = every lane of acc[m][0 .. U-1], m < R (the kernels' independent accumulators). */
+static inline __attribute__((always_inline)) void add_up(const int R, const int U, __m256 acc[ROWS][4], float *sums) {
+    for (int m = 0; m < R; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
+        sums[m] = hsum(acc[m][0]);
+    }
+}
+
 /* ---- int8: 8 weights at a time sign-extended to int32, converted to fp32 (exact) ---- */
 
 static inline __attribute__((always_inline)) void int8_rows(const int R, const float *xf, const int8_t *wn,
@@ -136,10 +144,7 @@ static inline __attribute__((always_inline)) void int8_rows(const int R, const f
             for (int m = 0; m < R; m++)
                 acc[m][v % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + m * k_total + k + 8 * v), acc[m][v % U]);
         }
-    for (int m = 0; m < R; m++) {
-        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
-        sums[m] = hsum(acc[m][0]);
-    }
+    add_up(R, U, acc, sums);
 }
 
 /* With X_Q16: 32 weights sign-extended to int16 against the int16 activations (`_mm256_madd_epi16`,
@@ -161,48 +166,35 @@ static inline __attribute__((always_inline)) void int8_rows_q16(const int R, con
     for (int m = 0; m < R; m++) sums[m] = hsum(acc[m]);
 }
 
-static int int8_linear_q16(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
-                           int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
-    int16_t *xq;
-    float *xs;
-    if (q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs) != 0) return -1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < n_total; n++) {
-        const float s = load_f(scales, n, flags & S_BF16);
-        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
-            int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
-            float sums[ROWS];
-            BY_ROWS(int8_rows_q16, xq + m0 * k_total, xs + m0 * k_total / 32, w + n * k_total, k_total, sums)
-            for (int m = 0; m < rows; m++) sums[m] *= s;
-            char *ym = (char *)y + m0 * n_total * (flags & X_BF16 ? 2 : 4);
-            write_rows(rows, sums, bias, ym, n, n_total, flags);
-        }
-    }
-    free(xq);
-    free(xs);
-    return 0;
-}
-
 /* K a multiple of 32. */
 int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
                            int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
     if (k_total % 32 != 0) return -1;
-    if (flags & X_Q16) return int8_linear_q16(x, w, scales, bias, y, m_total, n_total, k_total, flags, threads);
-    float *xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order);
-    if (xf == NULL) return -1;
+    const int q16 = flags & X_Q16;
+    float *xf = NULL, *xs = NULL;
+    int16_t *xq = NULL;
+    if (q16 ? q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs) != 0
+            : (xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order)) == NULL)
+        return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_total; n++) {
         const float s = load_f(scales, n, flags & S_BF16);
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
             int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
             float sums[ROWS];
-            BY_ROWS(int8_rows, xf + m0 * k_total, w + n * k_total, k_total, sums)
+            if (q16) {
+                BY_ROWS(int8_rows_q16, xq + m0 * k_total, xs + m0 * k_total / 32, w + n * k_total, k_total, sums)
+            } else {
+                BY_ROWS(int8_rows, xf + m0 * k_total, w + n * k_total, k_total, sums)
+            }
             for (int m = 0; m < rows; m++) sums[m] *= s;
             char *ym = (char *)y + m0 * n_total * (flags & X_BF16 ? 2 : 4);
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
     free(xf);
+    free(xq);
+    free(xs);
     return 0;
 }
 
@@ -353,10 +345,7 @@ static inline __attribute__((always_inline)) void bf16_rows(const int R, const f
                 acc[m][(2 * h + 1) % U] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xm + 8), acc[m][(2 * h + 1) % U]);
             }
         }
-    for (int m = 0; m < R; m++) {
-        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
-        sums[m] = hsum(acc[m][0]);
-    }
+    add_up(R, U, acc, sums);
 }
 
 /* K a multiple of 32. */
@@ -393,10 +382,7 @@ static inline __attribute__((always_inline)) void f32_rows(const int R, const fl
             for (int m = 0; m < R; m++)
                 acc[m][v % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * k_total + k + 8 * v), acc[m][v % U]);
         }
-    for (int m = 0; m < R; m++) {
-        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
-        sums[m] = hsum(acc[m][0]);
-    }
+    add_up(R, U, acc, sums);
 }
 
 /* y [M, N] = x [M, K] w [N, K].T + bias; K a multiple of 32. */
