@@ -101,16 +101,15 @@ def gguf_step(step: dict[str, Any]) -> dict[str, Any]:
 
 
 def onnx_step(step: dict[str, Any]) -> dict[str, Any]:
-    """transformers' model on the fp32 folder exported to the folder `out` (model.onnx, by
-    `ort_bench.export_hf_onnx`, written beside it and renamed into place); the pangu-fn tree is
-    dropped before the export."""
+    """transformers' model on the fp32 folder (`ort_bench.hf_model`: it shares the loaded tree's
+    memory) exported to the folder `out` (model.onnx, by `ort_bench.export_hf_onnx`, written
+    beside it and renamed into place)."""
     import pangu_fn as pf
 
     from .ort_bench import export_hf_onnx, hf_model
 
     fp32, cfg = pf.load(step["source"])
     model, hf_cfg = hf_model(fp32, cfg)
-    del fp32
     with _fresh_folder(Path(step["out"])) as tmp:
         export_hf_onnx(model, hf_cfg, cfg, tmp)
     return {}
