@@ -62,6 +62,32 @@ static inline float hsum(__m256 v) {
 
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
+/* Each product is "team code", `pangu_avx2_*_team`: every thread of the calling OpenMP team
+ * calls it with the same arguments, one thread prepares the activations (`single`), the output
+ * rows are shared (`for`), and every thread returns the same code. Called outside a parallel
+ * region it runs on the calling thread alone. The fused step (native_step.c) calls them inside
+ * its one parallel region; `pangu_avx2_*_linear` runs one on `threads` threads. */
+#define ON_THREADS(threads, TEAM_CALL)                                                               \
+    do {                                                                                             \
+        int rc_ = 0;                                                                                 \
+        _Pragma("omp parallel num_threads(threads)") {                                               \
+            int r_ = TEAM_CALL;                                                                      \
+            if (omp_get_thread_num() == 0) rc_ = r_;                                                 \
+        }                                                                                            \
+        return rc_;                                                                                  \
+    } while (0)
+
+/* Frees what a team's `single` allocated, once every thread is past the loop that read it. */
+static void team_free(void *a, void *b, void *c) {
+#pragma omp barrier
+#pragma omp single
+    {
+        free(a);
+        free(b);
+        free(c);
+    }
+}
+
 /* x [M, K] as fp32, each block of `block` (16 or 32) elements in the order `perm(j)` lists,
  * so that the weights need no shuffle across lanes after unpacking. */
 static float *activations(const void *x, int64_t m_total, int64_t k_total, int bf16, int block,
@@ -90,6 +116,8 @@ static int q16_activations(const void *x, int x_bf16, int64_t m_total, int64_t k
     if (*q == NULL || *scales == NULL) {
         free(*q);
         free(*scales);
+        *q = NULL;
+        *scales = NULL;
         return -1;
     }
     for (int64_t b = 0; b < m_total * k_total / 32; b++) {
@@ -167,16 +195,21 @@ static inline __attribute__((always_inline)) void int8_rows_q16(const int R, con
 }
 
 /* K a multiple of 32. */
-int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
-                           int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
+int pangu_avx2_int8_team(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
+                         int64_t m_total, int64_t n_total, int64_t k_total, int flags) {
     if (k_total % 32 != 0) return -1;
     const int q16 = flags & X_Q16;
     float *xf = NULL, *xs = NULL;
     int16_t *xq = NULL;
-    if (q16 ? q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs) != 0
-            : (xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order)) == NULL)
-        return -1;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp single copyprivate(xf, xq, xs)
+    {
+        if (q16)
+            q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs);
+        else
+            xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order);
+    }
+    if (q16 ? xq == NULL : xf == NULL) return -1;
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < n_total; n++) {
         const float s = load_f(scales, n, flags & S_BF16);
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
@@ -192,10 +225,13 @@ int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, c
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
-    free(xf);
-    free(xq);
-    free(xs);
+    team_free(xf, xq, xs);
     return 0;
+}
+
+int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
+                           int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads) {
+    ON_THREADS(threads, pangu_avx2_int8_team(x, w, scales, bias, y, m_total, n_total, k_total, flags));
 }
 
 /* ---- int4: 8 bytes (16 codes) at a time; codes minus the zero point as int8 (exact) ----
@@ -282,33 +318,34 @@ static float *group_sums(const int16_t *xq, const float *xs, int64_t k_total, in
 /* G a multiple of 32 dividing K. One row of bf16 activations takes the int16 route (one
  * thread, GPT-2-small's shapes: 12-14 vs 9.5-11 G weights/s); from two rows on it was no
  * faster than fp32 (at four rows slower: 3-6 vs 6 G weights/s), so they take the fp32 one. */
-int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
-                           const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
-                           int64_t group, int flags, int threads) {
+int pangu_avx2_int4_team(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
+                         const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
+                         int64_t group, int flags) {
     if (group <= 0 || group % 32 != 0 || k_total % group != 0) return -1;
     const int64_t blocks = k_total / group;
     const int64_t scale_size = flags & S_BF16 ? 2 : 4;
     if ((flags & (X_BF16 | X_Q16)) && m_total == 1) {
-        int16_t *xq;
-        float *xs;
-        if (q16_activations(x, flags & X_BF16, m_total, k_total, evens_first_32, &xq, &xs) != 0) return -1;
-        float *zx = group_sums(xq, xs, k_total, group);
+        int16_t *xq = NULL;
+        float *xs = NULL, *zx = NULL;
+#pragma omp single copyprivate(xq, xs, zx)
+        if (q16_activations(x, flags & X_BF16, m_total, k_total, evens_first_32, &xq, &xs) == 0)
+            zx = group_sums(xq, xs, k_total, group);
         if (zx != NULL) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
             for (int64_t n = 0; n < n_total; n++) {
                 float sum = int4_row_q16(xq, xs, zx, q + n * (k_total / 2), (const char *)scales + n * blocks * scale_size,
                                          zeros == NULL ? NULL : zeros + n * blocks, k_total, group, flags);
                 write_rows(1, &sum, bias, y, n, n_total, flags);
             }
         }
-        free(xq);
-        free(xs);
-        free(zx);
+        team_free(xq, xs, zx);
         return zx == NULL ? -1 : 0;
     }
-    float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
+    float *xf = NULL;
+#pragma omp single copyprivate(xf)
+    xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
     if (xf == NULL) return -1;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < n_total; n++) {
         const uint8_t *zn = zeros == NULL ? NULL : zeros + n * blocks;
         const char *sn = (const char *)scales + n * blocks * scale_size;
@@ -320,8 +357,14 @@ int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, 
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
-    free(xf);
+    team_free(xf, NULL, NULL);
     return 0;
+}
+
+int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
+                           const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
+                           int64_t group, int flags, int threads) {
+    ON_THREADS(threads, pangu_avx2_int4_team(x, q, scales, zeros, bias, y, m_total, n_total, k_total, group, flags));
 }
 
 /* ---- bf16: 16 weights per load; a 16-bit shift (even elements) and a mask (odd ones) make
@@ -349,12 +392,14 @@ static inline __attribute__((always_inline)) void bf16_rows(const int R, const f
 }
 
 /* K a multiple of 32. */
-int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
-                           int64_t n_total, int64_t k_total, int flags, int threads) {
+int pangu_avx2_bf16_team(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
+                         int64_t n_total, int64_t k_total, int flags) {
     if (k_total % 32 != 0) return -1;
-    float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
+    float *xf = NULL;
+#pragma omp single copyprivate(xf)
+    xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
     if (xf == NULL) return -1;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < n_total; n++) {
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
             int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
@@ -364,8 +409,13 @@ int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, v
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
-    free(xf);
+    team_free(xf, NULL, NULL);
     return 0;
+}
+
+int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
+                           int64_t n_total, int64_t k_total, int flags, int threads) {
+    ON_THREADS(threads, pangu_avx2_bf16_team(x, w, bias, y, m_total, n_total, k_total, flags));
 }
 
 /* ---- fp32 weights (the fused decode step, native_step.c; fp32 activations and output) ---- */
@@ -386,11 +436,11 @@ static inline __attribute__((always_inline)) void f32_rows(const int R, const fl
 }
 
 /* y [M, N] = x [M, K] w [N, K].T + bias; K a multiple of 32. */
-int pangu_avx2_f32_linear(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
-                          int64_t n_total, int64_t k_total, int flags, int threads) {
+int pangu_avx2_f32_team(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
+                        int64_t n_total, int64_t k_total, int flags) {
     if (k_total % 32 != 0) return -1;
     flags &= ~X_BF16;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < n_total; n++)
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
             int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
@@ -405,44 +455,48 @@ int pangu_avx2_f32_linear(const float *x, const float *w, const void *bias, floa
  * params.decode_layout): each thread streams a contiguous K-slice of wt into partial sums of all
  * outputs (kept in L1 / L2: N at a time for one row, 512 columns at a time for more), four
  * weight rows per pass over them; then the threads add their partials. N a multiple of 8, K of 4. */
-int pangu_avx2_f32t_linear(const float *x, const float *wt, const void *bias, float *y, int64_t m_total,
-                           int64_t n_total, int64_t k_total, int flags, int threads) {
+int pangu_avx2_f32t_team(const float *x, const float *wt, const void *bias, float *y, int64_t m_total,
+                         int64_t n_total, int64_t k_total, int flags) {
     if (n_total % 8 != 0 || k_total % 4 != 0) return -1;
-    float *part = alloc64(sizeof(float) * threads * m_total * n_total);
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float *part = NULL;
+#pragma omp single copyprivate(part)
+    part = alloc64(sizeof(float) * nt * m_total * n_total);
     if (part == NULL) return -1;
     const int64_t chunk = m_total == 1 ? n_total : 512;
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t k0 = k_total / 4 * t / nt * 4, k1 = k_total / 4 * (t + 1) / nt * 4;
-        float *p = part + t * m_total * n_total;
-        memset(p, 0, sizeof(float) * m_total * n_total);
-        for (int64_t c0 = 0; c0 < n_total; c0 += chunk) {
-            const int64_t c1 = c0 + chunk < n_total ? c0 + chunk : n_total;
-            for (int64_t k = k0; k < k1; k += 4) {
-                const float *w0 = wt + k * n_total, *w1 = w0 + n_total, *w2 = w1 + n_total, *w3 = w2 + n_total;
-                for (int64_t m = 0; m < m_total; m++) {
-                    const float *xm = x + m * k_total + k;
-                    const __m256 a0 = _mm256_set1_ps(xm[0]), a1 = _mm256_set1_ps(xm[1]), a2 = _mm256_set1_ps(xm[2]),
-                                 a3 = _mm256_set1_ps(xm[3]);
-                    float *pm = p + m * n_total;
-                    for (int64_t j = c0; j < c1; j += 8) {
-                        __m256 s = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), a0, _mm256_load_ps(pm + j));
-                        s = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), a1, s);
-                        s = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), a2, s);
-                        _mm256_store_ps(pm + j, _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), a3, s));
-                    }
+    const int64_t k0 = k_total / 4 * t / nt * 4, k1 = k_total / 4 * (t + 1) / nt * 4;
+    float *p = part + t * m_total * n_total;
+    memset(p, 0, sizeof(float) * m_total * n_total);
+    for (int64_t c0 = 0; c0 < n_total; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < n_total ? c0 + chunk : n_total;
+        for (int64_t k = k0; k < k1; k += 4) {
+            const float *w0 = wt + k * n_total, *w1 = w0 + n_total, *w2 = w1 + n_total, *w3 = w2 + n_total;
+            for (int64_t m = 0; m < m_total; m++) {
+                const float *xm = x + m * k_total + k;
+                const __m256 a0 = _mm256_set1_ps(xm[0]), a1 = _mm256_set1_ps(xm[1]), a2 = _mm256_set1_ps(xm[2]),
+                             a3 = _mm256_set1_ps(xm[3]);
+                float *pm = p + m * n_total;
+                for (int64_t j = c0; j < c1; j += 8) {
+                    __m256 s = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), a0, _mm256_load_ps(pm + j));
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), a1, s);
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), a2, s);
+                    _mm256_store_ps(pm + j, _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), a3, s));
                 }
             }
         }
+    }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < m_total * n_total; i++) {
-            float s = 0.0f;
-            for (int u = 0; u < nt; u++) s += part[u * m_total * n_total + i];
-            y[i] = s + (bias == NULL ? 0.0f : load_f(bias, i % n_total, flags & B_BF16));
-        }
+    for (int64_t i = 0; i < m_total * n_total; i++) {
+        float s = 0.0f;
+        for (int u = 0; u < nt; u++) s += part[u * m_total * n_total + i];
+        y[i] = s + (bias == NULL ? 0.0f : load_f(bias, i % n_total, flags & B_BF16));
     }
-    free(part);
+    team_free(part, NULL, NULL);
     return 0;
+}
+
+int pangu_avx2_f32_linear(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
+                          int64_t n_total, int64_t k_total, int flags, int threads) {
+    ON_THREADS(threads, pangu_avx2_f32_team(x, w, bias, y, m_total, n_total, k_total, flags));
 }

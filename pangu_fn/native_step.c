@@ -9,6 +9,10 @@
  * and attends to slots 0 .. pos[r] (the causal rule of `model._mask`).
  *
  * Plain C for everything but the products: a step's elementwise work is R x H values. The
+ * whole step is one OpenMP parallel region: the products and attention share their rows among
+ * the threads (the team code of native_avx2.c), the elementwise parts run on one thread
+ * (`single`), and the threads wait at barriers between parts instead of falling asleep between
+ * parallel regions (waking them cost as much as a third of an fp32 GPT-2-small step). The
  * caller (native_step.py) checks every pointer and size first; this code trusts them.
  */
 #include <immintrin.h>
@@ -23,17 +27,18 @@
 #define B_BF16 4
 #define X_Q16 8
 
-int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
-                           int64_t m_total, int64_t n_total, int64_t k_total, int flags, int threads);
-int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
-                           const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
-                           int64_t group, int flags, int threads);
-int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
-                           int64_t n_total, int64_t k_total, int flags, int threads);
-int pangu_avx2_f32_linear(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
-                          int64_t n_total, int64_t k_total, int flags, int threads);
-int pangu_avx2_f32t_linear(const float *x, const float *wt, const void *bias, float *y, int64_t m_total,
-                           int64_t n_total, int64_t k_total, int flags, int threads);
+/* native_avx2.c's products as team code (every thread of the team calls them). */
+int pangu_avx2_int8_team(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
+                         int64_t m_total, int64_t n_total, int64_t k_total, int flags);
+int pangu_avx2_int4_team(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
+                         const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
+                         int64_t group, int flags);
+int pangu_avx2_bf16_team(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
+                         int64_t n_total, int64_t k_total, int flags);
+int pangu_avx2_f32_team(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
+                        int64_t n_total, int64_t k_total, int flags);
+int pangu_avx2_f32t_team(const float *x, const float *wt, const void *bias, float *y, int64_t m_total,
+                         int64_t n_total, int64_t k_total, int flags);
 
 enum { LIN_NONE, LIN_F32, LIN_F32T, LIN_BF16, LIN_INT8, LIN_INT4 };
 enum { ACT_GELU_TANH, ACT_GELU, ACT_FAST_GELU, ACT_SILU };
@@ -85,19 +90,16 @@ static inline float ld(const void *p, int64_t i, int bf16) {
     return bf16 ? bf(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static int threads_for(const lin_t *L, int threads) { return L->n * L->k >= (1 << 18) ? threads : 1; }
-
-/* y [M, n] fp32 = x [M, k] fp32 through the linear's kernel. */
-static int linear(const lin_t *L, const float *x, float *y, int64_t m, int threads) {
-    int t = threads_for(L, threads), f = L->flags;
+/* y [M, n] fp32 = x [M, k] fp32 through the linear's kernel (team code). */
+static int linear(const lin_t *L, const float *x, float *y, int64_t m) {
+    const int f = L->flags;
     switch (L->kind) {
-        case LIN_F32: return pangu_avx2_f32_linear(x, L->w, L->bias, y, m, L->n, L->k, f, t);
-        case LIN_F32T: return pangu_avx2_f32t_linear(x, L->w, L->bias, y, m, L->n, L->k, f, t);
-        case LIN_BF16: return pangu_avx2_bf16_linear(x, L->w, L->bias, y, m, L->n, L->k, f, t);
-        case LIN_INT8: return pangu_avx2_int8_linear(x, L->w, L->scales, L->bias, y, m, L->n, L->k, f | X_Q16, t);
+        case LIN_F32: return pangu_avx2_f32_team(x, L->w, L->bias, y, m, L->n, L->k, f);
+        case LIN_F32T: return pangu_avx2_f32t_team(x, L->w, L->bias, y, m, L->n, L->k, f);
+        case LIN_BF16: return pangu_avx2_bf16_team(x, L->w, L->bias, y, m, L->n, L->k, f);
+        case LIN_INT8: return pangu_avx2_int8_team(x, L->w, L->scales, L->bias, y, m, L->n, L->k, f | X_Q16);
         case LIN_INT4:
-            return pangu_avx2_int4_linear(x, L->w, L->scales, L->zeros, L->bias, y, m, L->n, L->k, L->group,
-                                          f | X_Q16, t);
+            return pangu_avx2_int4_team(x, L->w, L->scales, L->zeros, L->bias, y, m, L->n, L->k, L->group, f | X_Q16);
     }
     return -1;
 }
@@ -222,39 +224,28 @@ static inline void axpy(float *o, float p, const void *b, int64_t d, int b_bf16)
 }
 
 /* Attention of each row's heads over its batch row's cache slots 0 .. pos[r] (softmax of
- * q.k / sqrt(D) in fp32): out [R, heads * D]. Query head h reads KV head h / (heads / kv_heads). */
-static int attend(const model_t *md, const block_t *bl, const float *q, const void *kc, const void *vc,
-                  int64_t s_max, const int64_t *pos, int64_t t_per_row, int64_t r_total, float *out, int threads) {
+ * q.k / sqrt(D) in fp32): out [R, heads * D]. Query head h reads KV head h / (heads / kv_heads).
+ * Team code; w: this thread's scratch of at least pos[r] + 1 floats. */
+static void attend(const model_t *md, const block_t *bl, const float *q, const void *kc, const void *vc,
+                   int64_t s_max, const int64_t *pos, int64_t t_per_row, int64_t r_total, float *out, float *w) {
     const int64_t d = md->head_dim, hq = bl->heads, hkv = bl->kv_heads, group = hq / hkv;
     const int cb = md->cache_bf16, size = cb ? 2 : 4;
     const float scale = 1.0f / sqrtf((float)d);
-    int failed = 0;
-    int64_t longest = 0;
-    for (int64_t r = 0; r < r_total; r++) longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
-    if (r_total * hq < 2 * threads || longest * r_total * hq < 4096) threads = 1;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *w = malloc(sizeof(float) * longest);
-        failed |= w == NULL;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < r_total * hq; i++) {
-            if (w == NULL) continue;
-            const int64_t r = i / hq, h = i % hq, n = pos[r] + 1;
-            const char *kb = (const char *)kc + (((r / t_per_row) * hkv + h / group) * s_max) * d * size;
-            const char *vb = (const char *)vc + (((r / t_per_row) * hkv + h / group) * s_max) * d * size;
-            const float *qv = q + (r * hq + h) * d;
-            float *o = out + (r * hq + h) * d, big = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < n; j++) {
-                w[j] = dot(qv, kb + j * d * size, d, cb) * scale;
-                big = w[j] > big ? w[j] : big;
-            }
-            for (int64_t j = 0; j < n; j++) sum += (w[j] = expf(w[j] - big));
-            for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
-            for (int64_t j = 0; j < n; j++) axpy(o, w[j] / sum, vb + j * d * size, d, cb);
+    for (int64_t i = 0; i < r_total * hq; i++) {
+        const int64_t r = i / hq, h = i % hq, n = pos[r] + 1;
+        const char *kb = (const char *)kc + (((r / t_per_row) * hkv + h / group) * s_max) * d * size;
+        const char *vb = (const char *)vc + (((r / t_per_row) * hkv + h / group) * s_max) * d * size;
+        const float *qv = q + (r * hq + h) * d;
+        float *o = out + (r * hq + h) * d, big = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            w[j] = dot(qv, kb + j * d * size, d, cb) * scale;
+            big = w[j] > big ? w[j] : big;
         }
-        free(w);
+        for (int64_t j = 0; j < n; j++) sum += (w[j] = expf(w[j] - big));
+        for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
+        for (int64_t j = 0; j < n; j++) axpy(o, w[j] / sum, vb + j * d * size, d, cb);
     }
-    return failed ? -1 : 0;
 }
 
 /* Keys or values [R, H_kv * D] into the cache [B, H_kv, S, D] at each row's position. */
@@ -277,100 +268,129 @@ static void columns(const float *y, int64_t n, int64_t c0, int64_t w, float *out
     for (int64_t r = 0; r < m; r++) memcpy(out + r * w, y + r * n + c0, sizeof(float) * w);
 }
 
-static float *buffer(float **all, int *used, int64_t floats) {
-    float *b = malloc(sizeof(float) * (floats > 0 ? floats : 1));
-    all[(*used)++] = b;
-    return b;
+/* The step's scratch, sized for its widest block: rows x (hidden, q, kv, ffn, fused) floats. */
+typedef struct {
+    float *hn, *q, *k, *v, *att, *o, *up, *gate, *wide;
+} scratch_t;
+
+/* x [M, H] += the block's attention, then its MLP (team code). query_in [M, H]: PanGu-α's query
+ * layer's source of queries (else NULL: the normed x). w: this thread's attention scratch. */
+static int block(const model_t *md, const block_t *bl, float *x, const float *query_in, void *kc, void *vc,
+                 int64_t s_max, const int64_t *pos, int64_t t_per_row, int64_t m, const scratch_t *sc, float *w) {
+    const int64_t h = md->hidden, d = md->head_dim, qw = bl->heads * d, kw = bl->kv_heads * d;
+    const int64_t ffn = md->swiglu && bl->gate_up.kind ? bl->gate_up.n / 2 : bl->up.n;
+#pragma omp single
+    norm(md, &bl->attn_norm, x, sc->hn, m);
+    if (bl->qkv.kind) {
+        if (linear(&bl->qkv, sc->hn, sc->wide, m)) return -1;
+#pragma omp single
+        {
+            columns(sc->wide, qw + 2 * kw, 0, qw, sc->q, m);
+            columns(sc->wide, qw + 2 * kw, qw, kw, sc->k, m);
+            columns(sc->wide, qw + 2 * kw, qw + kw, kw, sc->v, m);
+        }
+    } else if (linear(&bl->q, query_in ? query_in : sc->hn, sc->q, m) || linear(&bl->k, sc->hn, sc->k, m) ||
+               linear(&bl->v, sc->hn, sc->v, m)) {
+        return -1;
+    }
+#pragma omp single
+    {
+        if (md->rope_cos != NULL)
+            for (int64_t r = 0; r < m; r++) {
+                rope(md, sc->q + r * qw, bl->heads, pos[r]);
+                rope(md, sc->k + r * kw, bl->kv_heads, pos[r]);
+            }
+        store(md, sc->k, kc, bl->kv_heads, s_max, pos, t_per_row, m);
+        store(md, sc->v, vc, bl->kv_heads, s_max, pos, t_per_row, m);
+    }
+    attend(md, bl, sc->q, kc, vc, s_max, pos, t_per_row, m, sc->att, w);
+    if (linear(&bl->o, sc->att, sc->o, m)) return -1;
+#pragma omp single
+    {
+        for (int64_t i = 0; i < m * h; i++) x[i] += sc->o[i];
+        norm(md, &bl->mlp_norm, x, sc->hn, m);
+    }
+    if (md->swiglu && bl->gate_up.kind) {
+        if (linear(&bl->gate_up, sc->hn, sc->wide, m)) return -1;
+#pragma omp single
+        {
+            columns(sc->wide, 2 * ffn, 0, ffn, sc->gate, m);
+            columns(sc->wide, 2 * ffn, ffn, ffn, sc->up, m);
+        }
+    } else if ((md->swiglu && linear(&bl->gate, sc->hn, sc->gate, m)) || linear(&bl->up, sc->hn, sc->up, m)) {
+        return -1;
+    }
+#pragma omp single
+    activate(md->act, md->swiglu ? sc->gate : sc->up, md->swiglu ? sc->up : NULL, sc->up, m * ffn);
+    if (linear(&bl->down, sc->up, sc->o, m)) return -1;
+#pragma omp single
+    for (int64_t i = 0; i < m * h; i++) x[i] += sc->o[i];
+    return 0;
 }
 
-/* x [M, H] += the block's attention, then its MLP. query_in [M, H]: PanGu-α's query layer's
- * source of queries (else NULL: the normed x). */
-static int block(const model_t *md, const block_t *bl, float *x, const float *query_in, void *kc, void *vc,
-                 int64_t s_max, const int64_t *pos, int64_t t_per_row, int64_t m, int threads) {
-    const int64_t h = md->hidden, d = md->head_dim, qw = bl->heads * d, kw = bl->kv_heads * d;
-    const int64_t ffn = md->swiglu ? (bl->gate_up.kind ? bl->gate_up.n / 2 : bl->up.n)
-                                   : bl->up.n;
-    float *all[12];
-    int used = 0, rc = 0;
-    float *hn = buffer(all, &used, m * h), *q = buffer(all, &used, m * qw), *k = buffer(all, &used, m * kw);
-    float *v = buffer(all, &used, m * kw), *att = buffer(all, &used, m * qw), *o = buffer(all, &used, m * h);
-    float *up = buffer(all, &used, m * ffn), *gate = buffer(all, &used, m * ffn);
-    float *wide = buffer(all, &used, m * (qw + 2 * kw > 2 * ffn ? qw + 2 * kw : 2 * ffn));
-    for (int i = 0; i < used; i++) rc |= all[i] == NULL;
-    if (rc) goto done;
-
-    norm(md, &bl->attn_norm, x, hn, m);
-    if (bl->qkv.kind) {
-        rc |= linear(&bl->qkv, hn, wide, m, threads);
-        columns(wide, qw + 2 * kw, 0, qw, q, m);
-        columns(wide, qw + 2 * kw, qw, kw, k, m);
-        columns(wide, qw + 2 * kw, qw + kw, kw, v, m);
-    } else {
-        rc |= linear(&bl->q, query_in ? query_in : hn, q, m, threads);
-        rc |= linear(&bl->k, hn, k, m, threads);
-        rc |= linear(&bl->v, hn, v, m, threads);
-    }
-    if (rc) goto done;
-    if (md->rope_cos != NULL)
-        for (int64_t r = 0; r < m; r++) {
-            rope(md, q + r * qw, bl->heads, pos[r]);
-            rope(md, k + r * kw, bl->kv_heads, pos[r]);
+/* Every block, the final norm and the query layer (team code; w: this thread's attention scratch). */
+static int blocks(const model_t *md, float *x, const float *query, const int64_t *pos, int64_t t_per_row, int64_t rows,
+                  void *const *keys, void *const *values, int64_t s_max, const scratch_t *sc, float *w) {
+    const int64_t n = md->layers - (md->query_layer ? 1 : 0);
+    int rc = 0;
+    for (int64_t i = 0; rc == 0 && i < n; i++)
+        rc = block(md, &md->blocks[i], x, NULL, keys[i], values[i], s_max, pos, t_per_row, rows, sc, w);
+    if (rc == 0) {
+#pragma omp single
+        {
+            norm(md, &md->final_norm, x, sc->hn, rows);
+            memcpy(x, sc->hn, sizeof(float) * rows * md->hidden);
         }
-    store(md, k, kc, bl->kv_heads, s_max, pos, t_per_row, m);
-    store(md, v, vc, bl->kv_heads, s_max, pos, t_per_row, m);
-    rc |= attend(md, bl, q, kc, vc, s_max, pos, t_per_row, m, att, threads);
-    rc |= linear(&bl->o, att, o, m, threads);
-    if (rc) goto done;
-    for (int64_t i = 0; i < m * h; i++) x[i] += o[i];
-
-    norm(md, &bl->mlp_norm, x, hn, m);
-    if (md->swiglu) {
-        if (bl->gate_up.kind) {
-            rc |= linear(&bl->gate_up, hn, wide, m, threads);
-            columns(wide, 2 * ffn, 0, ffn, gate, m);
-            columns(wide, 2 * ffn, ffn, ffn, up, m);
-        } else {
-            rc |= linear(&bl->gate, hn, gate, m, threads);
-            rc |= linear(&bl->up, hn, up, m, threads);
-        }
-        activate(md->act, gate, up, up, m * ffn);
-    } else {
-        rc |= linear(&bl->up, hn, up, m, threads);
-        activate(md->act, up, NULL, up, m * ffn);
+        if (md->query_layer)
+            rc = block(md, &md->blocks[n], x, query, keys[n], values[n], s_max, pos, t_per_row, rows, sc, w);
     }
-    rc |= linear(&bl->down, up, o, m, threads);
-    if (rc) goto done;
-    for (int64_t i = 0; i < m * h; i++) x[i] += o[i];
-done:
-    for (int i = 0; i < used; i++) free(all[i]);
-    return rc ? -1 : 0;
+    return rc;
 }
 
 /* x [R, H] (fp32): the embedded tokens in, the final hidden states out. pos [R]: each row's
  * position; rows b * T .. b * T + T - 1 are batch row b. keys[i], values[i]: layer i's cache
- * [B, kv_heads_i, s_max, D] in the cache dtype. Returns 0, or -1 when memory ran out (x is then
- * not to be used). */
+ * [B, kv_heads_i, s_max, D] in the cache dtype. Runs on `threads` threads. Returns 0, or -1 when
+ * memory ran out (x is then not to be used). */
 int pangu_step(const model_t *md, float *x, const int64_t *pos, int64_t t_per_row, int64_t rows, void *const *keys,
                void *const *values, int64_t s_max, int threads) {
-    const int64_t h = md->hidden, blocks = md->layers - (md->query_layer ? 1 : 0);
-    for (int64_t i = 0; i < blocks; i++)
-        if (block(md, &md->blocks[i], x, NULL, keys[i], values[i], s_max, pos, t_per_row, rows, threads) != 0)
-            return -1;
-    float *hn = malloc(sizeof(float) * rows * h), *query = NULL;
-    if (hn == NULL) return -1;
-    norm(md, &md->final_norm, x, hn, rows);
-    memcpy(x, hn, sizeof(float) * rows * h);
-    int rc = 0;
-    if (md->query_layer) {
-        query = malloc(sizeof(float) * rows * h);
-        rc = query == NULL ? -1 : 0;
-        for (int64_t r = 0; rc == 0 && r < rows; r++)
-            for (int64_t i = 0; i < h; i++) query[r * h + i] = ld(md->query_embed, pos[r] * h + i, md->query_bf16);
-        if (rc == 0)
-            rc = block(md, &md->blocks[blocks], x, query, keys[blocks], values[blocks], s_max, pos, t_per_row, rows,
-                       threads);
+    const int64_t h = md->hidden, d = md->head_dim;
+    int64_t qw = 0, kw = 0, ffn = 0, longest = 1;
+    for (int64_t i = 0; i < md->layers; i++) {
+        const block_t *bl = &md->blocks[i];
+        qw = bl->heads * d > qw ? bl->heads * d : qw;
+        kw = bl->kv_heads * d > kw ? bl->kv_heads * d : kw;
+        const int64_t f = md->swiglu && bl->gate_up.kind ? bl->gate_up.n / 2 : bl->up.n;
+        ffn = f > ffn ? f : ffn;
     }
-    free(hn);
+    for (int64_t r = 0; r < rows; r++) longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
+    const int64_t wide = qw + 2 * kw > 2 * ffn ? qw + 2 * kw : 2 * ffn;
+    float *all = malloc(sizeof(float) * rows * (3 * h + 2 * qw + 2 * kw + 2 * ffn + wide));
+    float *query = md->query_layer ? malloc(sizeof(float) * rows * h) : NULL;
+    float *w = malloc(sizeof(float) * threads * longest); /* each thread's attention scores */
+    if (all == NULL || w == NULL || (md->query_layer && query == NULL)) {
+        free(all);
+        free(query);
+        free(w);
+        return -1;
+    }
+    scratch_t sc = {.hn = all, .q = all + rows * h};
+    sc.k = sc.q + rows * qw;
+    sc.v = sc.k + rows * kw;
+    sc.att = sc.v + rows * kw;
+    sc.o = sc.att + rows * qw;
+    sc.up = sc.o + rows * h;
+    sc.gate = sc.up + rows * ffn;
+    sc.wide = sc.gate + rows * ffn;
+    for (int64_t r = 0; query != NULL && r < rows; r++)
+        for (int64_t i = 0; i < h; i++) query[r * h + i] = ld(md->query_embed, pos[r] * h + i, md->query_bf16);
+    int rc = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int r = blocks(md, x, query, pos, t_per_row, rows, keys, values, s_max, &sc, w + omp_get_thread_num() * longest);
+        if (omp_get_thread_num() == 0) rc = r;
+    }
+    free(all);
     free(query);
+    free(w);
     return rc;
 }

@@ -30,6 +30,7 @@ import contextvars
 import ctypes
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -85,11 +86,13 @@ class _Unsupported(Exception):
 
 
 class Plan:
-    """One tree's blocks as the C structs `pangu_step` reads, with every tensor they point into
-    kept alive: `kv_heads[i]` per cache layer, `positions` the rows of position tables."""
+    """One tree's blocks as the C structs `pangu_step` reads: `kv_heads[i]` per cache layer,
+    `positions` the rows of the position tables. It holds the tree's leaves only weakly
+    (`fits`): the structs point into them while a caller holds the tree, and a plan whose leaves
+    are gone, or are not the tree's, is never used."""
 
     def __init__(self, params: Params, cfg: ModelConfig) -> None:
-        self.params, self.keep = params, []  # the tree and every tensor the structs point into
+        self.keep: list[torch.Tensor] = []  # tensors the plan itself holds (RoPE tables, the query table)
         self.dtype = compute_dtype(params)
         if self.dtype not in _FLOATS:
             raise _Unsupported(f"compute dtype {self.dtype}")
@@ -111,21 +114,28 @@ class Plan:
             cos, sin = _rope_table(cfg.rope_theta, d, cfg.max_seq_len, torch.device("cpu"), self.dtype)
             model.rope_cos, model.rope_sin = self._ptr(cos, (cfg.max_seq_len, d)), self._ptr(sin, (cfg.max_seq_len, d))
             model.rope_rows, model.rope_bf16 = cfg.max_seq_len, int(cos.dtype == torch.bfloat16)
+            self.keep += [cos, sin]  # the table cache may drop them
         if cfg.query_layer:
             table = params["query_embed"]["weight"]
             if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != h:
                 raise _Unsupported("query_embed")
-            model.query_embed, model.query_bf16 = self._ptr(table.to(self.dtype), tuple(table.shape)), \
-                int(self.dtype == torch.bfloat16)
+            self.keep.append(table.to(self.dtype))
+            model.query_embed = self._ptr(self.keep[-1], tuple(table.shape))
+            model.query_bf16 = int(self.dtype == torch.bfloat16)
             self.positions = min(self.positions, table.shape[0])
         self.model = model
+        self.leaves = [weakref.ref(leaf) for leaf in _leaves(params)]
+
+    def fits(self, params: Params) -> bool:
+        """Whether `params` holds exactly the leaves this plan was made from (all still alive)."""
+        leaves = _leaves(params)
+        return len(leaves) == len(self.leaves) and all(r() is leaf for r, leaf in zip(self.leaves, leaves))
 
     def _ptr(self, t: torch.Tensor, shape: tuple[int, ...]) -> int:
         """`t`'s data pointer after checking it is a contiguous CPU fp32 / bf16 tensor of `shape`."""
         if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in _FLOATS
                 and tuple(t.shape) == shape and t.is_contiguous()):
             raise _Unsupported(f"expected a contiguous CPU float tensor {list(shape)}")
-        self.keep.append(t)
         return t.data_ptr()
 
     def _norm(self, p: Params, cfg: ModelConfig) -> _Norm:
@@ -159,7 +169,6 @@ class Plan:
             out.kind = LIN_INT8
             if not (w.qdata.dtype == torch.int8 and w.qdata.is_contiguous()):
                 raise _Unsupported("int8 data")
-            self.keep.append(w.qdata)
             out.w, out.scales = w.qdata.data_ptr(), self._ptr(w.scales, (n,))
             out.flags |= S_BF16 if w.scales.dtype == torch.bfloat16 else 0
         elif kind == "int4" and w.native_kernel_data is not None and w.group_size % 32 == 0 and k % w.group_size == 0:
@@ -169,7 +178,6 @@ class Plan:
                     and (zeros is None or (zeros.dtype == torch.uint8 and zeros.is_contiguous()
                                            and tuple(zeros.shape) == (n, k // g)))):
                 raise _Unsupported("int4 data")
-            self.keep += [qdata, zeros]
             out.kind, out.group, out.w = LIN_INT4, g, qdata.data_ptr()
             out.scales = self._ptr(scales, (n, k // g))
             out.zeros = None if zeros is None else zeros.data_ptr()
@@ -216,18 +224,40 @@ class Plan:
         return out
 
 
-_plans: OrderedDict[int, Plan | None] = OrderedDict()
+def _leaves(params: Params) -> list[Any]:
+    """Every leaf object the fused step reads (tensors and quantized leaves), in a fixed order."""
+    out: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+        elif node is not None:
+            out.append(node)
+
+    for name in ("blocks", "final_norm", "query_layer", "query_embed"):
+        walk(params.get(name))
+    return out
+
+
+_plans: OrderedDict[tuple[int, ModelConfig], Plan | None] = OrderedDict()
 _lock = threading.Lock()
 
 
 def plan(params: Params, cfg: ModelConfig) -> Plan | None:
-    """The fused step's plan of this tree (made once, kept for the `PLANS_KEPT` latest trees;
-    trees are values, so a tree's identity names its contents), or None where it does not run."""
-    key = id(params)
+    """The fused step's plan of this tree, or None where it does not run. Plans are made once
+    per tree and config (the `PLANS_KEPT` latest are kept) and hold no tree alive; a kept plan
+    is used only while the tree holds the very leaves it was made from (`Plan.fits`)."""
+    key = (id(params), cfg)
     with _lock:
-        if key in _plans and (_plans[key] is None or _plans[key].params is params):
+        kept = _plans.get(key, False)
+        if kept is not False:
             _plans.move_to_end(key)
-            return _plans[key]
+    if kept is not False and (kept is None or kept.fits(params)):
+        return kept
     try:
         made: Plan | None = Plan(params, cfg)
     except (_Unsupported, KeyError, TypeError, AttributeError):
@@ -237,6 +267,12 @@ def plan(params: Params, cfg: ModelConfig) -> Plan | None:
         while len(_plans) > PLANS_KEPT:
             _plans.popitem(last=False)
     return made
+
+
+def clear_plans() -> None:
+    """Forget every plan (they hold no tree; this frees their structs and tables)."""
+    with _lock:
+        _plans.clear()
 
 
 def enabled() -> bool:
