@@ -172,3 +172,24 @@ def test_threads_share_a_tree():
     for t in threads:
         t.join(timeout=60)
     assert got == want
+
+
+def test_plans_hold_no_tree_and_never_serve_another():
+    """A plan holds its tree's leaves weakly: once another tree was planned (or `clear_plans`),
+    a dropped tree is freed; a plan is never used for a tree whose leaves differ."""
+    import gc
+    import weakref
+
+    cfg = pf.PRESETS["tiny-gpt"]
+    a = random_tree(cfg, seed=6)
+    plan_a = native_step.plan(a, cfg)
+    assert plan_a is not None and plan_a.fits(a)
+    b = {**a, "blocks": [*a["blocks"][:-1], map_with_names(lambda n, t: t.clone(), a["blocks"][-1])]}
+    assert not plan_a.fits(b)  # same shapes, one block's tensors replaced
+    plan_b = native_step.plan(b, cfg)
+    assert plan_b is not plan_a and plan_b.fits(b)
+    leaf = weakref.ref(a["blocks"][-1]["attn"]["q"]["weight"])
+    del a, plan_a
+    native_step.plan(random_tree(cfg, seed=7), cfg)  # another tree is the last planned now
+    gc.collect()
+    assert leaf() is None

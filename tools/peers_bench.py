@@ -173,12 +173,15 @@ def build_jobs(peers: Peers, args: argparse.Namespace, prompt_len: int) -> dict[
 
 
 def _release_memory() -> None:
-    """Free what the caller dropped: collect cycles, then ask glibc to hand freed heap pages back
+    """Free what the caller dropped (and the fused step's last tree): collect cycles, then ask glibc to hand freed heap pages back
     to the kernel (it keeps them otherwise: ~400 MB of a dropped GPT-2-small tree stayed
     resident). Elsewhere only the collection."""
     import ctypes
     import gc
 
+    from pangu_fn import native_step
+
+    native_step.clear_plans()  # the fused step holds the last tree it planned
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
