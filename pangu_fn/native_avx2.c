@@ -63,18 +63,18 @@ static inline float hsum(__m256 v) {
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* Each product is "team code", `pangu_avx2_*_team`: every thread of the calling OpenMP team
- * calls it with the same arguments, one thread prepares the activations (`single`), the output
- * rows are shared (`for`), and every thread returns the same code. Called outside a parallel
- * region it runs on the calling thread alone. The fused step (native_step.c) calls them inside
- * its one parallel region; `pangu_avx2_*_linear` runs one on `threads` threads. */
+ * calls it with the same arguments, prepares its own copy of the activations (a few thousand
+ * values: cheaper than a barrier), computes its share of the output rows (`for nowait`) and
+ * returns; every thread returns the same code. The caller places the barrier before anything
+ * reads the output (so independent products, q / k / v, run back to back). Called outside a
+ * parallel region a product runs on the calling thread alone. The fused step (native_step.c)
+ * calls them inside its one parallel region; `pangu_avx2_*_linear` runs one on `threads`
+ * threads (the region's end is the barrier). */
 #define ON_THREADS(threads, TEAM_CALL)                                                               \
     do {                                                                                             \
-        int rc_ = 0;                                                                                 \
-        _Pragma("omp parallel num_threads(threads)") {                                               \
-            int r_ = TEAM_CALL;                                                                      \
-            if (omp_get_thread_num() == 0) rc_ = r_;                                                 \
-        }                                                                                            \
-        return rc_;                                                                                  \
+        int failed_ = 0;                                                                             \
+        _Pragma("omp parallel num_threads(threads) reduction(| : failed_)") failed_ |= TEAM_CALL != 0; \
+        return failed_ ? -1 : 0;                                                                     \
     } while (0)
 
 /* Frees what a team's `single` allocated, once every thread is past the loop that read it. */
@@ -86,6 +86,14 @@ static void team_free(void *a, void *b, void *c) {
         free(b);
         free(c);
     }
+}
+
+/* A thread's own allocations: all or none (each thread decides alone, so a failure can differ
+ * between threads: a failed thread's rows are then not written and the call returns -1 there). */
+static void free3(void *a, void *b, void *c) {
+    free(a);
+    free(b);
+    free(c);
 }
 
 /* x [M, K] as fp32, each block of `block` (16 or 32) elements in the order `perm(j)` lists,
@@ -201,18 +209,15 @@ int pangu_avx2_int8_team(const void *x, const int8_t *w, const void *scales, con
     const int q16 = flags & X_Q16;
     float *xf = NULL, *xs = NULL;
     int16_t *xq = NULL;
-#pragma omp single copyprivate(xf, xq, xs)
-    {
-        if (q16)
-            q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs);
-        else
-            xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order);
-    }
-    if (q16 ? xq == NULL : xf == NULL) return -1;
-#pragma omp for schedule(static)
+    if (q16)
+        q16_activations(x, flags & X_BF16, m_total, k_total, same_order, &xq, &xs);
+    else
+        xf = activations(x, m_total, k_total, flags & X_BF16, 32, same_order);
+    const int failed = q16 ? xq == NULL : xf == NULL;
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < n_total; n++) {
         const float s = load_f(scales, n, flags & S_BF16);
-        for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
+        for (int64_t m0 = 0; m0 < m_total && !failed; m0 += ROWS) {
             int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
             float sums[ROWS];
             if (q16) {
@@ -225,8 +230,8 @@ int pangu_avx2_int8_team(const void *x, const int8_t *w, const void *scales, con
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
-    team_free(xf, xq, xs);
-    return 0;
+    free3(xf, xq, xs);
+    return failed ? -1 : 0;
 }
 
 int pangu_avx2_int8_linear(const void *x, const int8_t *w, const void *scales, const void *bias, void *y,
@@ -327,26 +332,22 @@ int pangu_avx2_int4_team(const void *x, const uint8_t *q, const void *scales, co
     if ((flags & (X_BF16 | X_Q16)) && m_total == 1) {
         int16_t *xq = NULL;
         float *xs = NULL, *zx = NULL;
-#pragma omp single copyprivate(xq, xs, zx)
         if (q16_activations(x, flags & X_BF16, m_total, k_total, evens_first_32, &xq, &xs) == 0)
             zx = group_sums(xq, xs, k_total, group);
-        if (zx != NULL) {
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < n_total; n++) {
+#pragma omp for schedule(static) nowait
+        for (int64_t n = 0; n < n_total; n++)
+            if (zx != NULL) {
                 float sum = int4_row_q16(xq, xs, zx, q + n * (k_total / 2), (const char *)scales + n * blocks * scale_size,
                                          zeros == NULL ? NULL : zeros + n * blocks, k_total, group, flags);
                 write_rows(1, &sum, bias, y, n, n_total, flags);
             }
-        }
-        team_free(xq, xs, zx);
+        free3(xq, xs, zx);
         return zx == NULL ? -1 : 0;
     }
-    float *xf = NULL;
-#pragma omp single copyprivate(xf)
-    xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
-    if (xf == NULL) return -1;
-#pragma omp for schedule(static)
+    float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < n_total; n++) {
+        if (xf == NULL) continue;
         const uint8_t *zn = zeros == NULL ? NULL : zeros + n * blocks;
         const char *sn = (const char *)scales + n * blocks * scale_size;
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
@@ -357,8 +358,8 @@ int pangu_avx2_int4_team(const void *x, const uint8_t *q, const void *scales, co
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
-    team_free(xf, NULL, NULL);
-    return 0;
+    free(xf);
+    return xf == NULL ? -1 : 0;
 }
 
 int pangu_avx2_int4_linear(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
@@ -395,12 +396,10 @@ static inline __attribute__((always_inline)) void bf16_rows(const int R, const f
 int pangu_avx2_bf16_team(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
                          int64_t n_total, int64_t k_total, int flags) {
     if (k_total % 32 != 0) return -1;
-    float *xf = NULL;
-#pragma omp single copyprivate(xf)
-    xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
-    if (xf == NULL) return -1;
-#pragma omp for schedule(static)
+    float *xf = activations(x, m_total, k_total, flags & X_BF16, 16, evens_first_16);
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < n_total; n++) {
+        if (xf == NULL) continue;
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
             int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
             float sums[ROWS];
@@ -409,8 +408,8 @@ int pangu_avx2_bf16_team(const void *x, const uint16_t *w, const void *bias, voi
             write_rows(rows, sums, bias, ym, n, n_total, flags);
         }
     }
-    team_free(xf, NULL, NULL);
-    return 0;
+    free(xf);
+    return xf == NULL ? -1 : 0;
 }
 
 int pangu_avx2_bf16_linear(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
@@ -440,7 +439,7 @@ int pangu_avx2_f32_team(const float *x, const float *w, const void *bias, float 
                         int64_t n_total, int64_t k_total, int flags) {
     if (k_total % 32 != 0) return -1;
     flags &= ~X_BF16;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < n_total; n++)
         for (int64_t m0 = 0; m0 < m_total; m0 += ROWS) {
             int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;

@@ -274,24 +274,31 @@ typedef struct {
 } scratch_t;
 
 /* x [M, H] += the block's attention, then its MLP (team code). query_in [M, H]: PanGu-α's query
- * layer's source of queries (else NULL: the normed x). w: this thread's attention scratch. */
+ * layer's source of queries (else NULL: the normed x). w: this thread's attention scratch.
+ * Products do not wait for each other (`for nowait`): a barrier precedes every read of their
+ * output. Returns nonzero when one of this thread's products failed (the step then discards
+ * its result; every thread still passes every barrier). */
 static int block(const model_t *md, const block_t *bl, float *x, const float *query_in, void *kc, void *vc,
                  int64_t s_max, const int64_t *pos, int64_t t_per_row, int64_t m, const scratch_t *sc, float *w) {
     const int64_t h = md->hidden, d = md->head_dim, qw = bl->heads * d, kw = bl->kv_heads * d;
     const int64_t ffn = md->swiglu && bl->gate_up.kind ? bl->gate_up.n / 2 : bl->up.n;
+    int failed = 0;
 #pragma omp single
     norm(md, &bl->attn_norm, x, sc->hn, m);
     if (bl->qkv.kind) {
-        if (linear(&bl->qkv, sc->hn, sc->wide, m)) return -1;
+        failed |= linear(&bl->qkv, sc->hn, sc->wide, m);
+#pragma omp barrier
 #pragma omp single
         {
             columns(sc->wide, qw + 2 * kw, 0, qw, sc->q, m);
             columns(sc->wide, qw + 2 * kw, qw, kw, sc->k, m);
             columns(sc->wide, qw + 2 * kw, qw + kw, kw, sc->v, m);
         }
-    } else if (linear(&bl->q, query_in ? query_in : sc->hn, sc->q, m) || linear(&bl->k, sc->hn, sc->k, m) ||
-               linear(&bl->v, sc->hn, sc->v, m)) {
-        return -1;
+    } else {
+        failed |= linear(&bl->q, query_in ? query_in : sc->hn, sc->q, m);
+        failed |= linear(&bl->k, sc->hn, sc->k, m);
+        failed |= linear(&bl->v, sc->hn, sc->v, m);
+#pragma omp barrier
     }
 #pragma omp single
     {
@@ -304,47 +311,51 @@ static int block(const model_t *md, const block_t *bl, float *x, const float *qu
         store(md, sc->v, vc, bl->kv_heads, s_max, pos, t_per_row, m);
     }
     attend(md, bl, sc->q, kc, vc, s_max, pos, t_per_row, m, sc->att, w);
-    if (linear(&bl->o, sc->att, sc->o, m)) return -1;
+    failed |= linear(&bl->o, sc->att, sc->o, m);
+#pragma omp barrier
 #pragma omp single
     {
         for (int64_t i = 0; i < m * h; i++) x[i] += sc->o[i];
         norm(md, &bl->mlp_norm, x, sc->hn, m);
     }
     if (md->swiglu && bl->gate_up.kind) {
-        if (linear(&bl->gate_up, sc->hn, sc->wide, m)) return -1;
+        failed |= linear(&bl->gate_up, sc->hn, sc->wide, m);
+#pragma omp barrier
 #pragma omp single
         {
             columns(sc->wide, 2 * ffn, 0, ffn, sc->gate, m);
             columns(sc->wide, 2 * ffn, ffn, ffn, sc->up, m);
         }
-    } else if ((md->swiglu && linear(&bl->gate, sc->hn, sc->gate, m)) || linear(&bl->up, sc->hn, sc->up, m)) {
-        return -1;
+    } else {
+        if (md->swiglu) failed |= linear(&bl->gate, sc->hn, sc->gate, m);
+        failed |= linear(&bl->up, sc->hn, sc->up, m);
+#pragma omp barrier
     }
 #pragma omp single
     activate(md->act, md->swiglu ? sc->gate : sc->up, md->swiglu ? sc->up : NULL, sc->up, m * ffn);
-    if (linear(&bl->down, sc->up, sc->o, m)) return -1;
+    failed |= linear(&bl->down, sc->up, sc->o, m);
+#pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < m * h; i++) x[i] += sc->o[i];
-    return 0;
+    return failed;
 }
 
-/* Every block, the final norm and the query layer (team code; w: this thread's attention scratch). */
+/* Every block, the final norm and the query layer (team code; w: this thread's attention
+ * scratch). Returns nonzero when one of this thread's products failed. */
 static int blocks(const model_t *md, float *x, const float *query, const int64_t *pos, int64_t t_per_row, int64_t rows,
                   void *const *keys, void *const *values, int64_t s_max, const scratch_t *sc, float *w) {
     const int64_t n = md->layers - (md->query_layer ? 1 : 0);
-    int rc = 0;
-    for (int64_t i = 0; rc == 0 && i < n; i++)
-        rc = block(md, &md->blocks[i], x, NULL, keys[i], values[i], s_max, pos, t_per_row, rows, sc, w);
-    if (rc == 0) {
+    int failed = 0;
+    for (int64_t i = 0; i < n; i++)
+        failed |= block(md, &md->blocks[i], x, NULL, keys[i], values[i], s_max, pos, t_per_row, rows, sc, w);
 #pragma omp single
-        {
-            norm(md, &md->final_norm, x, sc->hn, rows);
-            memcpy(x, sc->hn, sizeof(float) * rows * md->hidden);
-        }
-        if (md->query_layer)
-            rc = block(md, &md->blocks[n], x, query, keys[n], values[n], s_max, pos, t_per_row, rows, sc, w);
+    {
+        norm(md, &md->final_norm, x, sc->hn, rows);
+        memcpy(x, sc->hn, sizeof(float) * rows * md->hidden);
     }
-    return rc;
+    if (md->query_layer)
+        failed |= block(md, &md->blocks[n], x, query, keys[n], values[n], s_max, pos, t_per_row, rows, sc, w);
+    return failed;
 }
 
 /* x [R, H] (fp32): the embedded tokens in, the final hidden states out. pos [R]: each row's
@@ -383,14 +394,11 @@ int pangu_step(const model_t *md, float *x, const int64_t *pos, int64_t t_per_ro
     sc.wide = sc.gate + rows * ffn;
     for (int64_t r = 0; query != NULL && r < rows; r++)
         for (int64_t i = 0; i < h; i++) query[r * h + i] = ld(md->query_embed, pos[r] * h + i, md->query_bf16);
-    int rc = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        int r = blocks(md, x, query, pos, t_per_row, rows, keys, values, s_max, &sc, w + omp_get_thread_num() * longest);
-        if (omp_get_thread_num() == 0) rc = r;
-    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    failed |= blocks(md, x, query, pos, t_per_row, rows, keys, values, s_max, &sc, w + omp_get_thread_num() * longest);
     free(all);
     free(query);
     free(w);
-    return rc;
+    return failed ? -1 : 0;
 }
