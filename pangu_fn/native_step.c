@@ -43,9 +43,11 @@ int pangu_avx2_f32t_team(const float *x, const float *wt, const void *bias, floa
 enum { LIN_NONE, LIN_F32, LIN_F32T, LIN_BF16, LIN_INT8, LIN_INT4 };
 enum { ACT_GELU_TANH, ACT_GELU, ACT_FAST_GELU, ACT_SILU };
 
-/* One linear: y [M, n] = x [M, k] W.T + bias. LIN_F32T: `w` is W.T, [k, n] row-major. */
+/* One linear: y [M, n] = x [M, k] W.T + bias. LIN_F32T: `w` is W.T, [k, n] row-major. `reduce`
+ * (tensor parallelism, a row-parallel weight): the product is summed over the ranks by the
+ * model's `reduce` callback before the bias is added. */
 typedef struct {
-    int32_t kind, flags; /* flags: S_BF16 (scales), B_BF16 (bias) */
+    int32_t kind, flags, reduce, pad; /* flags: S_BF16 (scales), B_BF16 (bias) */
     int64_t n, k, group;
     const void *w, *scales, *zeros, *bias;
 } lin_t;
@@ -67,6 +69,7 @@ typedef struct {
     float eps;
     const void *rope_cos, *rope_sin; /* [rope_rows, head_dim] (bf16 with rope_bf16, else fp32), or NULL: no RoPE */
     const void *query_embed;          /* [positions, hidden] (PanGu-α), in the compute dtype */
+    int (*reduce)(float *y, int64_t n); /* sums y [n] over the ranks in place (0: done); NULL without them */
     const block_t *blocks;            /* [layers] */
     norm_t final_norm;
 } model_t;
@@ -91,17 +94,33 @@ static inline float ld(const void *p, int64_t i, int bf16) {
 }
 
 /* y [M, n] fp32 = x [M, k] fp32 through the linear's kernel (team code). */
-static int linear(const lin_t *L, const float *x, float *y, int64_t m) {
+static int product(const lin_t *L, const float *x, float *y, int64_t m, const void *bias) {
     const int f = L->flags;
     switch (L->kind) {
-        case LIN_F32: return pangu_avx2_f32_team(x, L->w, L->bias, y, m, L->n, L->k, f);
-        case LIN_F32T: return pangu_avx2_f32t_team(x, L->w, L->bias, y, m, L->n, L->k, f);
-        case LIN_BF16: return pangu_avx2_bf16_team(x, L->w, L->bias, y, m, L->n, L->k, f);
-        case LIN_INT8: return pangu_avx2_int8_team(x, L->w, L->scales, L->bias, y, m, L->n, L->k, f | X_Q16);
+        case LIN_F32: return pangu_avx2_f32_team(x, L->w, bias, y, m, L->n, L->k, f);
+        case LIN_F32T: return pangu_avx2_f32t_team(x, L->w, bias, y, m, L->n, L->k, f);
+        case LIN_BF16: return pangu_avx2_bf16_team(x, L->w, bias, y, m, L->n, L->k, f);
+        case LIN_INT8: return pangu_avx2_int8_team(x, L->w, L->scales, bias, y, m, L->n, L->k, f | X_Q16);
         case LIN_INT4:
-            return pangu_avx2_int4_team(x, L->w, L->scales, L->zeros, L->bias, y, m, L->n, L->k, L->group, f | X_Q16);
+            return pangu_avx2_int4_team(x, L->w, L->scales, L->zeros, bias, y, m, L->n, L->k, L->group, f | X_Q16);
     }
     return -1;
+}
+
+/* The product; for a row-parallel weight then (once every thread is done) the sum over the
+ * ranks on thread 0, which called the step, and the bias, once. */
+static int linear(const model_t *md, const lin_t *L, const float *x, float *y, int64_t m) {
+    if (!L->reduce) return product(L, x, y, m, L->bias);
+    int failed = product(L, x, y, m, NULL);
+    int reduced = 0;
+#pragma omp barrier
+#pragma omp master
+    {
+        reduced = md->reduce(y, m * L->n) == 0;
+        for (int64_t i = 0; reduced && L->bias != NULL && i < m * L->n; i++)
+            y[i] += ld(L->bias, i % L->n, L->flags & B_BF16);
+    }
+    return failed | (omp_get_thread_num() == 0 && !reduced);
 }
 
 /* out [M, H] = norm(x [M, H]) in fp32. */
@@ -286,7 +305,7 @@ static int block(const model_t *md, const block_t *bl, float *x, const float *qu
 #pragma omp single
     norm(md, &bl->attn_norm, x, sc->hn, m);
     if (bl->qkv.kind) {
-        failed |= linear(&bl->qkv, sc->hn, sc->wide, m);
+        failed |= linear(md, &bl->qkv, sc->hn, sc->wide, m);
 #pragma omp barrier
 #pragma omp single
         {
@@ -295,9 +314,9 @@ static int block(const model_t *md, const block_t *bl, float *x, const float *qu
             columns(sc->wide, qw + 2 * kw, qw + kw, kw, sc->v, m);
         }
     } else {
-        failed |= linear(&bl->q, query_in ? query_in : sc->hn, sc->q, m);
-        failed |= linear(&bl->k, sc->hn, sc->k, m);
-        failed |= linear(&bl->v, sc->hn, sc->v, m);
+        failed |= linear(md, &bl->q, query_in ? query_in : sc->hn, sc->q, m);
+        failed |= linear(md, &bl->k, sc->hn, sc->k, m);
+        failed |= linear(md, &bl->v, sc->hn, sc->v, m);
 #pragma omp barrier
     }
 #pragma omp single
@@ -311,7 +330,7 @@ static int block(const model_t *md, const block_t *bl, float *x, const float *qu
         store(md, sc->v, vc, bl->kv_heads, s_max, pos, t_per_row, m);
     }
     attend(md, bl, sc->q, kc, vc, s_max, pos, t_per_row, m, sc->att, w);
-    failed |= linear(&bl->o, sc->att, sc->o, m);
+    failed |= linear(md, &bl->o, sc->att, sc->o, m);
 #pragma omp barrier
 #pragma omp single
     {
@@ -319,7 +338,7 @@ static int block(const model_t *md, const block_t *bl, float *x, const float *qu
         norm(md, &bl->mlp_norm, x, sc->hn, m);
     }
     if (md->swiglu && bl->gate_up.kind) {
-        failed |= linear(&bl->gate_up, sc->hn, sc->wide, m);
+        failed |= linear(md, &bl->gate_up, sc->hn, sc->wide, m);
 #pragma omp barrier
 #pragma omp single
         {
@@ -327,13 +346,13 @@ static int block(const model_t *md, const block_t *bl, float *x, const float *qu
             columns(sc->wide, 2 * ffn, ffn, ffn, sc->up, m);
         }
     } else {
-        if (md->swiglu) failed |= linear(&bl->gate, sc->hn, sc->gate, m);
-        failed |= linear(&bl->up, sc->hn, sc->up, m);
+        if (md->swiglu) failed |= linear(md, &bl->gate, sc->hn, sc->gate, m);
+        failed |= linear(md, &bl->up, sc->hn, sc->up, m);
 #pragma omp barrier
     }
 #pragma omp single
     activate(md->act, md->swiglu ? sc->gate : sc->up, md->swiglu ? sc->up : NULL, sc->up, m * ffn);
-    failed |= linear(&bl->down, sc->up, sc->o, m);
+    failed |= linear(md, &bl->down, sc->up, sc->o, m);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < m * h; i++) x[i] += sc->o[i];

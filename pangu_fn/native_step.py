@@ -11,7 +11,9 @@ final hidden states; `model.forward` then applies the LM head as usual. It runs 
 - the AVX2 library builds here (`native.step_library()`: any x86-64 CPU with AVX2 and FMA);
 - every block's linear is a kind it takes: fp32 (row-major with K % 32 == 0, or column-major as
   `params.decode_layout` stores it, N % 8 == 0 and K % 4 == 0), bf16 (K % 32 == 0), an int8 leaf
-  (K % 32 == 0) or an int4 leaf with native kernel data (G % 32 == 0), biases fp32 or bf16;
+  (K % 32 == 0) or an int4 leaf with native kernel data (G % 32 == 0), biases fp32 or bf16; or
+  a row-parallel leaf (tensor parallelism) around one of those, whose product C sums over the
+  ranks through a callback into the leaf's own `all_reduce` before adding the bias once;
 - the cache buffers are `[B, kv_heads_i, S, D]` CPU tensors in the compute dtype, contiguous.
 
 Otherwise it returns None and the PyTorch blocks run. `PANGU_FN_FUSED=0` or `disabled()` turns
@@ -55,7 +57,8 @@ _enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("pangu_fn_fused_
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int32), ("flags", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+    _fields_ = [("kind", ctypes.c_int32), ("flags", ctypes.c_int32), ("reduce", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("group", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
@@ -65,6 +68,7 @@ class _Norm(ctypes.Structure):
 
 
 _LINEARS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+_REDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)  # sums a float buffer over the ranks
 
 
 class _Block(ctypes.Structure):
@@ -78,6 +82,7 @@ class _Model(ctypes.Structure):
                 ("swiglu", ctypes.c_int32), ("query_layer", ctypes.c_int32), ("cache_bf16", ctypes.c_int32),
                 ("query_bf16", ctypes.c_int32), ("rope_bf16", ctypes.c_int32), ("eps", ctypes.c_float),
                 ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("query_embed", ctypes.c_void_p),
+                ("reduce", _REDUCE),
                 ("blocks", ctypes.POINTER(_Block)), ("final_norm", _Norm)]
 
 
@@ -93,6 +98,9 @@ class Plan:
 
     def __init__(self, params: Params, cfg: ModelConfig) -> None:
         self.keep: list[torch.Tensor] = []  # tensors the plan itself holds (RoPE tables, the query table)
+        # tensor parallelism: the row-parallel weights' group as they name it (None: the default
+        # group, looked up at each sum; the plan never holds a process group alive)
+        self.reduces, self.group = False, None
         self.dtype = compute_dtype(params)
         if self.dtype not in _FLOATS:
             raise _Unsupported(f"compute dtype {self.dtype}")
@@ -123,6 +131,9 @@ class Plan:
             model.query_embed = self._ptr(self.keep[-1], tuple(table.shape))
             model.query_bf16 = int(self.dtype == torch.bfloat16)
             self.positions = min(self.positions, table.shape[0])
+        if self.reduces:
+            self.reduce = _REDUCE(_reducer(self.group))  # held here: C calls it
+            model.reduce = self.reduce
         self.model = model
         self.leaves = [weakref.ref(leaf) for leaf in _leaves(params)]
 
@@ -149,6 +160,13 @@ class Plan:
     def _linear(self, p: Params, n: int | None, k: int) -> _Linear:
         """The struct of `p = {"weight", "bias"?}` mapping k inputs to n outputs (None: any n)."""
         w, bias = p["weight"], p.get("bias")
+        if getattr(w, "kind", None) == "row_parallel":  # sharded: the local product, summed over the ranks
+            if self.reduces and w.group is not self.group:
+                raise _Unsupported("row-parallel weights of several groups")
+            self.reduces, self.group = True, w.group
+            out = self._linear({"weight": w.local, **({"bias": bias} if bias is not None else {})}, n, k)
+            out.reduce = 1
+            return out
         shape = tuple(w.shape)
         if len(shape) != 2 or shape[1] != k or (n is not None and shape[0] != n) or shape[0] == 0:
             raise _Unsupported(f"linear {list(shape)} for {k} inputs")
@@ -222,6 +240,24 @@ class Plan:
             ffn = out.up.n
         out.down = self._linear(mlp["down"], h, ffn)
         return out
+
+
+def _reducer(group: Any) -> Any:
+    """The C step's `reduce`: sums a float buffer over `group`'s ranks in place (the row-parallel
+    leaves' own `all_reduce`, so collective timing and the gloo gather path are the same)."""
+    import torch.distributed as dist
+
+    from .distributed.leaves import all_reduce
+
+    def reduce(pointer: int, n: int) -> int:
+        try:
+            buf = torch.frombuffer((ctypes.c_float * n).from_address(pointer), dtype=torch.float32)
+            buf.copy_(all_reduce(buf.clone(), group if group is not None else dist.group.WORLD))
+        except Exception:  # noqa: BLE001  (a C caller cannot take an exception; the step falls back)
+            return -1
+        return 0
+
+    return reduce
 
 
 def _leaves(params: Params) -> list[Any]:

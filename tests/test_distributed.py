@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from helpers import random_model
 
 import pangu_fn as pf
+from pangu_fn import native, native_step
 from pangu_fn.distributed import RankFailed, launch, leaves, load_shard, shard, split_plan, valid_world_sizes
 from pangu_fn.distributed.leaves import GATHER_BYTES, _Parallel
 from pangu_fn.distributed.plan import kv_heads_for
@@ -91,6 +92,9 @@ def two_rank_checks(rank: int, world: int, folder: str, others: dict) -> dict:
     for name, (params, cfg) in _family_models().items():
         sharded = shard(params, cfg, rank, world)
         out[name] = {**_logit_checks(params, cfg, sharded), **_token_checks(params, cfg, sharded)}
+        if native.step_library() is not None:  # those decode steps ran the fused step, summing over the ranks
+            plan = native_step.plan(sharded, cfg)
+            out[name]["fused_step_sums_over_ranks"] = plan is not None and plan.reduces
 
     params, cfg = random_model("tiny-openpangu", seed=5)
     tokens = torch.tensor([PROMPTS[0]])
