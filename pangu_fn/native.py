@@ -139,7 +139,9 @@ def _declare_avx2(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pangu_avx2_int4_linear.argtypes = [p] * 6 + [i64] * 4 + [i32] * 2
     lib.pangu_avx2_bf16_linear.argtypes = [p] * 4 + [i64] * 3 + [i32] * 2
     lib.pangu_avx2_f32_linear.argtypes = [p] * 4 + [i64] * 3 + [i32] * 2
-    for fn in ("pangu_avx2_int8_linear", "pangu_avx2_int4_linear", "pangu_avx2_bf16_linear", "pangu_avx2_f32_linear"):
+    lib.pangu_step.argtypes = [p] * 3 + [i64] * 2 + [p] * 2 + [i64, i32]  # native_step.c
+    for fn in ("pangu_avx2_int8_linear", "pangu_avx2_int4_linear", "pangu_avx2_bf16_linear", "pangu_avx2_f32_linear",
+               "pangu_step"):
         getattr(lib, fn).restype = ctypes.c_int
     return lib
 

@@ -357,22 +357,15 @@ def fused_blocks(params: Params, cfg: ModelConfig, x: torch.Tensor, positions: t
                     and buf.is_contiguous()):
                 return None
     pos = positions.to(torch.int64).contiguous()
-    if pos.shape != (B, T) or int(pos.min()) < 0 or int(pos.max()) >= min(S, p.positions):
+    if pos.shape != (B, T):
+        return None
+    lo, hi = torch.aminmax(pos)
+    if int(lo) < 0 or int(hi) >= min(S, p.positions):
         return None
     hidden = x.reshape(B * T, H).to(torch.float32, copy=True)
     keys = (ctypes.c_void_p * layers)(*[k.data_ptr() for k in cache.keys[:layers]])
     values = (ctypes.c_void_p * layers)(*[v.data_ptr() for v in cache.values[:layers]])
-    if _step()(ctypes.byref(p.model), hidden.data_ptr(), pos.data_ptr(), T, B * T, keys, values, S,
-               torch.get_num_threads()) != 0:
+    if native.step_library().pangu_step(ctypes.byref(p.model), hidden.data_ptr(), pos.data_ptr(), T, B * T, keys,
+                                        values, S, torch.get_num_threads()) != 0:
         return None  # out of memory in C: the PyTorch blocks rewrite the same cache slots
     return hidden.view(B, T, H).to(x.dtype)
-
-
-def _step() -> Any:
-    lib = native.step_library()
-    fn = lib.pangu_step
-    if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    return fn
