@@ -292,10 +292,10 @@ def _int4_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, 
     if y is None:
         w = native.int4_dequantize(qdata, scales, zero_points, group_size)
         if w is None:
-            from .quant.packing import unpack_nibbles
+            from .quant.packing import int4_codes
             from .quant.rtn import int4_dequantize
 
-            w = int4_dequantize(unpack_nibbles(qdata).reshape(qdata.shape[0], -1), scales, zero_points, x.dtype)
+            w = int4_dequantize(int4_codes(qdata), scales, zero_points, x.dtype)
         y = F.linear(x, w.to(x.dtype), bias)
     return y
 
@@ -303,4 +303,4 @@ def _int4_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, 
 @_int4_linear_op.register_fake
 def _(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
       group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qdata.shape[0]))
+    return x.new_empty((x.shape[0], scales.shape[0]))

@@ -137,11 +137,12 @@ def _declare_avx2(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.pangu_avx2_int8_linear.argtypes = [p] * 5 + [i64] * 3 + [i32] * 2
     lib.pangu_avx2_int4_linear.argtypes = [p] * 6 + [i64] * 4 + [i32] * 2
+    lib.pangu_avx2_int4t_linear.argtypes = [p] * 6 + [i64] * 4 + [i32] * 2
     lib.pangu_avx2_bf16_linear.argtypes = [p] * 4 + [i64] * 3 + [i32] * 2
     lib.pangu_avx2_f32_linear.argtypes = [p] * 4 + [i64] * 3 + [i32] * 2
     lib.pangu_step.argtypes = [p] * 3 + [i64] * 2 + [p] * 2 + [i64, i32]  # native_step.c
-    for fn in ("pangu_avx2_int8_linear", "pangu_avx2_int4_linear", "pangu_avx2_bf16_linear", "pangu_avx2_f32_linear",
-               "pangu_step"):
+    for fn in ("pangu_avx2_int8_linear", "pangu_avx2_int4_linear", "pangu_avx2_int4t_linear", "pangu_avx2_bf16_linear",
+               "pangu_avx2_f32_linear", "pangu_step"):
         getattr(lib, fn).restype = ctypes.c_int
     return lib
 
@@ -242,11 +243,15 @@ def _check_bias(fn: str, bias: object, n: int) -> None:
 def _check_int4(fn: str, qdata: object, scales: object, zero_points: object, group_size: object) -> tuple[int, int]:
     """(N, K) of the int4 weight whose parts these are (see `int4_linear`)."""
     _check(fn, "scales", scales, FLOATS, (2,))
-    _check(fn, "qdata", qdata, torch.uint8, (2, 3))
+    _check(fn, "qdata", qdata, torch.uint8, (2, 3, 4))
     if not (type(group_size) is int and group_size >= 2 and group_size % 2 == 0):
         raise InputError(f"{fn}: expected an even integer group size >= 2, found {group_size!r}")
     n, blocks = scales.shape
-    if qdata.shape != (n, blocks, group_size // 2) and qdata.shape != (n, blocks * group_size // 2):
+    if qdata.dim() == 4:  # AVX2 tiles (quant.packing.to_tiles)
+        if n % 8 or qdata.shape != (n // 8, blocks * group_size // 8, 8, 4):
+            raise InputError(f"{fn}: expected tiles [{n / 8:g}, {blocks * group_size / 8:g}, 8, 4] for scales "
+                             f"{_shape(scales)} and group size {group_size}, found qdata {_shape(qdata)}")
+    elif qdata.shape != (n, blocks, group_size // 2) and qdata.shape != (n, blocks * group_size // 2):
         raise InputError(f"{fn}: expected qdata [{n}, {blocks}, {group_size // 2}] or [{n}, {blocks * group_size // 2}] "
                          f"for scales {_shape(scales)} and group size {group_size}, found qdata {_shape(qdata)}")
     if zero_points is not None:
@@ -413,17 +418,27 @@ def int4_fits(k: int, group_size: int) -> bool:
             and bf16_kernels())
 
 
+def int4_tiles_fit(n: int, k: int, group_size: int) -> bool:
+    """True where the leaves hold int4 weights `[n, k]` as AVX2 tiles (`quant.packing.to_tiles`):
+    the AVX2 kernels run here, and n % 8 == 0, G % 32 == 0, k % G == 0."""
+    return avx2() and n % 8 == 0 and group_size % 32 == 0 and k % group_size == 0 and n > 0
+
+
 def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """`x [M, K]` times the int4 weight whose MatMulNBits bytes are `qdata` (`[N, K/G, G/2]` or
-    `[N, K/2]` uint8), `scales [N, K/G]` and `zero_points [N, K/G]` uint8 or None (zero 8),
-    plus `bias [N]`, in x's dtype (x and scales bf16, or with the AVX2 kernels bf16 or fp32; all
-    CPU and contiguous), or None when the kernel is unavailable, does not take these dtypes, or
-    (K, G) do not fit. Raises InputError for arguments that do not fit together."""
+    `[N, K/2]` uint8) or whose AVX2 tiles it is (`[N/8, K/8, 8, 4]`), `scales [N, K/G]` and
+    `zero_points [N, K/G]` uint8 or None (zero 8), plus `bias [N]`, in x's dtype (x and scales
+    bf16, or with the AVX2 kernels bf16 or fp32; all CPU and contiguous), or None when the kernel
+    is unavailable, does not take these dtypes, or (K, G) do not fit. Tiles round x to int8 per
+    block of 32 (as llama.cpp's q4_0 x q8_0 does); they run wherever the AVX2 library builds.
+    Raises InputError for arguments that do not fit together."""
     _check("int4_linear", "x", x, FLOATS, (2,))
     n, k = _check_int4("int4_linear", qdata, scales, zero_points, group_size)
     _check_width("int4_linear", x, n, k)
     _check_bias("int4_linear", bias, n)
+    if qdata.dim() == 4:
+        return _int4_tiles_linear(x, qdata, scales, zero_points, group_size, bias, n, k)
     if not int4_fits(k, group_size) or x.numel() == 0 or n == 0:
         return None
     lib, threads = library(), torch.get_num_threads()
@@ -443,6 +458,20 @@ def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero
     return _add_unfused(y, bias)
 
 
+def _int4_tiles_linear(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                       group_size: int, bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor | None:
+    lib = step_library()
+    if lib is None or group_size % 32 or k % group_size or x.numel() == 0:
+        return None
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    fused = _avx2_bias(bias)
+    if lib.pangu_avx2_int4t_linear(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), _ptr(zero_points), _ptr(fused),
+                                   y.data_ptr(), x.shape[0], n, k, group_size, _flags(x, scales, fused),
+                                   _avx2_threads(n, k)) != 0:
+        return None
+    return _avx2_done(y, bias, fused)
+
+
 def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                     group_size: int) -> torch.Tensor | None:
     """The bf16 weight `[N, K]` of MatMulNBits bytes `qdata [N, K/G, G/2]` with bf16 `scales` and
@@ -450,7 +479,8 @@ def int4_dequantize(qdata: torch.Tensor, scales: torch.Tensor, zero_points: torc
     AVX-512 kernel is unavailable (it has no AVX2 version), the scales are not bf16, or G is not a
     multiple of 32. Raises InputError for arguments that do not fit together."""
     n, k = _check_int4("int4_dequantize", qdata, scales, zero_points, group_size)
-    if not bf16_kernels() or avx2() or scales.dtype != torch.bfloat16 or group_size % 32 or n * k == 0:
+    if (not bf16_kernels() or avx2() or scales.dtype != torch.bfloat16 or group_size % 32 or n * k == 0
+            or qdata.dim() == 4):
         return None
     w = torch.empty(n, k, dtype=torch.bfloat16)
     zeros = 0 if zero_points is None else zero_points.data_ptr()

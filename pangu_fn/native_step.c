@@ -33,6 +33,9 @@ int pangu_avx2_int8_team(const void *x, const int8_t *w, const void *scales, con
 int pangu_avx2_int4_team(const void *x, const uint8_t *q, const void *scales, const uint8_t *zeros,
                          const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
                          int64_t group, int flags);
+int pangu_avx2_int4t_team(const void *x, const uint8_t *tiles, const void *scales, const uint8_t *zeros,
+                          const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
+                          int64_t group, int flags);
 int pangu_avx2_bf16_team(const void *x, const uint16_t *w, const void *bias, void *y, int64_t m_total,
                          int64_t n_total, int64_t k_total, int flags);
 int pangu_avx2_f32_team(const float *x, const float *w, const void *bias, float *y, int64_t m_total,
@@ -40,10 +43,11 @@ int pangu_avx2_f32_team(const float *x, const float *w, const void *bias, float 
 int pangu_avx2_f32t_team(const float *x, const float *wt, const void *bias, float *y, int64_t m_total,
                          int64_t n_total, int64_t k_total, int flags);
 
-enum { LIN_NONE, LIN_F32, LIN_F32T, LIN_BF16, LIN_INT8, LIN_INT4 };
+enum { LIN_NONE, LIN_F32, LIN_F32T, LIN_BF16, LIN_INT8, LIN_INT4, LIN_INT4T };
 enum { ACT_GELU_TANH, ACT_GELU, ACT_FAST_GELU, ACT_SILU };
 
-/* One linear: y [M, n] = x [M, k] W.T + bias. LIN_F32T: `w` is W.T, [k, n] row-major. `reduce`
+/* One linear: y [M, n] = x [M, k] W.T + bias. LIN_F32T: `w` is W.T, [k, n] row-major; LIN_INT4T:
+ * `w` is AVX2 tiles (quant/packing.py). `reduce`
  * (tensor parallelism, a row-parallel weight): the product is summed over the ranks by the
  * model's `reduce` callback before the bias is added. */
 typedef struct {
@@ -103,6 +107,8 @@ static int product(const lin_t *L, const float *x, float *y, int64_t m, const vo
         case LIN_INT8: return pangu_avx2_int8_team(x, L->w, L->scales, bias, y, m, L->n, L->k, f | X_Q16);
         case LIN_INT4:
             return pangu_avx2_int4_team(x, L->w, L->scales, L->zeros, bias, y, m, L->n, L->k, L->group, f | X_Q16);
+        case LIN_INT4T:
+            return pangu_avx2_int4t_team(x, L->w, L->scales, L->zeros, bias, y, m, L->n, L->k, L->group, f);
     }
     return -1;
 }

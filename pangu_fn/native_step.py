@@ -48,7 +48,7 @@ from .params import Params
 MAX_ROWS = 16
 PLANS_KEPT = 8  # trees whose plans are kept (each plan holds its tree)
 
-LIN_NONE, LIN_F32, LIN_F32T, LIN_BF16, LIN_INT8, LIN_INT4 = range(6)
+LIN_NONE, LIN_F32, LIN_F32T, LIN_BF16, LIN_INT8, LIN_INT4, LIN_INT4T = range(7)
 ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "fast_gelu": 2, "silu": 3}
 S_BF16, B_BF16 = native.SCALES_BF16, native.BIAS_BF16
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -192,11 +192,13 @@ class Plan:
         elif kind == "int4" and w.native_kernel_data is not None and w.group_size % 32 == 0 and k % w.group_size == 0:
             qdata, scales, zeros = w.native_kernel_data
             g = w.group_size
+            tiled = qdata.dim() == 4  # AVX2 tiles (quant/packing.py)
             if not (qdata.dtype == torch.uint8 and qdata.is_contiguous() and qdata.numel() == n * k // 2
+                    and (not tiled or tuple(qdata.shape) == (n // 8, k // 8, 8, 4) and n % 8 == 0)
                     and (zeros is None or (zeros.dtype == torch.uint8 and zeros.is_contiguous()
                                            and tuple(zeros.shape) == (n, k // g)))):
                 raise _Unsupported("int4 data")
-            out.kind, out.group, out.w = LIN_INT4, g, qdata.data_ptr()
+            out.kind, out.group, out.w = LIN_INT4T if tiled else LIN_INT4, g, qdata.data_ptr()
             out.scales = self._ptr(scales, (n, k // g))
             out.zeros = None if zeros is None else zeros.data_ptr()
             out.flags |= S_BF16 if scales.dtype == torch.bfloat16 else 0

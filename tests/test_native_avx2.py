@@ -1,7 +1,8 @@
 """The AVX2 kernels (`native_avx2.c`, built where the CPU has AVX2 but not AVX-512): each
 product against the fp32 dequantize-then-matmul reference, for fp32 and bf16 activations,
-1-9 rows (passes of 4 rows), with and without bias and zero points; shapes they do not take
-return None (the callers then use torch's kernels). Skipped where the AVX2 build does not run."""
+1-9 rows (passes of 4 rows), with and without bias and zero points (the int4 tiles against
+activations rounded to int8 per 32 in torch); shapes they do not take return None (the callers
+then use torch's kernels). Skipped where the AVX2 build does not run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from pangu_fn import backend, native
 from pangu_fn.errors import InputError
 from pangu_fn.quant import quantize_int4, quantize_int8
+from pangu_fn.quant.packing import from_tiles, to_tiles
+from pangu_fn.quant.weights import Int4Weight
 
 pytestmark = pytest.mark.skipif(not native.avx2(), reason=native.status())
 
@@ -60,6 +63,44 @@ def test_int4_kernel_equals_the_fp32_product(rows, g, sym, dtype):
         assert bounded(y, ref, dtype)
 
 
+def q8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the tiled int4 product rounds it: to int8 per block of 32, scale max|x| / 127."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    top = blocks.abs().amax(-1, keepdim=True)  # as the kernel: codes round(x * (127 / top)), scale top / 127
+    inv = torch.full_like(top, 127) / top  # IEEE division (`127 / top` rounds differently: ties then part)
+    return (torch.round(blocks * inv) * (top / 127)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,g,sym", [(1, 32, True), (1, 128, False), (2, 64, False), (4, 128, True),
+                                        (5, 32, False), (9, 256, True)])
+def test_int4_tiles_equal_the_product_of_int8_activations(rows, g, sym, dtype):
+    """AVX2 tiles: x rounded to int8 per 32 (computed here in torch) times the dequantized weight,
+    to fp32 summation error (and the bf16 output's rounding); the tiles invert exactly."""
+    w, x, b = draw(rows, 72, 512, dtype, seed=g + rows)
+    leaf = quantize_int4(w, g, sym, dtype)
+    tiles = to_tiles(leaf.codes())
+    assert tiles.shape == (9, 64, 8, 4) and torch.equal(from_tiles(tiles), leaf.codes())
+    for bias in (b, None):
+        y = native.int4_linear(x, tiles, leaf.scales, leaf.zero_points, g, bias)
+        ref = F.linear(q8_blocks(x), leaf.dequantize(torch.float32), None if bias is None else bias.float())
+        assert y.dtype == dtype and y.shape == (rows, 72)
+        assert bounded(y, ref, dtype)
+        exact = F.linear(x.float(), leaf.dequantize(torch.float32), None if bias is None else bias.float())
+        assert not bounded(y, exact, torch.float32)  # the rounding is real: the check above can fail
+
+
+def test_int4_tiles_carry_a_non_finite_activation_and_reject_wrong_shapes():
+    leaf = quantize_int4(torch.randn(16, 128), 32, True, torch.bfloat16)
+    tiles = to_tiles(leaf.codes())
+    x = torch.ones(2, 128, dtype=torch.bfloat16)
+    x[1, 40] = float("nan")
+    y = native.int4_linear(x, tiles, leaf.scales, None, 32)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+    with pytest.raises(InputError, match="expected tiles"):
+        native.int4_linear(x, tiles[:1], leaf.scales, None, 32)
+
+
 def test_shapes_the_kernels_do_not_take_return_none():
     x, q, s = torch.randn(2, 48), torch.zeros(8, 48, dtype=torch.int8), torch.ones(8)
     assert native.int8_linear(x, q, s) is None  # K % 32
@@ -93,6 +134,11 @@ def test_fp32_leaves_and_the_custom_ops_take_the_kernels():
     assert torch.equal(torch.ops.pangu_backend.int8_linear(x, int8.qdata, int8.scales, b), int8.linear(x, b))
     assert torch.equal(torch.ops.pangu_backend.int4_linear(x, int4.qdata, int4.scales, int4.zero_points, 64, b),
                        int4.linear(x, b))
+    tiled = Int4Weight(int4.qdata, int4.scales.bfloat16(), int4.zero_points, 64)  # bf16: AVX2 tiles (64 rows)
+    data, xb = tiled.native_kernel_data, x.bfloat16()
+    assert data[0].shape == (8, 32, 8, 4) and torch.equal(tiled.qdata, int4.qdata)
+    assert torch.equal(tiled.linear(xb, b.bfloat16()), native.int4_linear(xb, *data, 64, b.bfloat16()))
+    assert torch.equal(torch.ops.pangu_backend.int4_linear(xb, *data, 64, None), tiled.linear(xb))
     wb = w.bfloat16()
     assert torch.equal(torch.ops.pangu_backend.bf16_linear(x.bfloat16(), wb, None), native.bf16_linear(x.bfloat16(), wb, None))
 

@@ -239,7 +239,7 @@ def materialise(source: Source, device: str | torch.device | None = None,
         params = unflatten(_placed(source, device or "cpu", dtype))
         validate(params, source.cfg)
         return params, source.cfg
-    flat = leaves.decode(source.flat(), source.leaves, str(source.path))
+    flat = leaves.decode(source.tensors, source.leaves, str(source.path), read=lambda ref: ref.read().contiguous())
     leaves.check_no_stray_parts(flat, str(source.path))
     params = unflatten(flat)
     validate(params, source.cfg)

@@ -8,6 +8,7 @@ its description in config.json under "leaves"."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import FormatError, PanguError
@@ -55,13 +56,18 @@ def check_descriptions(described: Any, where: str) -> dict[str, dict[str, Any]]:
     return described
 
 
-def decode(tensors: dict[str, Any], described: dict[str, dict[str, Any]], where: str = "config.json") -> dict[str, Any]:
-    """Inverse of `encode`: rebuild leaf objects from their tensors and descriptions. Raises
-    FormatError for a description that is malformed or does not fit its tensors."""
+def decode(tensors: dict[str, Any], described: dict[str, dict[str, Any]], where: str = "config.json",
+           read: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Inverse of `encode`: rebuild leaf objects from their tensors and descriptions. With `read`,
+    `tensors` holds what `read` turns into a tensor (a loader's unread references), read one leaf
+    at a time, so a leaf that re-lays its parts out (the AVX2 int4 tiles) holds one leaf's
+    staging, not the whole model's. Raises FormatError for a description that is malformed or
+    does not fit its tensors."""
+    read = read or (lambda t: t)
     flat = dict(tensors)
     for name, desc in check_descriptions(described, where).items():
         prefix = name + "."
-        parts = {k[len(prefix):]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
+        parts = {k[len(prefix):]: read(flat.pop(k)) for k in list(flat) if k.startswith(prefix)}
         if not parts:
             raise FormatError(f"{where}: leaf {name}: described as {desc.get('kind')!r} but no tensors {prefix}* stored")
         try:
@@ -71,7 +77,7 @@ def decode(tensors: dict[str, Any], described: dict[str, dict[str, Any]], where:
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # the reader's boundary
             raise FormatError(f"{where}: leaf {name}: description {repr(desc)[:120]} does not fit its tensors "
                               f"{ {k: list(t.shape) for k, t in parts.items()} }: {e!r}"[:400]) from None
-    return flat
+    return {name: t if name in described else read(t) for name, t in flat.items()}
 
 
 def check_no_stray_parts(flat: dict[str, Any], where: str) -> None:

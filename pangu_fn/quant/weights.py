@@ -32,7 +32,9 @@ from .packing import (
     cpu_row_block,
     cpu_unpack,
     from_matmul_nbits,
+    from_tiles,
     to_matmul_nbits,
+    to_tiles,
 )
 from .rtn import int4_dequantize
 
@@ -207,11 +209,13 @@ class Int4Weight(_Leaf):
     `[N, K/G]` (values 0..15) or None for symmetric (zero point 8); weight = (code - zero) * scale.
 
     On the CPU with bf16 compute (or fp32 with the AVX2 kernels) the native int4 kernel reads
-    `qdata` as it is. Where it cannot
-    run, the leaf is made holding torch's CPU kernel's packed copy, in place of `qdata` (rebuilt
-    on demand, e.g. for saving) when that layout is invertible here, unless `keep_qdata`; a tied
-    embedding's token lookup then unpacks only the row blocks it needs. The tensors passed in
-    are never written."""
+    `qdata` as it is; with bf16 compute where the AVX2 kernels run and N % 8 == 0, G % 32 == 0,
+    the leaf holds the AVX2 tiles instead (`packing.to_tiles`: 8 rows per load, activations
+    rounded to int8 per 32 as llama.cpp's q4_0 does, 2x the int16 route's speed; fp32 compute
+    keeps fp32 activations). Where no native kernel runs, it holds torch's CPU kernel's
+    packed copy. Either copy takes the place of `qdata` (rebuilt on demand, e.g. for saving) when
+    its layout is invertible here, unless `keep_qdata`; a tied embedding's token lookup then
+    unpacks only the row blocks it needs. The tensors passed in are never written."""
 
     kind = "int4"
 
@@ -234,11 +238,27 @@ class Int4Weight(_Leaf):
         self.compute_dtype = scales.dtype
         self._copies = {}
         qdata = qdata.contiguous()
-        native_runs = (qdata.device.type == "cpu" and self.compute_dtype in native.activation_dtypes()
-                       and native.int4_fits(self.shape[1], self.group_size))
-        self._native = (qdata, self.scales, self.zero_points) if native_runs else None
+        on_cpu = qdata.device.type == "cpu" and self.compute_dtype in native.activation_dtypes()
+        tiled = (on_cpu and self.compute_dtype == torch.bfloat16
+                 and native.int4_tiles_fit(n, self.shape[1], self.group_size))
+        self._tiles = self._tile(qdata) if tiled else None
+        native_runs = self._tiles is not None or (on_cpu and native.int4_fits(self.shape[1], self.group_size))
+        kernel_data = qdata if self._tiles is None else self._tiles
+        self._native = (kernel_data, self.scales, self.zero_points) if native_runs else None
         self._cpu, invertible = (None, False) if native_runs else self._cpu_pack(qdata)
+        invertible = invertible or self._tiles is not None
         self._qdata = None if invertible and not keep_qdata else qdata
+
+    def _tile(self, qdata: torch.Tensor) -> torch.Tensor | None:
+        """The AVX2 tiles of `qdata`, made PACK_ROWS rows at a time (small staging copies); None
+        while tracing."""
+        if kernels.tracing():
+            return None
+        n, k = self.shape
+        tiles = torch.empty(n // 8, k // 8, 8, 4, dtype=torch.uint8)
+        for r0 in range(0, n, PACK_ROWS):
+            tiles[r0 // 8:(r0 + PACK_ROWS) // 8] = to_tiles(from_matmul_nbits(qdata[r0:r0 + PACK_ROWS]))
+        return tiles
 
     def _cpu_pack(self, qdata: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, bool]:
         """((packed weight, `scales_and_zeros [K/G, N, 2]`) for torch's CPU kernel or None where
@@ -283,12 +303,14 @@ class Int4Weight(_Leaf):
         return self._kernel_copy("cuda", lambda: kernels.cuda_int4_data(self))
 
     def codes(self, rows: slice = slice(None)) -> torch.Tensor:
-        """Codes `[N, K]` uint8 (0..15), or those of `rows` (a step-1 slice whose start is a
-        multiple of the CPU packer's row block, `cpu_row_block()`, when only the CPU pack is held)."""
+        """Codes `[N, K]` uint8 (0..15), or those of `rows` (a step-1 slice; when only the CPU
+        pack is held, its start a multiple of the packer's row block, `cpu_row_block()`)."""
         if self._qdata is not None:
             return from_matmul_nbits(self._qdata[rows])
         n, k = self.shape
         r0, r1, _ = rows.indices(n)
+        if self._tiles is not None:
+            return from_tiles(self._tiles[r0 // 8:(r1 + 7) // 8])[r0 % 8:r0 % 8 + max(r1 - r0, 0)]
         end = n + (-n % CPU_ROW_MULTIPLE) if r1 == n else r1  # the last rows come with their padding
         return cpu_unpack(self._cpu[0][r0:end], end - r0, k)[: r1 - r0]
 
@@ -326,7 +348,7 @@ class Int4Weight(_Leaf):
         if self._qdata is not None:
             codes = from_matmul_nbits(self._qdata[flat])
         else:
-            block, n = cpu_row_block(), self.shape[0]  # known: the pack alone is held only then
+            block, n = 8 if self._tiles is not None else cpu_row_block(), self.shape[0]  # (known where a copy alone is held)
             starts = (flat // block * block).tolist()
             blocks = {s: self.codes(slice(s, min(s + block, n))) for s in set(starts)}
             codes = torch.stack([blocks[s][t - s] for t, s in zip(flat.tolist(), starts)])
@@ -338,13 +360,17 @@ class Int4Weight(_Leaf):
         return self._kernel_copy(f"npu-{dtype}", lambda: kernels.npu_int4_data(self, dtype))
 
     def _held(self) -> list[Any]:
-        return [self._qdata, self.scales, self.zero_points, self._cpu, *self._copies.values()]
+        return [self._qdata, self._tiles, self.scales, self.zero_points, self._cpu, *self._copies.values()]
 
     def to(self, device: str | torch.device) -> Int4Weight:
+        if torch.device(device) == self.device:  # (leaves are never written: no copy, no re-layout)
+            return self
         zp = None if self.zero_points is None else self.zero_points.to(device)
         return Int4Weight(self.qdata.to(device), self.scales.to(device), zp, self.group_size, self.keep_qdata)
 
     def astype(self, dtype: torch.dtype) -> Int4Weight:
+        if dtype == self.compute_dtype:
+            return self
         return Int4Weight(self.qdata, self.scales.to(dtype), self.zero_points, self.group_size, self.keep_qdata)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
