@@ -295,7 +295,7 @@ def _int4_linear_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, 
             from .quant.packing import int4_codes
             from .quant.rtn import int4_dequantize
 
-            w = int4_dequantize(int4_codes(qdata), scales, zero_points, x.dtype)
+            w = int4_dequantize(int4_codes(qdata, scales.shape[0]), scales, zero_points, x.dtype)
         y = F.linear(x, w.to(x.dtype), bias)
     return y
 

@@ -248,8 +248,8 @@ def _check_int4(fn: str, qdata: object, scales: object, zero_points: object, gro
         raise InputError(f"{fn}: expected an even integer group size >= 2, found {group_size!r}")
     n, blocks = scales.shape
     if qdata.dim() == 4:  # AVX2 tiles (quant.packing.to_tiles)
-        if n % 8 or qdata.shape != (n // 8, blocks * group_size // 8, 8, 4):
-            raise InputError(f"{fn}: expected tiles [{n / 8:g}, {blocks * group_size / 8:g}, 8, 4] for scales "
+        if blocks * group_size % 8 or qdata.shape != ((n + 7) // 8, blocks * group_size // 8, 8, 4):
+            raise InputError(f"{fn}: expected tiles [{(n + 7) // 8}, {blocks * group_size / 8:g}, 8, 4] for scales "
                              f"{_shape(scales)} and group size {group_size}, found qdata {_shape(qdata)}")
     elif qdata.shape != (n, blocks, group_size // 2) and qdata.shape != (n, blocks * group_size // 2):
         raise InputError(f"{fn}: expected qdata [{n}, {blocks}, {group_size // 2}] or [{n}, {blocks * group_size // 2}] "
@@ -420,14 +420,14 @@ def int4_fits(k: int, group_size: int) -> bool:
 
 def int4_tiles_fit(n: int, k: int, group_size: int) -> bool:
     """True where the leaves hold int4 weights `[n, k]` as AVX2 tiles (`quant.packing.to_tiles`):
-    the AVX2 kernels run here, and n % 8 == 0, G % 32 == 0, k % G == 0."""
-    return avx2() and n % 8 == 0 and group_size % 32 == 0 and k % group_size == 0 and n > 0
+    the AVX2 kernels run here, G % 32 == 0 and k % G == 0."""
+    return avx2() and group_size % 32 == 0 and k % group_size == 0 and n > 0
 
 
 def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """`x [M, K]` times the int4 weight whose MatMulNBits bytes are `qdata` (`[N, K/G, G/2]` or
-    `[N, K/2]` uint8) or whose AVX2 tiles it is (`[N/8, K/8, 8, 4]`), `scales [N, K/G]` and
+    `[N, K/2]` uint8) or whose AVX2 tiles it is (`[ceil(N/8), K/8, 8, 4]`), `scales [N, K/G]` and
     `zero_points [N, K/G]` uint8 or None (zero 8), plus `bias [N]`, in x's dtype (x and scales
     bf16, or with the AVX2 kernels bf16 or fp32; all CPU and contiguous), or None when the kernel
     is unavailable, does not take these dtypes, or (K, G) do not fit. Tiles round x to int8 per

@@ -501,30 +501,31 @@ static int q8_blocks(const void *x, int x_bf16, int64_t m_total, int64_t k_total
     return 0;
 }
 
-/* The 8 values of rows 8t .. 8t + 7 in column g of a [N, groups] array (fp32 / bf16 / uint8). */
-static inline __m256 column8(const void *p, int64_t t, int64_t g, int64_t groups, int bf16) {
-    float v[8];
-    for (int j = 0; j < 8; j++) v[j] = load_f(p, (8 * t + j) * groups + g, bf16);
+/* The values of rows 8t .. 8t + 7 (the first `rows` of them; the rest 0) in column g of a
+ * [N, groups] array (fp32 / bf16 / uint8). */
+static inline __m256 column8(const void *p, int64_t t, int rows, int64_t g, int64_t groups, int bf16) {
+    float v[8] = {0};
+    for (int j = 0; j < rows; j++) v[j] = load_f(p, (8 * t + j) * groups + g, bf16);
     return _mm256_loadu_ps(v);
 }
 
-static inline __m256 column8_u8(const uint8_t *p, int64_t t, int64_t g, int64_t groups) {
+static inline __m256 column8_u8(const uint8_t *p, int64_t t, int rows, int64_t g, int64_t groups) {
     if (p == NULL) return _mm256_set1_ps(8.0f);
-    float v[8];
-    for (int j = 0; j < 8; j++) v[j] = (float)p[(8 * t + j) * groups + g];
+    float v[8] = {0};
+    for (int j = 0; j < rows; j++) v[j] = (float)p[(8 * t + j) * groups + g];
     return _mm256_loadu_ps(v);
 }
 
-/* acc[m] lane j += the product of tile t (rows 8t + j) with activation rows m < R. */
+/* acc[m] lane j += the product of tile t (rows 8t + j, j < valid) with activation rows m < R. */
 static inline __attribute__((always_inline)) void int4_tile(const int R, const int8_t *xq, const float *xs,
                                                             const float *xsum, const uint8_t *tile, const void *scales,
-                                                            const uint8_t *zeros, int64_t t, int64_t k_total,
+                                                            const uint8_t *zeros, int64_t t, int valid, int64_t k_total,
                                                             int64_t group, int flags, __m256 *acc) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int64_t groups = k_total / group;
     for (int m = 0; m < R; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        const __m256 ws = column8(scales, t, g, groups, flags & S_BF16), z = column8_u8(zeros, t, g, groups);
+        const __m256 ws = column8(scales, t, valid, g, groups, flags & S_BF16), z = column8_u8(zeros, t, valid, g, groups);
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             __m256i d[ROWS];
             for (int m = 0; m < R; m++) d[m] = _mm256_setzero_si256();
@@ -552,26 +553,28 @@ static inline __attribute__((always_inline)) void int4_tile(const int R, const i
     }
 }
 
-/* y [M, N] = x [M, K] W.T + bias for W tiled; N a multiple of 8, G of 32 dividing K. */
+/* y [M, N] = x [M, K] W.T + bias for W tiled (ceil(N / 8) tiles, the last one's rows past N
+ * padding); G a multiple of 32 dividing K. */
 int pangu_avx2_int4t_team(const void *x, const uint8_t *tiles, const void *scales, const uint8_t *zeros,
                           const void *bias, void *y, int64_t m_total, int64_t n_total, int64_t k_total,
                           int64_t group, int flags) {
-    if (n_total % 8 != 0 || group <= 0 || group % 32 != 0 || k_total % group != 0) return -1;
+    if (group <= 0 || group % 32 != 0 || k_total % group != 0) return -1;
     int8_t *xq = NULL;
     float *xs = NULL, *xsum = NULL;
     const int failed = q8_blocks(x, flags & X_BF16, m_total, k_total, &xq, &xs, &xsum) != 0;
 #pragma omp for schedule(static) nowait
-    for (int64_t t = 0; t < n_total / 8; t++) {
+    for (int64_t t = 0; t < (n_total + 7) / 8; t++) {
         const uint8_t *tile = tiles + t * (k_total / 8) * 32;
+        const int valid = n_total - 8 * t < 8 ? (int)(n_total - 8 * t) : 8;
         for (int64_t m0 = 0; m0 < m_total && !failed; m0 += ROWS) {
             const int rows = m_total - m0 < ROWS ? (int)(m_total - m0) : ROWS;
             __m256 acc[ROWS];
             BY_ROWS(int4_tile, xq + m0 * k_total, xs + m0 * k_total / 32, xsum + m0 * k_total / 32, tile, scales,
-                    zeros, t, k_total, group, flags, acc)
+                    zeros, t, valid, k_total, group, flags, acc)
             for (int m = 0; m < rows; m++) {
                 float out[8];
                 _mm256_storeu_ps(out, acc[m]);
-                for (int j = 0; j < 8; j++) {
+                for (int j = 0; j < valid; j++) {
                     const float b = bias == NULL ? 0.0f : load_f(bias, 8 * t + j, flags & B_BF16);
                     store_f(y, (m0 + m) * n_total + 8 * t + j, out[j] + b, flags & X_BF16);
                 }

@@ -193,8 +193,8 @@ class Plan:
             qdata, scales, zeros = w.native_kernel_data
             g = w.group_size
             tiled = qdata.dim() == 4  # AVX2 tiles (quant/packing.py)
-            if not (qdata.dtype == torch.uint8 and qdata.is_contiguous() and qdata.numel() == n * k // 2
-                    and (not tiled or tuple(qdata.shape) == (n // 8, k // 8, 8, 4) and n % 8 == 0)
+            if not (qdata.dtype == torch.uint8 and qdata.is_contiguous()
+                    and (tuple(qdata.shape) == ((n + 7) // 8, k // 8, 8, 4) if tiled else qdata.numel() == n * k // 2)
                     and (zeros is None or (zeros.dtype == torch.uint8 and zeros.is_contiguous()
                                            and tuple(zeros.shape) == (n, k // g)))):
                 raise _Unsupported("int4 data")

@@ -6,9 +6,9 @@
   makes, machine dependent (it blocks rows by the SIMD width). Built when a leaf is made;
   `cpu_unpack` inverts it (checked once per process against torch's packer) so the leaf need
   not keep both copies.
-- AVX2 tiles (`native_avx2.c`'s tiled int4 product): `[N/8, K/8, 8, 4]` uint8; tile t, step s,
-  row j, byte i holds the codes of row 8t + j at k = 8s + i (low nibble) and 8s + 4 + i (high
-  nibble), so one 32-byte load is 64 codes of 8 rows. Held by a leaf in place of the canonical
+- AVX2 tiles (`native_avx2.c`'s tiled int4 product): `[ceil(N/8), K/8, 8, 4]` uint8; tile t,
+  step s, row j, byte i holds the codes of row 8t + j at k = 8s + i (low nibble) and 8s + 4 + i
+  (high nibble), so one 32-byte load is 64 codes of 8 rows (rows past N: padding). Held by a leaf in place of the canonical
   copy where that kernel runs; `from_tiles` inverts it exactly.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ShapeError
 
@@ -51,25 +52,26 @@ def from_matmul_nbits(qdata: torch.Tensor) -> torch.Tensor:
 
 
 def to_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes `[N, K]` (0..15; N and K multiples of 8) -> AVX2 tiles `[N/8, K/8, 8, 4]` uint8."""
+    """Codes `[N, K]` (0..15; K a multiple of 8) -> AVX2 tiles `[ceil(N/8), K/8, 8, 4]` uint8
+    (rows past N are padding, code 0)."""
     n, k = codes.shape
-    if n % 8 or k % 8:
-        raise ShapeError(f"to_tiles: expected codes [N, K] with N and K multiples of 8, found {list(codes.shape)}")
-    c = codes.to(torch.uint8).reshape(n // 8, 8, k // 8, 8).transpose(1, 2)
+    if k % 8:
+        raise ShapeError(f"to_tiles: expected codes [N, K] with K a multiple of 8, found {list(codes.shape)}")
+    c = F.pad(codes.to(torch.uint8), (0, 0, 0, -n % 8)).reshape(-1, 8, k // 8, 8).transpose(1, 2)
     return (c[..., :4] | (c[..., 4:] << 4)).contiguous()
 
 
-def from_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_tiles`: `[T, S, 8, 4]` uint8 -> codes `[8T, 8S]` uint8 (0..15)."""
+def from_tiles(tiles: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Inverse of `to_tiles`: `[T, S, 8, 4]` uint8 -> codes `[n, 8S]` uint8 (0..15; n default 8T)."""
     t, s = tiles.shape[:2]
     c = torch.cat([tiles & 0x0F, tiles >> 4], dim=-1)  # [T, S, 8 rows, 8 k]
-    return c.transpose(1, 2).reshape(8 * t, 8 * s)
+    return c.transpose(1, 2).reshape(8 * t, 8 * s)[: 8 * t if n is None else n]
 
 
-def int4_codes(qdata: torch.Tensor) -> torch.Tensor:
-    """Codes `[N, K]` of MatMulNBits data (`[N, K/G, G/2]` or `[N, K/2]`) or of AVX2 tiles."""
+def int4_codes(qdata: torch.Tensor, n: int) -> torch.Tensor:
+    """Codes `[n, K]` of MatMulNBits data (`[n, K/G, G/2]` or `[n, K/2]`) or of AVX2 tiles."""
     if qdata.dim() == 4:
-        return from_tiles(qdata)
+        return from_tiles(qdata, n)
     return unpack_nibbles(qdata).reshape(qdata.shape[0], -1)
 
 

@@ -209,12 +209,12 @@ class Int4Weight(_Leaf):
     `[N, K/G]` (values 0..15) or None for symmetric (zero point 8); weight = (code - zero) * scale.
 
     On the CPU with bf16 compute (or fp32 with the AVX2 kernels) the native int4 kernel reads
-    `qdata` as it is; with bf16 compute where the AVX2 kernels run and N % 8 == 0, G % 32 == 0,
-    the leaf holds the AVX2 tiles instead (`packing.to_tiles`: 8 rows per load, activations
-    rounded to int8 per 32 as llama.cpp's q4_0 does, 2x the int16 route's speed; fp32 compute
-    keeps fp32 activations). Where no native kernel runs, it holds torch's CPU kernel's
-    packed copy. Either copy takes the place of `qdata` (rebuilt on demand, e.g. for saving) when
-    its layout is invertible here, unless `keep_qdata`; a tied embedding's token lookup then
+    `qdata` as it is; with bf16 compute where the AVX2 kernels run and G % 32 == 0, the leaf
+    holds the AVX2 tiles instead (`packing.to_tiles`: 8 rows per load, activations rounded to
+    int8 per 32 as llama.cpp's q4_0 does, 2x the int16 route's speed; fp32 compute keeps fp32
+    activations). Where no native kernel runs, it holds torch's CPU kernel's packed copy. Either
+    copy takes the place of `qdata` (rebuilt on demand, e.g. for saving) when its layout is
+    invertible here, unless `keep_qdata`; a tied embedding's token lookup then
     unpacks only the row blocks it needs. The tensors passed in are never written."""
 
     kind = "int4"
@@ -255,7 +255,7 @@ class Int4Weight(_Leaf):
         if kernels.tracing():
             return None
         n, k = self.shape
-        tiles = torch.empty(n // 8, k // 8, 8, 4, dtype=torch.uint8)
+        tiles = torch.empty((n + 7) // 8, k // 8, 8, 4, dtype=torch.uint8)
         for r0 in range(0, n, PACK_ROWS):
             tiles[r0 // 8:(r0 + PACK_ROWS) // 8] = to_tiles(from_matmul_nbits(qdata[r0:r0 + PACK_ROWS]))
         return tiles
