@@ -56,6 +56,7 @@ def llama_engine(llm: Any) -> Any:
     """An `Engine` (see bench.py) decoding greedily with llama.cpp."""
 
     def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
+        llm.reset()  # else `generate` keeps the previous prompt's longest prefix and skips its prefill
         start, stamps = time.perf_counter(), []
         for _ in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             stamps.append(time.perf_counter())
