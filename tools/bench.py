@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             row["decode_vs_transformers"] = round(row["decode_tok_s"] / hf_row["decode_tok_s"], 3)
     for row in rows[1:]:
         row["first_decode_vs_this"] = round(base["decode_tok_s"] / row["decode_tok_s"], 3)
-    result = {"command": "pangu " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("pangu") else None,
+    result = {"command": "pangu " + " ".join(_shown(sys.argv[1:], args)) if sys.argv[0].endswith("pangu") else None,
               "model": args.model, "random_weights": random, "parameters": parameters,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "threads": args.threads, "device": pf.device_info(args.device)["name"],
@@ -262,3 +262,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         write_json(result, args.json_out)
     return 0
+
+
+def _shown(argv: list[str], args: argparse.Namespace) -> list[str]:
+    """The command line for the JSON, with the --peers folder written DIR (a path of this machine)."""
+    return ["DIR" if args.peers and a == args.peers else a for a in argv]
