@@ -27,8 +27,8 @@
 #define S_BF16 2
 #define B_BF16 4
 #define X_Q16 8 /* int8 / int4: activations rounded to int16 per block of 32 (the fused step, native_step.c) */
-#define AHEAD 1024 /* bytes of int4 codes prefetched ahead: 1.2-1.5x the int4 products' stream, which the
-                     hardware's prefetchers alone kept at ~15 GB/s on two threads */
+#define AHEAD 1024 /* bytes of int4 codes prefetched ahead: 1.1-1.4x the int16 route's speed from memory on
+                     two threads (its hardware prefetchers alone: ~12-17 GB/s of codes) */
 #define ROWS 4 /* activation rows per pass over a weight row (registers: ROWS x 2 accumulators) */
 
 static inline float bf16_to_f32(uint16_t h) {
