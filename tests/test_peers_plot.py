@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from pangu_tools import peers_plot
 
 from pangu_fn.errors import InputError
-from pangu_tools import peers_plot
 
 
 def run(tmp_path, name: str, model: str, speeds: dict[str, dict[str, float]]):

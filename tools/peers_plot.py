@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from pangu_fn.errors import InputError
 from pangu_fn.io.atomic import atomic_file
