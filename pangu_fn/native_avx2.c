@@ -10,6 +10,8 @@
  *   int4: y = sum_g scales[n, g] sum_{k in g} x[m, k] (c[n, k] - zero[n, g]) + bias[n]
  *         c: ONNX MatMulNBits bytes [N, K/2] (element 2i in the low nibble of byte i),
  *         scales [N, K/G], zeros uint8 [N, K/G] or NULL (zero 8)
+ *   int4t: the int4 product on AVX2 tiles (quant/packing.py, [ceil(N/8), K/8, 8, 4]), the
+ *         activations rounded to int8 per block of 32 (`pangu_avx2_int4t_*`, below)
  *   bf16: y = sum_k x[m, k] w[n, k] + bias[n]                     w bf16 [N, K]
  *
  * `flags` give the dtypes: X_BF16 for x and y (else fp32), S_BF16 for the scales, B_BF16 for
