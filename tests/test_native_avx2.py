@@ -6,15 +6,22 @@ then use torch's kernels). Skipped where the AVX2 build does not run."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from pangu_tools.prune import read_text_tokens
 
+import pangu_fn as pf
 from pangu_fn import backend, native
 from pangu_fn.errors import InputError
+from pangu_fn.model import forward
 from pangu_fn.quant import quantize_int4, quantize_int8
 from pangu_fn.quant.packing import from_tiles, to_tiles
 from pangu_fn.quant.weights import Int4Weight
+from pangu_fn.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not native.avx2(), reason=native.status())
 
@@ -156,3 +163,31 @@ def test_fp32_kernel_equals_torch(rows):
     assert native.f32_linear(torch.randn(rows, 48), torch.randn(8, 48), None) is None  # K % 32 != 0
     with pytest.raises(InputError, match="input width of 64"):
         native.f32_linear(torch.randn(rows, 32), torch.randn(8, 64), None)
+
+
+
+@torch.no_grad()
+def test_int8_activations_of_the_tiles_cost_the_demo_model_no_perplexity(monkeypatch):
+    """Teacher-forced decoding (a cache, one token a step, 8 rows) of the committed demo model in
+    int4 g32: with the tiles (activations rounded to int8 per 32) within 1% of the perplexity of
+    the same codes on the int16 route (measured 69.29 vs 69.32 on 16 x 128 tokens; fp32 68.45)."""
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo"
+    params, cfg = pf.load(demo / "target")
+    ids = read_text_tokens(demo / "heldout.jsonl", load_tokenizer(demo / "target"))
+    rows = torch.tensor([ids[i * 64:(i + 1) * 64] for i in range(8)])
+
+    def perplexity(tree):
+        cache, total = pf.init_cache(tree, cfg, 8, 64), 0.0
+        for t in range(63):
+            logits, cache = forward(tree, cfg, rows[:, t:t + 1], cache)
+            total += F.cross_entropy(logits[:, -1].float(), rows[:, t + 1], reduction="sum").item()
+        return math.exp(total / (8 * 63))
+
+    recipe = pf.QuantRecipe("int4", group_size=32, head="int4")
+    tiled = pf.quantize(params, recipe, cfg)
+    monkeypatch.setattr(native, "int4_tiles_fit", lambda n, k, g: False)
+    plain = pf.quantize(params, recipe, cfg)
+    assert tiled["blocks"][0]["mlp"]["down"]["weight"].native_kernel_data[0].dim() == 4
+    assert plain["blocks"][0]["mlp"]["down"]["weight"].native_kernel_data[0].dim() == 3
+    with_tiles, without = perplexity(tiled), perplexity(plain)
+    assert with_tiles != without and abs(with_tiles / without - 1) < 0.01
