@@ -5,7 +5,10 @@ llama.cpp rows appear only where llama-cpp-python is installed."""
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from argparse import Namespace
+from pathlib import Path
 
 import pangu_export.gguf
 import pytest
@@ -56,12 +59,23 @@ def test_peer_rows_one_process_per_engine(tmp_path, monkeypatch):
     assert (tmp_path / "onnx-int4" / "model.onnx.data").is_file()  # int4 graph with external data
 
 
-def test_a_childs_error_keeps_its_type(tmp_path):
+def test_a_childs_error_keeps_its_type(tmp_path, monkeypatch):
     step = {"step": "pangu", "source": str(tmp_path / "missing"), "out": str(tmp_path / "out"), "scheme": "int8",
             "options": {"group_size": 32, "asym": False, "quant_head": "keep", "accuracy_level": 0}}
+    scratch, seen = tmp_path / "tmp", []  # the child's TMPDIR: a folder of the call, removed after it
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    run = subprocess.run
+
+    def recording(*args, **kwargs):
+        seen.append(Path(kwargs["env"]["TMPDIR"]))
+        assert seen[-1].is_dir() and seen[-1].parent == scratch
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording)
     with pytest.raises(pf.FormatError, match="missing.*config.json"):
         peers_build.build_in_child(step)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and len(seen) == 1 and list(scratch.iterdir()) == []
 
 
 def test_unknown_peer_scheme_is_a_config_error():

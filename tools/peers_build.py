@@ -50,11 +50,14 @@ def build_in_child(step: dict[str, Any]) -> dict[str, Any]:
     """Run one build `step` ({"step": a name of STEPS, its paths and options}) in a fresh child
     process and return its reply. Its progress lines go to this process's stderr. Raises the
     child's PanguError class when it raised one, RuntimeError when it failed otherwise (a
-    traceback above, or a signal such as the OOM killer's)."""
+    traceback above, or a signal such as the OOM killer's). The child's temporary files
+    (ONNX Runtime's quantizers write gigabytes there at pangu-1b) go to a folder of this call,
+    removed when the child ends, however it ends: a killed quantizer once left 4.9 GB in /tmp."""
     from pangu_fn import errors
 
-    proc = subprocess.run([sys.executable, "-m", "pangu_tools.peers_build", json.dumps(step)],
-                          stdout=subprocess.PIPE, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="pangu-peers-build-") as scratch:
+        proc = subprocess.run([sys.executable, "-m", "pangu_tools.peers_build", json.dumps(step)],
+                              stdout=subprocess.PIPE, text=True, check=False, env={**os.environ, "TMPDIR": scratch})
     lines = proc.stdout.strip().splitlines()
     reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
     if proc.returncode == 0 and "error" not in reply:
