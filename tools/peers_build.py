@@ -52,7 +52,7 @@ def build_in_child(step: dict[str, Any]) -> dict[str, Any]:
     child's PanguError class when it raised one, RuntimeError when it failed otherwise (a
     traceback above, or a signal such as the OOM killer's). The child's temporary files
     (ONNX Runtime's quantizers write gigabytes there at pangu-1b) go to a folder of this call,
-    removed when the child ends, however it ends: a killed quantizer once left 4.9 GB in /tmp."""
+    removed when the child ends, however it ends: a killed quantizer once left 4.9 GB behind."""
     from pangu_fn import errors
 
     with tempfile.TemporaryDirectory(prefix="pangu-peers-build-") as scratch:
