@@ -82,7 +82,7 @@ INT8_FAULTS = [None, "x_width", "x_dtype", "x_rank", "x_strided", "q_dtype", "q_
 FLOATS = st.sampled_from([torch.bfloat16, torch.float32])
 BF16_FAULTS = [None, "x_width", "x_dtype", "x_strided", "x_expanded", "w_dtype", "w_strided", "w_rank", "bias_len",
                "bias_rank"]
-INT4_FAULTS = [None, "x_width", "x_dtype", "x_strided", "q_dtype", "q_bytes", "scales_rows", "scales_blocks",
+INT4_FAULTS = [None, "x_width", "x_dtype", "x_strided", "q_dtype", "q_bytes", "q_rows", "scales_rows", "scales_blocks",
                "scales_dtype", "zeros_shape", "zeros_dtype", "group", "group_zero", "bias_len", "q_strided"]
 DEQ_FAULTS = [None, "q_dtype", "q_bytes", "q_rows", "scales_dtype", "zeros_shape", "zeros_dtype", "group",
               "group_zero", "q_strided"]
@@ -135,17 +135,29 @@ def test_fuzz_bf16_linear(m, n, k, x_dtype, with_bias, fault):
         assert close(y, F.linear(x.float(), w.float(), None if b is None else b.float()))
 
 
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 as the tiled int4 product rounds it (scale max|x| / 127)."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    top = blocks.abs().amax(-1, keepdim=True)
+    return (torch.round(blocks * (torch.full_like(top, 127) / top)) * (top / 127)).reshape(x.shape)
+
+
 @FUZZ
 @given(m=st.integers(1, 9), n=st.integers(1, 24), blocks=st.integers(1, 4), g=st.sampled_from([32, 64, 128]),
-       sym=st.booleans(), x_dtype=FLOATS, s_dtype=FLOATS, with_bias=st.booleans(), fault=st.sampled_from(INT4_FAULTS))
-def test_fuzz_int4_linear(m, n, blocks, g, sym, x_dtype, s_dtype, with_bias, fault):
+       sym=st.booleans(), x_dtype=FLOATS, s_dtype=FLOATS, with_bias=st.booleans(), fault=st.sampled_from(INT4_FAULTS),
+       tiled=st.booleans())
+def test_fuzz_int4_linear(m, n, blocks, g, sym, x_dtype, s_dtype, with_bias, fault, tiled):
+    """MatMulNBits bytes, or the AVX2 tiles of the same codes (any N: the last tile padded)."""
     k = blocks * g
     x, b = bf16(m, k).to(x_dtype), bf16(n, seed=3) if with_bias else None
     q, s, z = int4_parts(n, k, g, seed=blocks)
     z, s = None if sym else z, s.to(s_dtype)
+    weight = int4_weight(q, s, z, g)
+    q = to_tiles(unpack_nibbles(q).reshape(n, k)) if tiled else q
     x = {"x_width": bf16(m, k + g), "x_dtype": x.half(), "x_strided": strided(x)}.get(fault, x)
-    q = {"q_dtype": q.to(torch.int8), "q_bytes": q[:, :, :-1].contiguous(), "q_strided": strided(q)}.get(fault, q)
-    s = {"scales_rows": bf16(n + 1, blocks), "scales_blocks": bf16(n, blocks + 1),
+    q = {"q_dtype": q.view(torch.int8), "q_bytes": q[..., :-1].contiguous(), "q_rows": torch.cat([q, q[:1]]),
+         "q_strided": strided(q)}.get(fault, q)
+    s = {"scales_rows": bf16(n + 8, blocks), "scales_blocks": bf16(n, blocks + 1),
          "scales_dtype": s.half()}.get(fault, s)
     if fault in ("zeros_shape", "zeros_dtype"):
         z = torch.zeros(n, blocks + 1, dtype=torch.uint8) if fault == "zeros_shape" else torch.zeros(n, blocks)
@@ -158,46 +170,7 @@ def test_fuzz_int4_linear(m, n, blocks, g, sym, x_dtype, s_dtype, with_bias, fau
     y = native.int4_linear(x, q, s, z, g, b)
     if y is not None:
         assert y.dtype == x_dtype and y.shape == (m, n)
-        assert close(y, F.linear(x.float(), int4_weight(q, s, z, g), None if b is None else b.float()))
-
-
-TILE_FAULTS = [None, "x_width", "x_dtype", "x_strided", "q_dtype", "q_bytes", "q_tiles", "q_strided", "scales_rows",
-               "scales_blocks", "zeros_shape", "group", "group_zero", "bias_len"]
-
-
-def int8_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to int8 per block of 32 as the tiled int4 product rounds it (scale max|x| / 127)."""
-    blocks = x.float().reshape(x.shape[0], -1, 32)
-    top = blocks.abs().amax(-1, keepdim=True)
-    return (torch.round(blocks * (torch.full_like(top, 127) / top)) * (top / 127)).reshape(x.shape)
-
-
-@FUZZ
-@given(m=st.integers(1, 9), n=st.integers(1, 24), blocks=st.integers(1, 4), g=st.sampled_from([32, 64, 128]),
-       sym=st.booleans(), x_dtype=FLOATS, with_bias=st.booleans(), fault=st.sampled_from(TILE_FAULTS))
-def test_fuzz_int4_tiles_linear(m, n, blocks, g, sym, x_dtype, with_bias, fault):
-    """The AVX2 tiles (any N: the last tile padded) take the same checks as the MatMulNBits bytes."""
-    k = blocks * g
-    x, b = bf16(m, k).to(x_dtype), bf16(n, seed=3) if with_bias else None
-    q, s, z = int4_parts(n, k, g, seed=blocks)
-    z = None if sym else z
-    weight = int4_weight(q, s, z, g)
-    t = to_tiles(unpack_nibbles(q).reshape(n, k))
-    x = {"x_width": bf16(m, k + g), "x_dtype": x.half(), "x_strided": strided(x)}.get(fault, x)
-    t = {"q_dtype": t.view(torch.int8), "q_bytes": t[..., :-1].contiguous(), "q_tiles": torch.cat([t, t[:1]]),
-         "q_strided": strided(t)}.get(fault, t)
-    s = {"scales_rows": bf16(n + 8, blocks), "scales_blocks": bf16(n, blocks + 1)}.get(fault, s)
-    z = torch.zeros(n, blocks + 1, dtype=torch.uint8) if fault == "zeros_shape" else z
-    group = {"group": g * 2, "group_zero": 0}.get(fault, g)
-    b = bf16(n + 1) if fault == "bias_len" else b
-    if fault is not None:
-        with pytest.raises(InputError):
-            native.int4_linear(x, t, s, z, group, b)
-        return
-    y = native.int4_linear(x, t, s, z, g, b)
-    if y is not None:
-        assert y.dtype == x_dtype and y.shape == (m, n)
-        assert close(y, F.linear(int8_rounded(x), weight, None if b is None else b.float()))
+        assert close(y, F.linear(int8_rounded(x) if tiled else x.float(), weight, None if b is None else b.float()))
 
 
 @FUZZ

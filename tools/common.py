@@ -62,6 +62,19 @@ def write_json(obj: Any, out: str | None) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def save_png(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it to `path` as a PNG atomically (mode 0644), close it."""
+    import matplotlib.pyplot as plt
+
+    from pangu_fn.io.atomic import atomic_file
+
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+        tmp.chmod(0o644)
+    plt.close(fig)
+
+
 def tokenizer_for(spec: str) -> Any:
     """The tokenizer stored beside a model folder. Raises ConfigError when there is none."""
     from pangu_fn.errors import ConfigError

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from pangu_fn.errors import InputError
-from pangu_fn.io.atomic import atomic_file
+
+from .common import save_png
 
 ENGINES = ("pangu-fn", "llama.cpp", "onnxruntime")
 
@@ -52,11 +53,7 @@ def plot(data: list[tuple[str, dict[str, float]]], path: Path, title: str) -> No
     ax.set_ylabel("decode tok/s relative to llama.cpp")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-        tmp.chmod(0o644)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

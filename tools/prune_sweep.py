@@ -20,6 +20,8 @@ from typing import Any
 
 from pangu_fn.io.atomic import atomic_file
 
+from .common import save_png
+
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 
 
@@ -92,11 +94,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Pruning {result['model']} ({result['parameters'] / 1e6:.1f}M parameters)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-        tmp.chmod(0o644)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
