@@ -8,8 +8,8 @@
   not keep both copies.
 - AVX2 tiles (`native_avx2.c`'s tiled int4 product): `[ceil(N/8), K/8, 8, 4]` uint8; tile t,
   step s, row j, byte i holds the codes of row 8t + j at k = 8s + i (low nibble) and 8s + 4 + i
-  (high nibble), so one 32-byte load is 64 codes of 8 rows (rows past N: padding). Held by a leaf in place of the canonical
-  copy where that kernel runs; `from_tiles` inverts it exactly.
+  (high nibble), so one 32-byte load is 64 codes of 8 rows (rows past N: padding). Held by a
+  leaf in place of the canonical copy where that kernel runs; `from_tiles` inverts it exactly.
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ def from_tiles(tiles: torch.Tensor, n: int | None = None) -> torch.Tensor:
 
 def int4_codes(qdata: torch.Tensor, n: int) -> torch.Tensor:
     """Codes `[n, K]` of MatMulNBits data (`[n, K/G, G/2]` or `[n, K/2]`) or of AVX2 tiles."""
-    if qdata.dim() == 4:
-        return from_tiles(qdata, n)
-    return unpack_nibbles(qdata).reshape(qdata.shape[0], -1)
+    return from_tiles(qdata, n) if qdata.dim() == 4 else from_matmul_nbits(qdata)
 
 
 def cpu_pack(codes: torch.Tensor) -> torch.Tensor:

@@ -348,7 +348,8 @@ class Int4Weight(_Leaf):
         if self._qdata is not None:
             codes = from_matmul_nbits(self._qdata[flat])
         else:
-            block, n = 8 if self._tiles is not None else cpu_row_block(), self.shape[0]  # (known where a copy alone is held)
+            block = 8 if self._tiles is not None else cpu_row_block()  # known: a copy alone is held only then
+            n = self.shape[0]
             starts = (flat // block * block).tolist()
             blocks = {s: self.codes(slice(s, min(s + block, n))) for s in set(starts)}
             codes = torch.stack([blocks[s][t - s] for t, s in zip(flat.tolist(), starts)])
